@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CORES  ?= 2
+# The offline default never touches the Hugging Face Hub.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup system run test lint clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned, with pip: that is what takes the local CPU wheel instead of a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# System packages the tests use (a real SLURM, headless Chromium); installed only where missing.
+system:
+	@bash tools/install_system_packages.sh
+
+run: setup
+	$(VENV)/bin/snakemake --cores $(CORES) --rerun-incomplete
+
+test: setup system
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/snakemake --lint
+
+clean:
+	rm -rf results .snakemake
