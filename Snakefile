@@ -1,0 +1,16 @@
+# Explaining attention with program synthesis: extract every head's attention, synthesize programs that
+# reproduce it, pick each head's best program on held-out data, put programs back into the model.
+# Usage: snakemake --cores N [--configfile config/paper.yaml]; see README.md.
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/extract.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

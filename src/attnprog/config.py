@@ -1,0 +1,74 @@
+"""The workflow's configuration: validation against the JSON schema, with defaults filled in.
+
+A bad key or value must stop the run with one line naming it, so errors are reduced to the single most
+relevant schema violation (`jsonschema.exceptions.best_match`) and printed as `config: <where>: <what>`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+MODEL_SOURCES = ("hf_id", "local_dir", "gguf_file", "pypi_gguf")
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user in one line."""
+
+
+def _validator_filling_defaults(schema: dict):
+    """A Draft 2020-12 validator that also writes each property's `default` into the instance
+    (the recipe from the jsonschema FAQ)."""
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate_config(config: dict, schema_path: str | os.PathLike = SCHEMA_PATH) -> dict:
+    """Return a validated copy of `config` with defaults filled in; raise ConfigError on the first problem."""
+    config = copy.deepcopy(dict(config))
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    for name, spec in (config.get("models") or {}).items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config: models.{name}: expected a mapping with one of {', '.join(MODEL_SOURCES)}")
+        given = [k for k in MODEL_SOURCES if k in spec]
+        if len(given) != 1:
+            raise ConfigError(
+                f"config: models.{name}: give exactly one source of {', '.join(MODEL_SOURCES)}"
+                f" (found {', '.join(given) or 'none'})"
+            )
+    validator = _validator_filling_defaults(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        raise ConfigError(f"config: {_where(error)}: {error.message}")
+    return config
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a YAML config file and validate it (used by tests and tools; Snakemake reads its own)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    return validate_config(yaml.safe_load(path.read_text()) or {})
+
+
+def model_source(spec: dict) -> tuple[str, object]:
+    """The (kind, value) of a model's one source, e.g. ("hf_id", "openai-community/gpt2")."""
+    (kind,) = [k for k in MODEL_SOURCES if k in spec]
+    return kind, spec[kind]

@@ -1,0 +1,14 @@
+# Extraction: one batched forward pass per model, every head's attention to Parquet (one file per layer).
+
+
+rule extract:
+    input:
+        info="results/{model}/model/info.json",
+        examples="results/{model}/data/examples.parquet",
+    output:
+        directory("results/{model}/attention"),
+    params:
+        batch_size=batch_size,
+        device=config["device"],
+    script:
+        "../scripts/extract.py"

@@ -1,0 +1,5 @@
+from attnprog.extract import extract_model
+from attnprog.models import read_info
+
+extract_model(read_info(snakemake.input.info), snakemake.input.examples, snakemake.output[0],
+              snakemake.params.batch_size, snakemake.params.device)
