@@ -1,0 +1,245 @@
+"""Proofs that substitution replaces attention probabilities at the right place, and tests of the sweep."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+from attnprog import substitute
+
+VOCAB = 64
+
+
+def tiny_model(arch: str):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0))
+    elif arch == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             hidden_size=32, intermediate_size=64, vocab_size=VOCAB))
+    else:  # Gemma-3: GQA, a sliding-window layer and a global one, attention softcapping off
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
+            intermediate_size=64, vocab_size=VOCAB, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"]))
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def id_strings(ids):
+    """Token strings for the tiny models (their vocabularies are just numbers)."""
+    return [f"t{i}" for i in ids]
+
+
+def ids_of(tokens):
+    return tuple(int(t[1:]) for t in tokens)
+
+
+def record_attention(model, ids: torch.Tensor) -> dict:
+    """Every head's eager attention per example, keyed by (layer, head, token ids)."""
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    return {(layer, head, tuple(ids[b].tolist())): a[b, head].numpy()
+            for layer, a in enumerate(attentions) for b in range(ids.shape[0]) for head in range(a.shape[1])}
+
+
+def all_heads(model):
+    return [(layer, head) for layer in range(model.config.num_hidden_layers)
+            for head in range(model.config.num_attention_heads)]
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+ARCHS = ["gpt2", "llama", "gemma3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replacing_no_heads_gives_the_original_logits(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    expected = logits(model, ids)
+    substitute.install(model, id_strings)
+    assert torch.equal(logits(model, ids), expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replacing_every_head_by_its_own_attention_gives_the_original_logits(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
+    expected, recorded = logits(model, ids), record_attention(model, ids)
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads({(layer, head): (lambda tokens, l=layer, h=head: recorded[(l, h, ids_of(tokens))])
+                        for layer, head in all_heads(model)})
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+    # ... while another matrix on one head does change them: the replacement really is used.
+    replacer.set_heads({(1, 0): substitute.uniform_attention})
+    assert not torch.allclose(logits(model, ids), expected, atol=1e-4)
+
+
+def test_replacement_goes_in_before_the_value_mix():
+    """Layer 0's attention output, rebuilt by hand: each head's matrix times its (GQA-shared) values, then the
+    output projection; head 3 with the uniform matrix, the others with their own recorded attention."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    recorded = record_attention(model, ids)
+    attn, seen = model.model.layers[0].self_attn, {}
+    attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(hidden=kwargs["hidden_states"], out=out[0]),
+                               with_kwargs=True)
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads({(0, 3): substitute.uniform_attention})
+    logits(model, ids)
+    with torch.no_grad():
+        values = attn.v_proj(seen["hidden"]).view(1, 7, 2, 8).transpose(1, 2)  # 2 key/value heads of size 8
+        matrices = [torch.from_numpy(recorded[(0, h, tuple(ids[0].tolist()))]) for h in range(3)]
+        matrices.append(torch.from_numpy(substitute.uniform_attention(["x"] * 7)))
+        expected = attn.o_proj(torch.cat([m @ values[0, h // 2] for h, m in enumerate(matrices)], dim=-1))
+    torch.testing.assert_close(seen["out"][0], expected, atol=1e-5, rtol=1e-5)
+
+
+def leaky_matrix(tokens):
+    """Every token attends to every token, later ones included: a program that ignores causality."""
+    n = len(tokens)
+    return np.ones((n, n), dtype=np.float32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matrix_entries_above_the_diagonal_never_reach_the_model(arch):
+    model = tiny_model(arch)
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads({(0, 0): leaky_matrix, (1, 1): leaky_matrix})
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(4))
+    changed = ids.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % VOCAB
+    torch.testing.assert_close(logits(model, ids)[0, :6], logits(model, changed)[0, :6])
+    # ... and what is left is the uniform matrix, as masking and row-normalising an all-ones matrix gives.
+    replacer.set_heads({(0, 0): substitute.uniform_attention, (1, 1): substitute.uniform_attention})
+    uniform = logits(model, ids)
+    replacer.set_heads({(0, 0): leaky_matrix, (1, 1): leaky_matrix})
+    if arch != "gemma3":  # layer 0 of the Gemma model is a sliding window, where the two differ
+        torch.testing.assert_close(logits(model, ids), uniform)
+
+
+def first_token_or_nothing(tokens):
+    """Attends to the previous token only where it repeats; other rows are all zero."""
+    n = len(tokens)
+    matrix = np.zeros((n, n), dtype=np.float32)
+    for i in range(1, n):
+        if tokens[i] == tokens[i - 1]:
+            matrix[i, i - 1] = 1.0
+    return matrix
+
+
+def test_all_zero_rows_attend_to_the_first_token():
+    model = tiny_model("llama")
+    replacer = substitute.install(model, id_strings)
+    ids = torch.tensor([[5, 5, 9, 3, 3, 7]])
+    first = lambda tokens: np.eye(len(tokens), dtype=np.float32)[[0] * len(tokens)]  # noqa: E731
+    first_or_repeat = lambda tokens: first(tokens) * 0 + first_token_or_nothing(tokens)  # noqa: E731
+    expected_matrix = first(["x"] * 6)
+    expected_matrix[1] = [1, 0, 0, 0, 0, 0]  # token 1 repeats token 0: attends to 0 anyway
+    expected_matrix[4] = [0, 0, 0, 1, 0, 0]  # token 4 repeats token 3
+    replacer.set_heads({(1, 2): lambda tokens: expected_matrix})
+    expected = logits(model, ids)
+    replacer.set_heads({(1, 2): first_or_repeat})
+    torch.testing.assert_close(logits(model, ids), expected)
+
+
+def token_dependent(tokens):
+    """A program whose matrix depends on the token strings: attend to earlier tokens with an even id."""
+    n = len(tokens)
+    even = np.array([int(t[1:]) % 2 == 0 for t in tokens], dtype=np.float32)
+    return np.tril(np.ones((n, n), dtype=np.float32)) * even[None, :]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_give_the_same_per_example_results(arch, side):
+    model = tiny_model(arch)
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads({(0, 1): token_dependent, (1, 0): substitute.uniform_attention})
+    gen = torch.Generator().manual_seed(5)
+    examples = [torch.randint(1, VOCAB, (n,), generator=gen) for n in (9, 5, 7)]
+    alone = [logits(model, ids[None])[0] for ids in examples]
+    length = max(len(e) for e in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, e in enumerate(examples):
+        span = slice(0, len(e)) if side == "right" else slice(length - len(e), length)
+        ids[b, span], mask[b, span] = e, 1
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens keep positions 0..n-1
+    batched = logits(model, ids, attention_mask=mask, position_ids=position_ids)
+    for b, e in enumerate(examples):
+        span = slice(0, len(e)) if side == "right" else slice(length - len(e), length)
+        torch.testing.assert_close(batched[b, span], alone[b], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_decoding_is_refused_with_a_clear_error():
+    model = tiny_model("llama")
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads({(0, 0): substitute.uniform_attention})
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        past = model(ids[:, :5], use_cache=True).past_key_values
+        with pytest.raises(RuntimeError, match="whole-sequence"):
+            model(ids[:, 5:], past_key_values=past, use_cache=True)
+
+
+def test_a_replacement_of_the_wrong_shape_is_refused():
+    model = tiny_model("gpt2")
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads({(0, 0): lambda tokens: np.eye(3)})
+    with pytest.raises(ValueError, match="L0H0 returned shape"):
+        logits(model, torch.randint(0, VOCAB, (1, 6)))
+
+
+# --- the sweep -------------------------------------------------------------------------------------------------
+
+def test_sequence_nlls_match_the_models_own_loss():
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(6)
+    sequences = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (8, 3, 11)]
+    nll, count = substitute.sequence_nlls(model, sequences, batch_size=2)
+    for seq, total, n in zip(sequences, nll, count):
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss.item()
+        assert n == len(seq) - 1
+        assert total / n == pytest.approx(loss, rel=1e-5)
+
+
+def test_plan_sweep_replaces_the_best_heads_first_and_random_orders_differ():
+    ranked = [(0, 2), (1, 0), (0, 1), (1, 1), (0, 0)]
+    runs = substitute.plan_sweep(ranked, n_heads_total=6, fractions=[0.0, 0.5, 1.0], seeds=[0, 1])
+    by = {(r.method, r.seed, r.fraction): r for r in runs}
+    assert by[("programs", None, 0.5)].heads == ((0, 2), (1, 0), (0, 1))
+    assert by[("uniform", None, 0.5)].heads == by[("programs", None, 0.5)].heads
+    assert by[("programs", None, 1.0)].heads == tuple(ranked)  # 6 asked, only 5 have a program
+    assert {by[("random", s, 0.5)].heads for s in (0, 1)} != {by[("programs", None, 0.5)].heads}
+    assert by[("random", 0, 1.0)].key == by[("programs", None, 1.0)].key  # the same heads: computed once
+    assert by[("uniform", None, 0.0)].key == by[("programs", None, 0.0)].key != by[("uniform", None, 1.0)].key
+
+
+def test_run_sweep_reports_zero_increase_for_the_baseline_and_a_real_one_for_uniform():
+    model = tiny_model("llama")
+    replacer = substitute.install(model, id_strings)
+    gen = torch.Generator().manual_seed(7)
+    sets = {"test": [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 12, 6, 10)]}
+    heads = all_heads(model)
+    programs = {head: token_dependent for head in heads}
+    runs = substitute.plan_sweep(heads, len(heads), [0.0, 1.0], seeds=[0])
+    table = substitute.run_sweep(model, replacer, runs, programs, sets, batch_size=3, n_boot=200, log=lambda m: None)
+    base = table[table.fraction == 0.0]
+    assert (base.rel_increase == 0).all() and (base.rel_lo == 0).all() and (base.rel_hi == 0).all()
+    full = table[(table.fraction == 1.0)].set_index("method")
+    assert full.loc["uniform", "rel_increase"] != 0
+    for _, row in table.iterrows():
+        assert row.ppl_lo <= row.ppl <= row.ppl_hi
+        assert row.rel_lo <= row.rel_increase <= row.rel_hi
+    assert replacer.heads == {}  # the model is left unmodified
+    assert set(table.columns) >= {"method", "seed", "fraction", "n_replaced", "split", "ppl", "rel_increase"}
+    assert isinstance(table, pd.DataFrame)
