@@ -1,0 +1,22 @@
+"""LLM explainers: synthesis backends that ask a language model for programs (METHOD.md, step 2).
+
+`synthesize_head_with_llm` is what the synthesize rule calls when `synthesis.backend` is `claude` or
+`open_weights`; `check_backend_ready` is called once at start-up so a missing API key stops the run before
+any job starts.
+"""
+from attnprog.explainers.claude import ExplainerError, check_api_key, prices_for
+from attnprog.explainers.synthesis import make_explainer, synthesize_head_with_llm
+
+LLM_BACKENDS = ("claude", "open_weights")
+
+
+def check_backend_ready(config: dict) -> None:
+    """Raise a one-line ExplainerError if the configured synthesis backend cannot run (no API key, no
+    price for the chosen Claude model). The offline backend always can."""
+    synthesis = config.get("synthesis") or {}
+    if synthesis.get("backend", "offline") == "claude":
+        check_api_key()
+        prices_for(synthesis["claude"])
+
+
+__all__ = ["ExplainerError", "LLM_BACKENDS", "check_backend_ready", "make_explainer", "synthesize_head_with_llm"]
