@@ -1,0 +1,190 @@
+"""The HTML report, built from a small synthetic results tree that follows docs/ARCHITECTURE.md."""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from attnprog import report
+from attnprog.atomic import write_json
+from attnprog.extract import SCHEMA, layer_file
+from attnprog.scoring import lower_triangle, soft_iou
+
+N_LAYERS, N_HEADS = 2, 3
+WORDS = "the cat sat on a mat and then the dog ran to the big red house by the old tree".split()
+
+PROGRAMS = {
+    "previous_token": ('"""Each token attends to the token just before it."""\nimport numpy as np\n\n\n'
+                       "def attention(tokens):\n    n = len(tokens)\n    a = np.zeros((n, n))\n"
+                       "    a[0, 0] = 1\n    for i in range(1, n):\n        a[i, i - 1] = 1\n    return a\n"),
+    "first_token": ('"""Every token attends to the first token."""\nimport numpy as np\n\n\n'
+                    "def attention(tokens):\n    a = np.zeros((len(tokens), len(tokens)))\n    a[:, 0] = 1\n"
+                    "    return a\n"),
+    "self_token": ('"""Each token attends to itself."""\nimport numpy as np\n\n\n'
+                   "def attention(tokens):\n    return np.eye(len(tokens))\n"),
+}
+CATEGORY = {"previous_token": "positional", "first_token": "sink", "self_token": "positional"}
+# Head (layer, head) -> its best program; previous_token explains three heads.
+BEST = {(0, 0): "previous_token", (0, 1): "first_token", (0, 2): "previous_token",
+        (1, 0): "self_token", (1, 1): "first_token", (1, 2): "previous_token"}
+
+
+def example_tokens(i: int) -> list[str]:
+    n = 6 + 3 * i
+    return [WORDS[0].capitalize()] + [" " + w for w in WORDS[1:n]]
+
+
+def noisy(matrix: np.ndarray, rng) -> np.ndarray:
+    """A head's 'real' attention: the pattern plus causal noise, row-stochastic."""
+    n = len(matrix)
+    noise = np.tril(rng.random((n, n))) * 0.3
+    out = np.tril(matrix + noise)
+    return (out / out.sum(1, keepdims=True)).astype(np.float32)
+
+
+def pattern(name: str, n: int) -> np.ndarray:
+    if name == "previous_token":
+        return np.eye(n, k=-1) + np.diag([1.0] + [0.0] * (n - 1))
+    if name == "first_token":
+        return np.tile(np.eye(n)[0], (n, 1))
+    return np.eye(n)
+
+
+def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) -> Path:
+    """results/{model}/ for a 2-layer, 3-head causal model: examples, attention, library, substitution, QA."""
+    rng = np.random.default_rng(0)
+    base = root / model
+    write_json(base / "model" / "info.json", {
+        "model": model, "load_path": "/nowhere/tiny", "architecture": "LlamaForCausalLM",
+        "n_layers": N_LAYERS, "n_heads": N_HEADS, "n_kv_heads": 1, "is_causal": True, "dtype": "float32"})
+    splits = ["synth"] * 2 + ["val"] * 2 + ["test"] * 4
+    examples = pd.DataFrame({
+        "example_id": np.arange(len(splits), dtype=np.int64), "split": splits,
+        "tokens": [example_tokens(i) for i in range(len(splits))]})
+    examples["text"] = examples["tokens"].map("".join)
+    examples["input_ids"] = examples["tokens"].map(lambda t: list(range(len(t))))
+    (base / "data").mkdir(parents=True)
+    examples.to_parquet(base / "data" / "examples.parquet")
+    (base / "attention").mkdir()
+    for layer in range(N_LAYERS):
+        rows = [{"example_id": int(e), "head": h, "n": len(t),
+                 "attention": lower_triangle(noisy(pattern(BEST[layer, h], len(t)), rng)).tolist()}
+                for e, t in zip(examples["example_id"], examples["tokens"]) for h in range(N_HEADS)]
+        pd.DataFrame(rows).to_parquet(layer_file(base / "attention", layer), schema=SCHEMA)
+    library = base / "library"
+    (library / "programs").mkdir(parents=True)
+    for name, source in PROGRAMS.items():
+        (library / "programs" / f"{name}.py").write_text(source)
+    pd.DataFrame([{"name": name, "origin": "offline", "source_layer": 0, "source_head": i,
+                   "description": source.split('"""')[1], "category": CATEGORY[name], "causal": True,
+                   "trusted": True} for i, (name, source) in enumerate(PROGRAMS.items())]
+                 ).to_parquet(library / "programs.parquet")
+    scores = pd.DataFrame([{"program": p, "layer": l, "head": h, "split": s,
+                            "iou": (0.8 if BEST[l, h] == p else 0.2) + 0.1 * rng.random(), "jsd": 0.3}
+                           for p in PROGRAMS for (l, h) in BEST for s in ("synth", "val", "test")])
+    scores.to_parquet(library / "scores.parquet")
+    best = scores[scores["program"] == scores.apply(lambda r: BEST[r["layer"], r["head"]], axis=1)]
+    best = best.pivot_table(index=["layer", "head", "program"], columns="split", values="iou").reset_index()
+    best = best.rename(columns={s: f"{s}_iou" for s in ("synth", "val", "test")}).assign(causal=True)
+    best.to_parquet(library / "best.parquet")
+    pd.DataFrame([{"baseline": b, "layer": l, "head": h, "split": s, "iou": 0.3 * rng.random()}
+                  for b in ("uniform", "first_token") for (l, h) in BEST for s in ("val", "test")]
+                 ).to_parquet(library / "baselines.parquet")
+    write_json(library / "summary.json", {
+        "n_heads": len(BEST), "library_size": len(PROGRAMS), "mean_val_iou": float(best["val_iou"].mean()),
+        "mean_test_iou": float(best["test_iou"].mean()), "baselines": {"uniform": 0.15, "first_token": 0.1},
+        "per_layer_test_iou": best.groupby("layer")["test_iou"].mean().tolist()})
+    return base
+
+
+@pytest.fixture
+def results(tmp_path):
+    return make_results(tmp_path / "results")
+
+
+def head_pages(out: Path) -> list[Path]:
+    return sorted((out / "heads").glob("L*H*.html"))
+
+
+def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
+    out = tmp_path / "report" / "tiny"
+    report.write_model_report(results, out)
+    overview = (out / "index.html").read_text()
+    assert [p.name for p in head_pages(out)] == sorted(f"L{l}H{h}.html" for (l, h) in BEST)
+    for layer, head in BEST:
+        assert f'href="heads/L{layer}H{head}.html"' in overview
+    assert "<svg" in overview and 'src="figures/layers.svg"' in overview
+    assert (out / "figures" / "layers.svg").read_text().startswith("<?xml")
+    assert "http://" not in overview.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from the network
+
+
+def test_head_page_shows_source_scores_and_the_other_heads_of_its_program(results, tmp_path):
+    out = tmp_path / "report" / "tiny"
+    report.write_model_report(results, out, {"examples_per_head": 2})
+    page = (out / "heads" / "L0H0.html").read_text()
+    assert "Each token attends to the token just before it." in page
+    best = pd.read_parquet(results / "library" / "best.parquet").set_index(["layer", "head"])
+    assert f"{best.loc[(0, 0), 'test_iou']:.3f}" in page and f"{best.loc[(0, 0), 'val_iou']:.3f}" in page
+    others = re.search(r'id="also">(.*?)</section>', page, re.S).group(1)
+    assert sorted(re.findall(r'href="(L\dH\d)\.html"', others)) == ["L0H2", "L1H2"]
+    assert page.count("data:image/png;base64,") == 2 * 2  # real + program on each of 2 examples
+
+
+def test_head_page_iou_is_the_iou_of_the_shown_matrices(results, tmp_path):
+    out = tmp_path / "report" / "tiny"
+    report.write_model_report(results, out, {"examples_per_head": 1})
+    examples = report.choose_examples(pd.read_parquet(results / "data" / "examples.parquet"), 1)
+    real = report.real_attention(report.read_model_results(results), examples["example_id"].tolist())
+    tokens = examples["tokens"][0].tolist()
+    expected = soft_iou(real[1, 0, int(examples["example_id"][0])], np.eye(len(tokens)))
+    page = (out / "heads" / "L1H0.html").read_text()
+    assert f"IoU {expected:.3f}" in page
+
+
+def test_missing_library_table_is_named(results, tmp_path):
+    (results / "library" / "best.parquet").unlink()
+    with pytest.raises(report.ReportError, match="best.parquet"):
+        report.write_model_report(results, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# ---- headless Chromium: the pages render, with their images ----
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium not installed (make system)")
+
+
+def chromium(url: str, *args: str, tmp: Path) -> str:
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp / 'chromium-profile'}", "--window-size=1400,3000",
+               "--virtual-time-budget=3000", *args, url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@needs_chromium
+def test_chromium_renders_overview_and_head_pages(results, tmp_path):
+    out = tmp_path / "report" / "tiny"
+    report.write_model_report(results, out)
+    dom = chromium((out / "index.html").as_uri(), "--dump-dom", tmp=tmp_path)
+    assert len(re.findall(r'<a href="heads/L\dH\d\.html"', dom)) >= 2 * len(BEST)  # both maps + the table
+    images = re.findall(r"<img [^>]*>", dom)
+    assert images and all('data-loaded="1"' in img for img in images), images
+    dom = chromium((out / "heads" / "L0H1.html").as_uri(), "--dump-dom", tmp=tmp_path)
+    assert len(re.findall(r"<image [^>]*href=\"data:image/png", dom)) == 2 * 3
+    assert "Every token attends to the first token." in dom
+    shot = tmp_path / "overview.png"
+    chromium((out / "index.html").as_uri(), f"--screenshot={shot}", tmp=tmp_path)
+    pixels = plt_image(shot)
+    assert pixels.shape[0] >= 1000 and pixels.reshape(-1, pixels.shape[-1]).std(0).max() > 0.05  # not blank
+
+
+def plt_image(path: Path) -> np.ndarray:
+    import matplotlib.image
+    return matplotlib.image.imread(path)
