@@ -98,7 +98,36 @@ def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) 
         "n_heads": len(BEST), "library_size": len(PROGRAMS), "mean_val_iou": float(best["val_iou"].mean()),
         "mean_test_iou": float(best["test_iou"].mean()), "baselines": {"uniform": 0.15, "first_token": 0.1},
         "per_layer_test_iou": best.groupby("layer")["test_iou"].mean().tolist()})
+    if with_downstream:
+        write_sweep(base, rng)
+        write_qa(base, rng)
     return base
+
+
+FRACTIONS = [0.0, 0.25, 0.5, 1.0]
+
+
+def write_sweep(base: Path, rng) -> None:
+    """substitution/sweep.parquet with the columns attnprog.substitute.run_sweep returns."""
+    rows = []
+    for method, seeds in (("programs", [None]), ("uniform", [None]), ("random", [0, 1])):
+        for seed in seeds:
+            for fraction in FRACTIONS:
+                ppl = 20 * (1 + fraction * {"programs": 0.5, "random": 1.0, "uniform": 4.0}[method])
+                rel = ppl / 20 - 1
+                rows.append({"method": method, "seed": seed, "fraction": fraction, "n_replaced": round(6 * fraction),
+                             "split": "heldout", "n_tokens": 5000, "ppl": ppl, "ppl_lo": ppl * 0.95,
+                             "ppl_hi": ppl * 1.05, "rel_increase": rel, "rel_lo": rel - 0.02, "rel_hi": rel + 0.02})
+    (base / "substitution").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(base / "substitution" / "sweep.parquet")
+    write_json(base / "substitution" / "summary.json", {"n_tokens": 5000})
+
+
+def write_qa(base: Path, rng) -> None:
+    rows = [{"task": task, "method": method, "fraction": f, "acc": 0.7 - f * (0.2 if method == "programs" else 0.4)
+             + 0.02 * rng.random(), "acc_stderr": 0.03}
+            for task in ("piqa", "sciq", "copa") for method in ("programs", "uniform") for f in FRACTIONS]
+    write_json(base / "qa" / "summary.json", {"results": rows})
 
 
 @pytest.fixture
@@ -117,9 +146,10 @@ def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
     assert [p.name for p in head_pages(out)] == sorted(f"L{l}H{h}.html" for (l, h) in BEST)
     for layer, head in BEST:
         assert f'href="heads/L{layer}H{head}.html"' in overview
-    assert "<svg" in overview and 'src="figures/layers.svg"' in overview
-    assert (out / "figures" / "layers.svg").read_text().startswith("<?xml")
-    assert "http://" not in overview.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from the network
+    for section in ("iou", "baselines", "perplexity", "qa"):  # every figure is inline SVG
+        assert "<svg" in re.search(rf'id="{section}">(.*?)</section>', overview, re.S).group(1), section
+    assert "<img" not in overview
+    assert not re.search(r'(src|href)="(https?:)?//|url\((?!#)|@import', overview)  # nothing fetched from the network
 
 
 def test_head_page_shows_source_scores_and_the_other_heads_of_its_program(results, tmp_path):
@@ -174,8 +204,9 @@ def test_chromium_renders_overview_and_head_pages(results, tmp_path):
     report.write_model_report(results, out)
     dom = chromium((out / "index.html").as_uri(), "--dump-dom", tmp=tmp_path)
     assert len(re.findall(r'<a href="heads/L\dH\d\.html"', dom)) >= 2 * len(BEST)  # both maps + the table
-    images = re.findall(r"<img [^>]*>", dom)
-    assert images and all('data-loaded="1"' in img for img in images), images
+    for section in ("iou", "baselines", "perplexity", "qa"):
+        assert re.search(rf'id="{section}">.*?<svg .*?</section>', dom, re.S), section
+    assert "heldout (5,000 tokens)" in dom and "copa" in dom  # the plots' own text rendered
     dom = chromium((out / "heads" / "L0H1.html").as_uri(), "--dump-dom", tmp=tmp_path)
     assert len(re.findall(r"<image [^>]*href=\"data:image/png", dom)) == 2 * 3
     assert "Every token attends to the first token." in dom
@@ -188,3 +219,16 @@ def test_chromium_renders_overview_and_head_pages(results, tmp_path):
 def plt_image(path: Path) -> np.ndarray:
     import matplotlib.image
     return matplotlib.image.imread(path)
+
+
+def test_index_compares_models_and_links_to_each(tmp_path):
+    roots = {"tiny": make_results(tmp_path / "results", "tiny"),
+             "tiny-no-downstream": make_results(tmp_path / "results", "tiny-no-downstream", with_downstream=False)}
+    index = report.write_index(roots, tmp_path / "report" / "index.html", {"fraction": 0.25})
+    page = index.read_text()
+    assert 'href="tiny/index.html"' in page and 'href="tiny-no-downstream/index.html"' in page
+    sweep = pd.read_parquet(roots["tiny"] / "substitution" / "sweep.parquet")
+    at = sweep[(sweep["method"] == "programs") & (sweep["fraction"] == 0.25)].iloc[0]
+    assert f"{at['ppl']:.2f} ({at['rel_increase']:+.1%}" in page
+    summary = json.loads((roots["tiny"] / "library" / "summary.json").read_text())
+    assert f"{summary['mean_test_iou']:.3f}" in page

@@ -3,10 +3,11 @@
     results/report/index.html                     the models side by side, a link to each
     results/report/{model}/index.html             overview: IoU and category per head, baselines, perplexity, QA
     results/report/{model}/heads/L{l}H{h}.html    one small page per head: real vs program attention, source
-    results/report/{model}/figures/*.svg          the overview's plots, loaded lazily
 
-The overview's layer x head maps are inline SVG whose cells link to the head pages. A head page carries its
-own attention maps as small inline PNGs inside SVG (token labels stay text), so every page renders alone.
+Every page is one file that renders alone (Snakemake's --report embeds single files): plots are inline SVG,
+the overview's layer x head maps are SVG whose cells link to the head pages, and a head page carries its own
+attention maps as small PNG data URIs inside SVG (token labels stay text). With 700+ heads the overview stays
+light because the attention maps live only on the head pages.
 Every figure says which split it comes from: test, unless it says otherwise.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import base64
 import html
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +212,11 @@ def _svg_of(figure: Figure) -> str:
     return buffer.getvalue()
 
 
+def _inline(svg: str) -> Markup:
+    """SVG text ready to sit inside HTML (without its XML prologue and matplotlib's RDF metadata)."""
+    return Markup(re.sub(r"<metadata>.*?</metadata>", "", svg[svg.index("<svg"):], flags=re.S))
+
+
 def layer_iou_figure(heads: pd.DataFrame, baselines: pd.DataFrame) -> str:
     """Mean test IoU per layer: the best programs against each baseline (the paper's Figure 2)."""
     figure = Figure(figsize=(6.2, 3.8))
@@ -225,6 +232,107 @@ def layer_iou_figure(heads: pd.DataFrame, baselines: pd.DataFrame) -> str:
     ax.grid(alpha=.3)
     ax.legend(fontsize=8, loc="best")
     return _svg_of(figure)
+
+
+METHODS = {"programs": ("programs, best val IoU first", "#2c5fa8"),
+           "random": ("programs, random order", "#2ca02c"),
+           "uniform": ("uniform matrix, same heads", "#d62728")}
+
+
+def _method_style(method: str, i: int) -> tuple[str, str]:
+    return METHODS.get(method, (method, f"C{i + 3}"))
+
+
+def _plain_log_labels(axis) -> None:
+    """Label a log axis 10, 20, 50, 100 rather than 10^1, 2x10^1 (minor ticks: only 2s and 5s)."""
+    def label(value, _):
+        leading = round(value / 10 ** np.floor(np.log10(value))) if value > 0 else 0
+        return f"{value:g}" if leading in (1, 2, 5) else ""
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(label))
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(label))
+
+
+def sweep_curves(sweep: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """{(eval split, method): perplexity per fraction with its 95% interval}. Runs of several seeds (random
+    order) are averaged, and their band spans every seed's interval."""
+    curves = {}
+    for (split, method), rows in sweep.groupby(["split", "method"]):
+        curves[split, method] = rows.groupby("fraction").agg(
+            ppl=("ppl", "mean"), lo=("ppl_lo", "min"), hi=("ppl_hi", "max"), seeds=("ppl", "size"),
+            n_replaced=("n_replaced", "max"))
+    return curves
+
+
+def perplexity_figure(sweep: pd.DataFrame) -> tuple[str, str]:
+    """Perplexity against the fraction of heads replaced, every method with its interval; one panel per
+    evaluation set. Returns (svg, note)."""
+    curves = sweep_curves(sweep)
+    splits = sorted(sweep["split"].unique())
+    figure = Figure(figsize=(4.6 * len(splits) + 1.4, 3.8))
+    for k, split in enumerate(splits):
+        ax = figure.add_subplot(1, len(splits), k + 1)
+        for i, method in enumerate(sorted(sweep["method"].unique(), key=lambda m: (m not in METHODS, m))):
+            if (split, method) not in curves:
+                continue
+            curve, (label, colour) = curves[split, method], _method_style(method, i)
+            seeds = int(curve["seeds"].max())
+            ax.plot(curve.index, curve["ppl"], "o-", ms=3.5, color=colour,
+                    label=label + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
+            ax.fill_between(curve.index, curve["lo"], curve["hi"], color=colour, alpha=.18, lw=0)
+        tokens = int(sweep.loc[sweep["split"] == split, "n_tokens"].max())
+        ax.set(yscale="log", xlabel="fraction of heads replaced", ylabel="perplexity",
+               title=f"{split} ({tokens:,} tokens)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        _plain_log_labels(ax.yaxis)
+        ax.grid(alpha=.3, which="both")
+        ax.legend(fontsize=8)
+    note = ("Bands: 95% bootstrap intervals over the evaluation sequences. Heads are replaced in order of their "
+            "best program's val IoU; the uniform baseline replaces the same heads with uniform causal attention.")
+    return _svg_of(figure), note
+
+
+def qa_table(qa: dict) -> pd.DataFrame:
+    """QA results as rows of task, method, fraction, acc, lo, hi (a 95% interval) from qa/summary.json."""
+    rows = pd.DataFrame(qa.get("results", []), columns=["task", "method", "fraction", "acc", "acc_stderr"])
+    rows["lo"], rows["hi"] = rows["acc"] - 1.96 * rows["acc_stderr"], rows["acc"] + 1.96 * rows["acc_stderr"]
+    return rows
+
+
+def qa_figure(qa: dict) -> tuple[str, str]:
+    """Accuracy against the fraction of heads replaced, one small panel per task. Returns (svg, note)."""
+    table = qa_table(qa)
+    if not len(table):
+        return "", ""
+    tasks = sorted(table["task"].unique())
+    columns = min(len(tasks), 3)
+    lines = -(-len(tasks) // columns)
+    figure = Figure(figsize=(3.6 * columns + 1.2, 2.9 * lines))
+    for k, task in enumerate(tasks):
+        ax = figure.add_subplot(lines, columns, k + 1)
+        rows = table[table["task"] == task]
+        for i, (method, group) in enumerate(sorted(rows.groupby("method"), key=lambda g: (g[0] not in METHODS, g[0]))):
+            curve = group.groupby("fraction")[["acc", "lo", "hi"]].mean()
+            label, colour = _method_style(method, i)
+            ax.plot(curve.index, curve["acc"], "o-", ms=3, color=colour, label=label)
+            ax.fill_between(curve.index, curve["lo"], curve["hi"], color=colour, alpha=.15, lw=0)
+        ax.set(title=task, ylim=(0, 1), xlabel="heads replaced", ylabel="accuracy")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.grid(alpha=.3)
+    figure.axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    return _svg_of(figure), "Bands: ±1.96 standard errors (lm-eval's acc_stderr)."
+
+
+def qa_cell(qa: dict | None, fraction: float) -> str:
+    """Mean accuracy over tasks with no head replaced -> at the fraction nearest `fraction` (programs)."""
+    table = qa_table(qa) if qa else pd.DataFrame()
+    table = table[table["method"] == "programs"] if len(table) else table
+    if not len(table):
+        return "–"
+    fractions = np.array(sorted(table["fraction"].unique()))
+    at = fractions[np.abs(fractions - fraction).argmin()]
+    means = table.groupby("fraction")["acc"].mean()
+    return f"{means[fractions[0]]:.3f} → {means[at]:.3f}" + ("" if np.isclose(at, fraction) else f" at {at:.0%}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,7 +430,7 @@ def head_baselines(results: ModelResults, layer: int, head: int) -> list[dict]:
 
 def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, options: dict,
                       has_index: bool) -> int:
-    """Write heads/L{l}H{h}.html for every head that has a best program; returns how many."""
+    """Write L{l}H{h}.html into `out_dir` for every head that has a best program; returns how many."""
     examples = choose_examples(pd.read_parquet(results.root / "data" / "examples.parquet"),
                                options["examples_per_head"])
     real = real_attention(results, examples["example_id"].tolist())
@@ -332,7 +440,6 @@ def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, op
     colours = category_colours(results.heads["category"].fillna("uncategorised").tolist())
     causal = bool(results.info.get("is_causal", True))
     template = env.get_template("head.html")
-    (out_dir / "heads").mkdir(parents=True, exist_ok=True)
     rows = results.heads.to_dict("records")
     for i, h in enumerate(rows):
         layer, head = int(h["layer"]), int(h["head"])
@@ -359,7 +466,7 @@ def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, op
             prev=f"L{rows[i - 1]['layer']}H{rows[i - 1]['head']}.html" if i > 0 else None,
             next=f"L{rows[i + 1]['layer']}H{rows[i + 1]['head']}.html" if i + 1 < len(rows) else None,
             examples_note=f"The {len(shown)} shortest test examples; every head shows the same ones.")
-        (out_dir / head_href(layer, head)).write_text(page)
+        (out_dir / f"L{layer}H{head}.html").write_text(page)
     return len(rows)
 
 
@@ -387,7 +494,7 @@ def method_rows(results: ModelResults) -> list[dict]:
     return rows
 
 
-def render_model_overview(results: ModelResults, env: Environment, out_dir: Path, has_index: bool) -> None:
+def render_model_overview(results: ModelResults, env: Environment, has_index: bool) -> str:
     n_layers, n_heads = int(results.info["n_layers"]), int(results.info["n_heads"])
     heads = results.heads.copy()
     heads["category"] = heads["category"].where(heads["category"].map(lambda c: isinstance(c, str)),
@@ -401,20 +508,14 @@ def render_model_overview(results: ModelResults, env: Environment, out_dir: Path
         iou_cells[key] = {"fill": _colour(IOU_CMAP, h.test_iou), "href": href, "title": title,
                           "text": f"{h.test_iou:.2f}".lstrip("0") if show_text else ""}
         category_cells[key] = {"fill": colours[h.category], "href": href, "title": f"{h.category} — {title}"}
-    figures_dir = out_dir / "figures"
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    (figures_dir / "layers.svg").write_text(layer_iou_figure(heads, results.baselines))
-    figures = {"layers": "figures/layers.svg", "perplexity": None, "qa": None}
+    figures = {"layers": _inline(layer_iou_figure(heads, results.baselines)), "perplexity": None, "qa": None}
     perplexity_note = qa_note = ""
     if results.sweep is not None and len(results.sweep):
         svg, perplexity_note = perplexity_figure(results.sweep)
-        (figures_dir / "perplexity.svg").write_text(svg)
-        figures["perplexity"] = "figures/perplexity.svg"
+        figures["perplexity"] = _inline(svg)
     if results.qa:
         svg, qa_note = qa_figure(results.qa)
-        if svg:
-            (figures_dir / "qa.svg").write_text(svg)
-            figures["qa"] = "figures/qa.svg"
+        figures["qa"] = _inline(svg) if svg else None
     counts = heads["category"].value_counts()
     page = env.get_template("model.html").render(
         m=results, cards=overview_cards(results), has_index=has_index,
@@ -423,17 +524,98 @@ def render_model_overview(results: ModelResults, env: Environment, out_dir: Path
         categories=[{"name": c, "colour": colours[c], "count": int(counts[c])} for c in counts.index],
         method_rows=method_rows(results), figures=figures, perplexity_note=perplexity_note, qa_note=qa_note,
         heads=[{**h, "href": head_href(h["layer"], h["head"])} for h in heads.to_dict("records")])
-    (out_dir / "index.html").write_text(page)
+    return page
 
 
 def write_model_report(results_dir: str | Path, out_dir: str | Path, options: dict | None = None,
                        name: str | None = None, has_index: bool = True) -> Path:
-    """Write one model's overview and head pages into `out_dir` (replaced whole, atomically)."""
+    """Write one model's overview `out_dir`/index.html and its head pages `out_dir`/heads/ (each atomically)."""
     options = {**DEFAULTS, **(options or {})}
     results = read_model_results(results_dir, name)
     env = _environment()
-    with atomic_dir(out_dir) as tmp:
-        render_model_overview(results, env, tmp, has_index)
+    overview = render_model_overview(results, env, has_index)
+    with atomic_dir(Path(out_dir) / "heads") as tmp:
         render_head_pages(results, env, tmp, options, has_index)
         tmp.chmod(0o755)  # a temporary folder is private; the report is for reading
+    write_text(Path(out_dir) / "index.html", overview)
     return Path(out_dir) / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cross-model index
+
+def _fmt(value, pattern: str = "{:.3f}") -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else pattern.format(value)
+
+
+def perplexity_cells(sweep: pd.DataFrame | None, fraction: float) -> tuple[str, str]:
+    """(perplexity with no head replaced, perplexity at the fraction nearest `fraction` with its relative
+    increase and interval) for the programs method on the first evaluation set."""
+    if sweep is None or not len(sweep):
+        return "–", "–"
+    rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == sorted(sweep["split"].unique())[0])]
+    if not len(rows):
+        return "–", "–"
+    base = rows.loc[rows["fraction"].idxmin()]
+    at = rows.loc[(rows["fraction"] - fraction).abs().idxmin()]
+    return (f"{base['ppl']:.2f}",
+            f"{at['ppl']:.2f} ({at['rel_increase']:+.1%} [{at['rel_lo']:+.1%}, {at['rel_hi']:+.1%}])"
+            + (f" at {at['fraction']:.0%}" if not np.isclose(at["fraction"], fraction) else ""))
+
+
+def model_row(results_dir: Path, name: str, fraction: float) -> dict:
+    """One line of the cross-model table, from the small summary files only."""
+    info = _read_json(results_dir / "model" / "info.json")
+    summary = _read_json(results_dir / "library" / "summary.json")
+    sweep_path = results_dir / "substitution" / "sweep.parquet"
+    ppl_base, ppl_at = perplexity_cells(pd.read_parquet(sweep_path) if sweep_path.is_file() else None, fraction)
+    baselines = summary.get("baselines") or {}
+    best = max(baselines.items(), key=lambda item: item[1]) if baselines else None
+    qa_path = results_dir / "qa" / "summary.json"
+    return {"name": name, "href": f"{name}/index.html", "architecture": info.get("architecture", "?"),
+            "shape": f"{info['n_layers']} × {info['n_heads']}", "library_size": summary.get("library_size", "–"),
+            "val_iou": _fmt(summary.get("mean_val_iou")), "test_iou": _fmt(summary.get("mean_test_iou")),
+            "baseline": f"{best[0]} ({best[1]:.3f})" if best else "–", "ppl_base": ppl_base, "ppl_at": ppl_at,
+            "qa": qa_cell(_read_json(qa_path) if qa_path.is_file() else None, fraction)}
+
+
+def models_figure(models: dict[str, Path]) -> Markup:
+    """Inline SVG: each model's distribution of best-program test IoU, and its perplexity increase against the
+    fraction of heads replaced (programs, best first, with intervals)."""
+    figure = Figure(figsize=(11, 3.8))
+    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for i, (name, root) in enumerate(models.items()):
+        iou = np.sort(_read_parquet(root / "library" / "best.parquet", ["test_iou"])["test_iou"].to_numpy())
+        share = 1 - np.arange(len(iou) + 1) / max(len(iou), 1)  # share of heads with IoU above each step
+        left.step(np.r_[0, iou, 1], np.r_[share, 0], where="post", color=f"C{i}", label=name)
+        sweep_path = root / "substitution" / "sweep.parquet"
+        if sweep_path.is_file():
+            sweep = pd.read_parquet(sweep_path)
+            rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == sorted(sweep["split"].unique())[0])]
+            rows = rows.sort_values("fraction")
+            right.plot(rows["fraction"], 100 * rows["rel_increase"], "o-", ms=3, color=f"C{i}", label=name)
+            right.fill_between(rows["fraction"], 100 * rows["rel_lo"], 100 * rows["rel_hi"], color=f"C{i}",
+                               alpha=.15, lw=0)
+    left.set(xlabel="test IoU of the best program", ylabel="fraction of heads at least this good", xlim=(0, 1),
+             ylim=(0, 1), title="How many heads a program explains")
+    right.set(xlabel="fraction of heads replaced", ylabel="perplexity increase (%)",
+              title="Cost of replacing heads by programs")
+    right.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for ax in (left, right):
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+    return _inline(_svg_of(figure))
+
+
+def write_index(models: dict[str, str | Path], out_path: str | Path, options: dict | None = None) -> Path:
+    """Write the cross-model page: `models` maps each model's name to its results/{model} folder."""
+    options = {**DEFAULTS, **(options or {})}
+    fraction = float(options["fraction"])
+    models = {name: Path(root) for name, root in models.items()}
+    rows = [model_row(root, name, fraction) for name, root in models.items()]
+    page = _environment().get_template("index.html").render(
+        models=rows, fraction_label=f"{fraction:.0%}", figure=models_figure(models),
+        note="Perplexity on the first held-out evaluation set, programs replacing heads in order of val IoU, "
+             "with the relative increase and its 95% bootstrap interval.")
+    write_text(out_path, page)
+    return Path(out_path)
