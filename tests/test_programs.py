@@ -271,3 +271,11 @@ def test_reference_programs_run_with_the_models_tokenizer(tokenizer_dir):
                           runs["reference_style.self_attention"].matrices[1])
     with pytest.raises(ValueError, match="tokenizer_dir"):
         run_programs(programs, examples)
+
+
+def test_programs_in_the_style_of_llm_output_run_the_same_in_the_sandbox(box):
+    (p,) = load_programs(FIXTURES / "llm_idioms.py")
+    sandboxed = run_programs([p], EXAMPLES, sandbox=box)["llm_idioms"]
+    in_process = run_programs([trusted(p)], EXAMPLES)["llm_idioms"]
+    assert sandboxed.status == "ok", sandboxed.error
+    assert all(np.array_equal(a, b) for a, b in zip(sandboxed.matrices, in_process.matrices))

@@ -450,3 +450,10 @@ def test_scores_and_errors_name_the_program_line(strict):
     run = attack(strict, "def attention(tokens):\n    return tokens[100]\n")
     assert run.status == "runtime_error"
     assert "attack:3: return tokens[100]: IndexError" in run.error
+
+
+def test_closing_the_result_pipe_and_hanging_is_stopped(audit_only):
+    began = time.monotonic()
+    run = attack(audit_only, in_attention("import os\nos.close(3)\nwhile True:\n    pass"))
+    assert run.status == "runtime_error" and "closed its result pipe" in run.error
+    assert time.monotonic() - began < 3 and still_serves(audit_only)

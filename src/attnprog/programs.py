@@ -231,8 +231,6 @@ def _trusted_function(program: Program):
 
 def _reference_tokenizer(tokenizer_dir):
     from .sandbox import load_reference_tokenizer
-    if tokenizer_dir is None:
-        raise ValueError("reference-signature programs need tokenizer_dir (the model's tokenizer folder)")
     key = str(tokenizer_dir)
     if key not in _tokenizers:
         _tokenizers[key] = load_reference_tokenizer(key)
@@ -265,14 +263,14 @@ def _run_calls(programs: list[Program], calls_per_program: list, *, causal, last
     """Run each program on its own list of (tokens, text) calls: trusted ones here, the rest in the sandbox.
     Returns per program (call statuses, outputs, errors). The sandbox server checks that every matrix it
     hands over is normalised, so a sandboxed program cannot pass on anything else."""
+    if tokenizer_dir is None and any(p.kind == "reference" for p in programs):
+        raise ValueError("reference-signature programs need tokenizer_dir (the model's tokenizer folder)")
     results: list = [None] * len(programs)
     jobs, job_index = [], []
     for i, (program, calls) in enumerate(zip(programs, calls_per_program)):
         if program.trusted:
             results[i] = _run_trusted(program, calls, causal, last_row, tokenizer_dir)
         else:
-            if program.kind == "reference" and tokenizer_dir is None:
-                raise ValueError(f"{program.name}: reference-signature programs need tokenizer_dir")
             jobs.append(Job(program.source, program.path or program.name, program.function, program.kind,
                             list(calls), causal=causal, last_row=last_row))
             job_index.append(i)

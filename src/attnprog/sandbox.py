@@ -292,11 +292,14 @@ def _restricted_import(table: dict):
     def restricted_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level:
             raise ImportError("relative imports are not allowed")
-        if name not in table:
-            raise ImportError(f"import of '{name}' is not allowed in the sandbox")
-        if fromlist:
-            return table[name]
-        return table[name.split(".")[0]]
+        if name in table:
+            return table[name] if fromlist else table[name.split(".")[0]]
+        # numpy's C code imports its own submodules lazily (ndarray.mean -> numpy._core._methods) with
+        # PyImport_Import, which calls the running frame's __import__ but then takes the module from
+        # sys.modules itself. Let those through when numpy has loaded the module, without handing it out.
+        if name.startswith("numpy.") and name in sys.modules:
+            return None
+        raise ImportError(f"import of '{name}' is not allowed in the sandbox")
     return restricted_import
 
 
@@ -583,9 +586,11 @@ def _collect(pid: int, fd: int, job: Job, limits: Limits) -> JobResult:
             index += 1
             deadline = time.monotonic() + limits.seconds_per_call
     os.close(fd)
-    exit_status = _reap(pid, kill_now=failure is not None)
+    exit_status, killed = _reap(pid, kill_now=failure is not None)
     if failure is None and index < m:  # the child ended (or closed its pipe) before sending every result
-        if os.WIFSIGNALED(exit_status):
+        if killed:
+            failure = ("runtime_error", "the program closed its result pipe and did not exit")
+        elif os.WIFSIGNALED(exit_status):
             failure = _signal_status(os.WTERMSIG(exit_status))
         else:
             failure = ("runtime_error", "the program's process exited before returning all results")
@@ -599,20 +604,20 @@ def _collect(pid: int, fd: int, job: Job, limits: Limits) -> JobResult:
     return result
 
 
-def _reap(pid: int, kill_now: bool) -> int:
+def _reap(pid: int, kill_now: bool) -> tuple[int, bool]:
     """Wait for the child to exit (it should be exiting: every result is in or its pipe is closed); kill it
-    if asked to or if it lingers. Returns its wait status."""
+    if asked to or if it lingers. Returns its wait status and whether this function killed it."""
     deadline = time.monotonic() + (0 if kill_now else 0.5)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return status
+            return status, False
         if time.monotonic() >= deadline:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:  # not its own group leader yet
                 os.kill(pid, signal.SIGKILL)
-            return os.waitpid(pid, 0)[1]
+            return os.waitpid(pid, 0)[1], True
         time.sleep(0.0005)
 
 
@@ -761,7 +766,6 @@ class Sandbox:
         self.tokenizer_dir = str(tokenizer_dir) if tokenizer_dir else None
         self.policy = policy
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
-        self._policy = policy
         self._idle: queue.Queue = queue.Queue()
         servers = [_Server(policy, self.tokenizer_dir) for _ in range(self.workers)]
         try:
@@ -783,7 +787,7 @@ class Sandbox:
                 return server.run(job, limits)
             except (EOFError, OSError):  # the server died (it should not): report, replace it
                 server.close()
-                server = _Server(self._policy, self.tokenizer_dir)
+                server = _Server(self.policy, self.tokenizer_dir)
                 server.wait_ready()
                 m = len(job.calls)
                 message = "the sandbox server died while running this program"
