@@ -3,8 +3,11 @@
 `start_cluster()` installs the packages when they are missing (as root), makes a folder under REGISTRY
 holding the cluster's slurm.conf, state and logs, starts a munged of its own (own socket), slurmctld and
 slurmd directly (free ports), and waits until the node is idle. Clients find the cluster through
-SLURM_CONF (see `LocalSlurm.env`): nothing under /etc/slurm or /run/munge is used, so two clusters live
-side by side. `stop()` cancels the jobs, stops the daemons by PID and removes the folder.
+SLURM_CONF (see `LocalSlurm.env`), and also through a symlink /etc/slurm/slurm.conf -> the folder's
+slurm.conf, because snakemake-executor-plugin-slurm-jobstep (0.6.1) drops SLURM_CONF from the
+environment of the `srun` it runs inside each job. One cluster at a time, then: a session holds
+REGISTRY/lock while its cluster runs. `stop()` cancels the jobs, stops the daemons by PID and removes the
+folder and the symlink.
 
 The node is declared as a small GPU node (8 CPUs, 64 GB, one GPU), so the slurm profile's requests are
 accepted as on a real cluster: `SlurmdParameters=config_overrides` keeps SLURM from draining a node that
@@ -14,6 +17,7 @@ no CUDA device and runs on the CPU).
 A cluster left behind by a killed test session (its owner process is gone) is stopped when the next one
 starts: every process whose command line or environment names the old folder is killed.
 """
+import fcntl
 import os
 import shutil
 import signal
@@ -27,6 +31,7 @@ from pathlib import Path
 import pytest
 
 REGISTRY = Path(tempfile.gettempdir()) / "attnprog-slurm"   # one folder per running cluster
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")                 # where srun looks without SLURM_CONF
 NODE_CPUS, NODE_MEM_MB, NODE_GPUS = 8, 64000, 1
 
 SLURM_CONF = """\
@@ -67,6 +72,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 class LocalSlurm:
     folder: Path
     conf: Path
+    lock: object = None                          # the open REGISTRY/lock, held while the cluster runs
     procs: dict = field(default_factory=dict)   # daemon name -> Popen
 
     @property
@@ -90,7 +96,11 @@ class LocalSlurm:
         for name in ("slurmd", "slurmctld", "munged"):
             if name in self.procs:
                 stop_process(self.procs[name])
+        if SYSTEM_CONF.is_symlink() and SYSTEM_CONF.readlink() == self.conf:
+            SYSTEM_CONF.unlink()
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.lock:
+            self.lock.close()  # releases the flock
 
     def logs(self) -> str:
         """The tail of the daemons' logs, for error messages."""
@@ -140,7 +150,7 @@ def pid_alive(pid: int) -> bool:
 
 def stop_leftover_clusters() -> None:
     """Kill the processes of clusters whose test session died without stopping them."""
-    for folder in REGISTRY.iterdir():
+    for folder in filter(Path.is_dir, REGISTRY.iterdir()):
         owner = folder / "owner"
         if owner.exists() and pid_alive(int(owner.read_text())):
             continue  # a live session's cluster
@@ -154,6 +164,27 @@ def stop_leftover_clusters() -> None:
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 pass
         shutil.rmtree(folder, ignore_errors=True)
+    if SYSTEM_CONF.is_symlink() and not SYSTEM_CONF.exists():
+        SYSTEM_CONF.unlink()
+
+
+def ours(path: Path) -> bool:
+    """Whether /etc/slurm/slurm.conf is missing or one of our symlinks."""
+    return not path.exists() and not path.is_symlink() or path.is_symlink() and REGISTRY in path.readlink().parents
+
+
+def lock_registry(timeout: float = 1800):
+    """Wait until no other session runs a cluster (the flock goes away with a killed session)."""
+    lock = open(REGISTRY / "lock", "w")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"another test session has held {REGISTRY}/lock for {timeout:.0f} s")
+            time.sleep(1)
 
 
 def munge_works(socket_path: Path) -> bool:
@@ -186,7 +217,10 @@ def wait_for(check, timeout: float, message: str) -> None:
 def start_cluster() -> LocalSlurm:
     """Start a single-node SLURM cluster whose conf, state and logs live in a new folder of REGISTRY."""
     ensure_packages()
+    if not ours(SYSTEM_CONF):
+        pytest.skip(f"{SYSTEM_CONF} holds a real SLURM configuration; the test cluster leaves it alone")
     REGISTRY.mkdir(exist_ok=True)
+    lock = lock_registry()
     stop_leftover_clusters()
     folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=REGISTRY))
     (folder / "owner").write_text(str(os.getpid()))
@@ -198,7 +232,10 @@ def start_cluster() -> LocalSlurm:
     conf.write_text(SLURM_CONF.format(host=host, dir=folder, ctld_port=free_port(), slurmd_port=free_port(),
                                       cpus=NODE_CPUS, mem=NODE_MEM_MB, gpus=NODE_GPUS))
     (folder / "gres.conf").write_text(f"NodeName={host} Name=gpu File=/dev/null\n")
-    cluster = LocalSlurm(folder, conf)
+    cluster = LocalSlurm(folder, conf, lock)
+    SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+    SYSTEM_CONF.unlink(missing_ok=True)  # a leftover symlink of ours (checked above)
+    SYSTEM_CONF.symlink_to(conf)
     try:
         cluster.procs["munged"] = start_munged(folder / "munge")
         for daemon in ("slurmctld", "slurmd"):

@@ -1,0 +1,54 @@
+"""Helpers for the operations tests (SLURM, partial reruns, resume): the snakemake command line for a
+private work folder, the job list of a dry run, and a check that every result file is whole."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tinyworld import REPO, write_config
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+# Rules whose jobs span every model (the cross-model outputs); all other rules have a {model} wildcard.
+CROSS_MODEL_RULES = {"all", "report"}
+
+
+def snakemake_cmd(workdir: Path, config: dict, *args: str) -> list[str]:
+    """The command that runs this repo's workflow in `workdir` (its results/ and .snakemake/) on `config`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    configfile = write_config(config, workdir / "config.yaml")
+    return [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(configfile), *args]
+
+
+def dry_run_jobs(output: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job a `snakemake -n` output lists."""
+    jobs = []
+    for line in output.splitlines():
+        if m := re.match(r"\s*(?:local)?(?:rule|checkpoint) (\w+):$", line):
+            jobs.append((m.group(1), {}))
+        elif (m := re.match(r"\s*wildcards: (.*)$", line)) and jobs:
+            jobs[-1][1].update(pair.split("=", 1) for pair in m.group(1).split(", "))
+    return jobs
+
+
+def result_files(workdir: Path) -> dict[str, float]:
+    """{path relative to workdir: mtime} of every file under results/."""
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns
+            for p in sorted((workdir / "results").rglob("*")) if p.is_file()}
+
+
+def assert_results_valid(workdir: Path) -> None:
+    """Every Parquet file under results/ reads, every JSON file parses, every program file compiles."""
+    files = [p for p in (workdir / "results").rglob("*") if p.is_file()]
+    assert files, f"no results under {workdir}"
+    for path in files:
+        if path.suffix == ".parquet":
+            pq.read_table(path)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".py":
+            compile(path.read_text(), str(path), "exec")
