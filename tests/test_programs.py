@@ -8,7 +8,7 @@ import pytest
 
 from attnprog.programs import (Program, ProgramError, ProgramRunner, check_causal, load_programs,
                                normalise_attention, programs_from_source, run_prefixwise, run_programs)
-from attnprog.sandbox import Limits, Sandbox
+from attnprog.sandbox import Limits, Policy, Sandbox
 
 FIXTURES = Path(__file__).parent / "fixtures" / "programs"
 EXAMPLES = [[" The", " cat", " sat", " on", " the", " mat", "."],
@@ -243,6 +243,12 @@ def tokenizer_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tokenizer_box(tokenizer_dir):
+    with Sandbox(tokenizer_dir, workers=1) as sandbox:
+        yield sandbox
+
+
 def reference_examples(tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -252,15 +258,14 @@ def reference_examples(tokenizer_dir):
     return [(token_strings(tokenizer, tokenizer(text).input_ids), text) for text in texts]
 
 
-def test_reference_programs_run_with_the_models_tokenizer(tokenizer_dir):
+def test_reference_programs_run_with_the_models_tokenizer(tokenizer_dir, tokenizer_box):
     examples = reference_examples(tokenizer_dir)
     programs = load_programs(FIXTURES / "reference_style.py")
-    with Sandbox(tokenizer_dir, workers=1) as sandboxed:
-        runs = run_programs(programs, examples, tokenizer_dir=tokenizer_dir, sandbox=sandboxed)
-        assert check_causal(programs[0], examples, tokenizer_dir=tokenizer_dir, sandbox=sandboxed)
-        # the text must give as many tokens as the example has; otherwise the output is bad_output
-        wrong = run_programs(programs[:1], [(examples[0][0], examples[0][1] + " And more words.")],
-                             tokenizer_dir=tokenizer_dir, sandbox=sandboxed)
+    runs = run_programs(programs, examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
+    assert check_causal(programs[0], examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
+    # the text must give as many tokens as the example has; otherwise the output is bad_output
+    wrong = run_programs(programs[:1], [(examples[0][0], examples[0][1] + " And more words.")],
+                         tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
     for (tokens, _), matrix in zip(examples, runs["reference_style.first_token"].matrices):
         n = len(tokens)
         assert matrix.shape == (n, n) and np.array_equal(matrix[:, 0], np.ones(n))
@@ -279,3 +284,27 @@ def test_programs_in_the_style_of_llm_output_run_the_same_in_the_sandbox(box):
     in_process = run_programs([trusted(p)], EXAMPLES)["llm_idioms"]
     assert sandboxed.status == "ok", sandboxed.error
     assert all(np.array_equal(a, b) for a, b in zip(sandboxed.matrices, in_process.matrices))
+
+
+def test_reference_programs_cannot_use_the_tokenizer_to_touch_files(tokenizer_dir, tokenizer_box, tmp_path):
+    examples = reference_examples(tokenizer_dir)[:1]
+    target = tmp_path / "written"
+    attacks = {
+        "save_pretrained": f"tokenizer.save_pretrained({str(target)!r})",   # Python file writes
+        "rust_save": f"tokenizer._tokenizer.backend_tokenizer.save({str(target)!r})",  # the Rust core
+        "rust_read": "tokenizer._tokenizer.backend_tokenizer.from_file('/etc/passwd')",
+    }
+    programs = [programs_from_source(
+        f"import numpy as np\ndef f(sentence, tokenizer):\n    {code}\n    return 'x', np.eye(3)\n", name)[0]
+        for name, code in attacks.items()]
+    runs = run_programs(programs, examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
+    assert runs["save_pretrained.f"].status == "runtime_error"
+    assert "has no attribute 'save_pretrained'" in runs["save_pretrained.f"].error
+    assert runs["rust_save.f"].status == runs["rust_read.f"].status == "rejected"  # private attribute
+    # Even with the validator and the audit hook off, the system-call filter keeps the Rust code off files.
+    with Sandbox(tokenizer_dir, workers=1, policy=Policy(validate=False, audit=False)) as weak:
+        if weak.seccomp:
+            runs = run_programs(programs[1:], examples, tokenizer_dir=tokenizer_dir, sandbox=weak)
+            assert runs["rust_save.f"].status == runs["rust_read.f"].status == "runtime_error"
+            assert "root:" not in runs["rust_read.f"].error
+    assert not target.exists()

@@ -387,7 +387,8 @@ def test_parser_bombs_and_huge_sources_fail_cleanly(strict):
 # ---- the lower layers on their own ------------------------------------------------------------------------
 
 
-def test_seccomp_stops_processes_files_and_network_without_the_audit_hook(seccomp_only, tmp_path, listener):
+def test_seccomp_stops_processes_files_and_network_without_the_audit_hook(seccomp_only, tmp_path, listener,
+                                                                          secret_file):
     marker = tmp_path / "marker"
     port = listener.getsockname()[1]
     for code, error in ((f"import os\nos.system('touch {marker}') and os.fork()", "Operation not permitted"),
@@ -398,6 +399,8 @@ def test_seccomp_stops_processes_files_and_network_without_the_audit_hook(seccom
                         ("import os\nos.kill(os.getppid(), 9)", "Operation not permitted")):
         run = attack(seccomp_only, in_attention(code))
         assert run.status == "runtime_error" and error in run.error, code
+    run = attack(seccomp_only, in_attention(f"import io\nraise ValueError(io.FileIO({str(secret_file)!r}).read())"))
+    assert run.status == "runtime_error" and "Operation not permitted" in run.error and "31415" not in run.error
     # _posixsubprocess.fork_exec starts processes without any audit event: only seccomp stands in the way
     run = attack(seccomp_only, in_attention(f"import subprocess\nsubprocess.run(['touch', '{marker}'])"))
     assert run.status == "runtime_error"

@@ -15,8 +15,9 @@ stops attacks on its own, and tests/test_sandbox.py turns the upper ones off to 
    opening files for writing or outside that folder, sockets, subprocesses, fork/exec, signals, ctypes,
    new imports, exec/compile, frame access. Audit hooks cannot be removed once added.
 4. A seccomp filter (where libseccomp is installed) makes the kernel refuse the system calls behind all
-   that: new processes, exec, signals to other processes, sockets, creating/changing/removing files,
-   raising limits. It holds for root and for code that found a way around the layers above.
+   that: opening any file, new processes, exec, signals to other processes, sockets, changing files,
+   raising limits. It holds for root, for native code (the tokenizer's Rust core, memory-unsafe numpy
+   calls) and for code that found a way around the layers above.
 5. Resource limits in the child: CPU time, address space, file size 0 (no bytes written even by root), no
    new processes or descriptors, no core dumps; the server kills a child that misses a per-call deadline.
 6. The server reads the child's results as fixed-size frames and drops any that are out of order, the wrong
@@ -74,7 +75,9 @@ DENIED_ATTRIBUTES = DENIED_NAMES | frozenset({
     "format_map", "vformat", "get_field", "Formatter",
     # file I/O
     "load", "save", "savez", "savez_compressed", "savetxt", "loadtxt", "genfromtxt", "fromfile", "tofile",
-    "dump", "dumps", "memmap", "open_memmap", "DataSource", "fromregex"})
+    "dump", "dumps", "memmap", "open_memmap", "DataSource", "fromregex",
+    # reads and writes memory outside the array (sliding_window_view is the checked alternative)
+    "as_strided"})
 MAX_SOURCE_CHARS = 100_000
 MAX_TOKENS = 4096          # longest token list a sandboxed program is called on
 MAX_ERROR_BYTES = 2000     # longest error message a child may send
@@ -312,19 +315,32 @@ def safe_builtins(table: dict) -> dict:
 
 
 class ReferenceTokenizer:
-    """The model's tokenizer as reference programs see it: `return_tensors="pt"` gives numpy arrays, since
-    torch is not loaded in the sandbox (`.input_ids[0]`, `len`, `.tolist()` behave the same)."""
+    """The model's tokenizer as reference programs see it: calling it and the usual lookups, nothing that
+    reaches files or the Rust tokenizer behind it. `return_tensors="pt"` gives numpy arrays, since torch is
+    not loaded in the sandbox (`.input_ids[0]`, `len`, `.tolist()` behave the same)."""
+    METHODS = frozenset({"encode", "decode", "batch_decode", "tokenize", "convert_ids_to_tokens",
+                         "convert_tokens_to_ids", "convert_tokens_to_string", "get_vocab", "encode_plus",
+                         "batch_encode_plus"})
+    ATTRIBUTES = frozenset({"vocab_size", "model_max_length", "padding_side", "all_special_tokens",
+                            "all_special_ids"} |
+                           {f"{kind}_token{suffix}" for kind in ("bos", "eos", "unk", "pad", "sep", "cls", "mask")
+                            for suffix in ("", "_id")})
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
 
     def __call__(self, *args, **kwargs):
         if kwargs.get("return_tensors") == "pt":
             kwargs["return_tensors"] = "np"
-        return self.tokenizer(*args, **kwargs)
+        return self._tokenizer(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._tokenizer)
 
     def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
+        if name in self.METHODS or name in self.ATTRIBUTES:
+            return getattr(self._tokenizer, name)
+        raise AttributeError(f"the sandbox's tokenizer has no attribute '{name}'")
 
 
 def load_reference_tokenizer(tokenizer_dir):
@@ -362,15 +378,18 @@ def _audit_hook(module_code, read_dirs, trusted_section):
     return hook
 
 
-# System calls a program never needs: new processes, signals to others, network, changes to files or
-# privileges. Denied with EPERM by a seccomp filter, which holds even for root and for code that gets around
-# everything above (raw `_posixsubprocess.fork_exec`, say).
+# System calls a running program never needs: opening any file, new processes, signals to others, network,
+# changes to files or privileges. Denied with EPERM by a seccomp filter, which holds even for root and for
+# code that gets around everything above: raw `_posixsubprocess.fork_exec`, the tokenizer's Rust code
+# reading or writing files, or native code reached through memory-unsafe numpy calls (`ndarray(buffer=...,
+# strides=...)`). Everything the child needs from files was loaded before the fork.
 _DENIED_SYSCALLS = (
+    "open", "openat", "openat2", "creat", "open_by_handle_at", "name_to_handle_at",
     "fork", "vfork", "clone", "clone3", "execve", "execveat",
     "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open", "pidfd_send_signal",
     "pidfd_getfd", "ptrace", "process_vm_readv", "process_vm_writev",
     "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
-    "openat2", "creat", "mknod", "mknodat", "mkdir", "mkdirat", "unlink", "unlinkat", "rmdir", "rename",
+    "mknod", "mknodat", "mkdir", "mkdirat", "unlink", "unlinkat", "rmdir", "rename",
     "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat",
     "chown", "fchown", "lchown", "fchownat", "truncate", "ftruncate", "utime", "utimes", "utimensat",
     "futimesat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
@@ -388,14 +407,9 @@ def build_syscall_filter():
         syscall_filter = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     except Exception:  # no libseccomp.so.2 on this system
         return None
-    deny = seccomp.ERRNO(errno.EPERM)
-    rules = [(name, ()) for name in _DENIED_SYSCALLS]
-    for name, arg in (("open", 1), ("openat", 2)):  # opening for writing, creating or truncating
-        for flag in (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND):
-            rules.append((name, (seccomp.Arg(arg, seccomp.MASKED_EQ, flag, flag),)))
-    for name, args in rules:
+    for name in _DENIED_SYSCALLS:
         try:
-            syscall_filter.add_rule(deny, name, *args)
+            syscall_filter.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except Exception:  # not a system call on this architecture (open, fork on arm64)
             pass
     return syscall_filter
@@ -669,6 +683,7 @@ def serve() -> None:
     proto_in, proto_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    os.close(devnull)
     os.dup2(2, 1)  # stray prints go to stderr, never into the protocol
     setup = _read_message(proto_in)
     policy, tokenizer_dir = setup["policy"], setup["tokenizer_dir"]
