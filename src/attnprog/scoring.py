@@ -1,0 +1,110 @@
+"""How close a program's attention is to a head's: soft IoU, Jensen-Shannon distance, and the baselines.
+
+Soft IoU over the whole matrix (METHOD.md): IoU(A, B) = sum_ij min(A_ij, B_ij) / sum_ij max(A_ij, B_ij),
+averaged over examples. Because min(a, b) = (a + b - |a - b|) / 2 and max(a, b) = (a + b + |a - b|) / 2,
+IoU = (S - L1) / (S + L1) with S = sum(A) + sum(B) and L1 = sum |A - B|. That turns scoring every program
+on every head into one pairwise L1-distance matrix per example (scipy's `cdist`), and a program's output is
+computed once per example whatever the head.
+
+Jensen-Shannon distance (the square root of the JS divergence, base 2, so in [0, 1]) is computed per row
+and averaged over the rows of an example, then over examples.
+
+Matrices are compared on their lower triangle (entries above the diagonal are zero for both after the
+runner's causal normalisation); `lower_triangle` flattens one row by row, as the attention Parquet does.
+"""
+import numpy as np
+from scipy.spatial.distance import cdist
+
+BASELINES = ("random_token", "random_column", "uniform", "first_token")
+
+
+def lower_triangle(matrix: np.ndarray) -> np.ndarray:
+    """The entries j <= i of an n x n matrix, row by row (row i holds i + 1 values)."""
+    n = matrix.shape[-1]
+    i, j = np.tril_indices(n)
+    return matrix[..., i, j]
+
+
+def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """sum min(a, b) / sum max(a, b) over all entries of two same-shape arrays (1.0 when both are zero)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"soft_iou: shapes differ, {a.shape} vs {b.shape}")
+    top = np.maximum(a, b).sum()
+    return float(np.minimum(a, b).sum() / top) if top > 0 else 1.0
+
+
+def row_jsd(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of the Jensen-Shannon distance (base 2) between row i of `a` and row i of `b`.
+    Rows are taken as given (they should each sum to 1)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"row_jsd: shapes differ, {a.shape} vs {b.shape}")
+    m = (a + b) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_a = np.where(a > 0, a * np.log2(a / m), 0.0).sum(axis=-1)
+        kl_b = np.where(b > 0, b * np.log2(b / m), 0.0).sum(axis=-1)
+    return float(np.sqrt(np.clip((kl_a + kl_b) / 2, 0.0, 1.0)).mean())
+
+
+def mean_iou(predicted: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """Soft IoU averaged over examples (two lists of matrices, in the same order)."""
+    if len(predicted) != len(actual) or not actual:
+        raise ValueError(f"mean_iou: need two equally long non-empty lists, got {len(predicted)} and {len(actual)}")
+    return float(np.mean([soft_iou(p, a) for p, a in zip(predicted, actual)]))
+
+
+def mean_jsd(predicted: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """Row Jensen-Shannon distance averaged over examples."""
+    if len(predicted) != len(actual) or not actual:
+        raise ValueError(f"mean_jsd: need two equally long non-empty lists, got {len(predicted)} and {len(actual)}")
+    return float(np.mean([row_jsd(p, a) for p, a in zip(predicted, actual)]))
+
+
+def iou_table(predicted: list[np.ndarray], actual: list[np.ndarray]) -> np.ndarray:
+    """Mean soft IoU of every prediction against every target, averaged over examples.
+
+    predicted[e]: (P, d_e) flattened matrices of P programs on example e; actual[e]: (H, d_e) the same for
+    H heads. Returns a (P, H) array: entry [p, h] = mean over e of IoU(predicted[e][p], actual[e][h]).
+    """
+    if len(predicted) != len(actual) or not actual:
+        raise ValueError(f"iou_table: need two equally long non-empty lists, got {len(predicted)} and {len(actual)}")
+    total = None
+    for p, a in zip(predicted, actual):
+        p, a = np.asarray(p, dtype=float), np.asarray(a, dtype=float)
+        l1 = cdist(p, a, "cityblock")
+        s = p.sum(axis=1)[:, None] + a.sum(axis=1)[None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(s + l1 > 0, (s - l1) / (s + l1), 1.0)
+        total = iou if total is None else total + iou
+    return total / len(actual)
+
+
+def jsd_rows_flat(p: np.ndarray, a: np.ndarray, n: int) -> np.ndarray:
+    """Mean row Jensen-Shannon distance between flattened lower triangles, broadcasting over leading axes:
+    p (..., d) and a (..., d) with d = n (n + 1) / 2."""
+    m = (p + a) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log2(p / m), 0.0) + np.where(a > 0, a * np.log2(a / m), 0.0)
+    row_starts = np.concatenate([[0], np.cumsum(np.arange(1, n))])
+    per_row = np.add.reduceat(terms / 2, row_starts, axis=-1)
+    return np.sqrt(np.clip(per_row, 0.0, 1.0)).mean(axis=-1)
+
+
+def baseline_matrices(n: int, seed: int) -> dict[str, np.ndarray]:
+    """The paper's baselines for one example of n tokens, each row-stochastic and lower-triangular:
+    random_token (each row attends to one random earlier-or-same token), random_column (one random
+    position j0 for the whole example: rows i >= j0 attend to it, earlier rows to themselves), uniform
+    (each row spread evenly over j <= i) and first_token (everything on token 0)."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(n)
+    random_token = np.zeros((n, n))
+    random_token[rows, rng.integers(0, rows + 1)] = 1.0
+    j0 = int(rng.integers(0, n))
+    random_column = np.zeros((n, n))
+    random_column[rows, np.where(rows >= j0, j0, rows)] = 1.0
+    uniform = np.tril(np.ones((n, n))) / (rows + 1)[:, None]
+    first = np.zeros((n, n))
+    first[:, 0] = 1.0
+    return {"random_token": random_token, "random_column": random_column, "uniform": uniform,
+            "first_token": first}
