@@ -13,6 +13,7 @@ Every figure says which split it comes from: test, unless it says otherwise.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
-import matplotlib.image
+import matplotlib.colors
 import matplotlib.ticker
 import numpy as np
+import PIL.Image
 import pandas as pd
+import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 from matplotlib.figure import Figure
@@ -34,7 +37,7 @@ from pygments.lexers import PythonLexer
 
 from . import __version__
 from .atomic import atomic_dir, write_text
-from .extract import layer_file, read_layer_attention
+from .extract import dense, layer_file
 from .programs import load_programs, run_programs
 from .scoring import soft_iou
 
@@ -166,13 +169,24 @@ def iou_scale_legend() -> Markup:
                           for v in np.linspace(0, 1, 6)))
 
 
+def _attention_palette() -> list[int]:
+    """256 PNG palette entries: 0..254 the attention colour scale, 255 the grey of the unseen future."""
+    colours = matplotlib.colormaps[ATTENTION_CMAP](np.linspace(0, 1, 255))[:, :3]
+    return (np.rint(np.vstack([colours, FUTURE_GREY[:3]]) * 255).astype(np.uint8)).ravel().tolist()
+
+
+ATTENTION_PALETTE = _attention_palette()
+
+
 def attention_png(matrix: np.ndarray, causal: bool) -> str:
-    """A data URI of an n x n PNG, one pixel per entry: colour = sqrt(weight), the unseen future grey."""
-    rgba = matplotlib.colormaps[ATTENTION_CMAP](np.sqrt(np.clip(matrix, 0.0, 1.0)))
+    """A data URI of an n x n palette PNG, one pixel per entry: colour = sqrt(weight), the unseen future grey."""
+    levels = np.rint(np.sqrt(np.clip(matrix, 0.0, 1.0)) * 254).astype(np.uint8)
     if causal:
-        rgba[np.triu_indices(matrix.shape[0], k=1)] = FUTURE_GREY
+        levels[np.triu_indices(matrix.shape[0], k=1)] = 255
+    image = PIL.Image.fromarray(levels)
+    image.putpalette(ATTENTION_PALETTE)
     buffer = io.BytesIO()
-    matplotlib.image.imsave(buffer, rgba, format="png")
+    image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -182,26 +196,34 @@ def token_label(token: str, width: int = 12) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
 
-def attention_svg(matrix: np.ndarray, tokens: list[str], causal: bool) -> Markup:
-    """An attention map with its tokens written along both axes (rows attend, columns are attended to)."""
+@functools.lru_cache(maxsize=64)
+def _token_axes(tokens: tuple[str, ...]) -> tuple[int, int, int, str]:
+    """Cell size, font size, margin, and the SVG text of both axes' token labels (the same for every head)."""
     n = len(tokens)
     cell = int(np.clip(440 // max(n, 1), 5, 16))
     font = min(cell - 1, 11)
-    labels = [html.escape(token_label(t)) for t in tokens]
-    margin = int(max(len(token_label(t)) for t in tokens) * font * 0.62) + 6 if n else 6
-    size = n * cell
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{margin + size + 2}" height="{margin + size + 2}" '
-             f'font-family="sans-serif" font-size="{font}">',
-             f'<image x="{margin}" y="{margin}" width="{size}" height="{size}" preserveAspectRatio="none" '
-             f'style="image-rendering:pixelated" href="{attention_png(matrix, causal)}"/>',
-             f'<rect x="{margin}" y="{margin}" width="{size}" height="{size}" fill="none" stroke="#999"/>']
-    for i, label in enumerate(labels):
+    labels = [token_label(t) for t in tokens]
+    margin = int(max(map(len, labels), default=0) * font * 0.62) + 6
+    parts = []
+    for i, label in enumerate(map(html.escape, labels)):
         centre = margin + (i + .5) * cell
-        parts.append(f'<text x="{margin - 3}" y="{centre}" text-anchor="end" dominant-baseline="central">{label}</text>')
-        parts.append(f'<text transform="translate({centre},{margin - 3}) rotate(-90)" '
+        parts.append(f'<text x="{margin - 3}" y="{centre}" text-anchor="end" dominant-baseline="central">{label}</text>'
+                     f'<text transform="translate({centre},{margin - 3}) rotate(-90)" '
                      f'dominant-baseline="central">{label}</text>')
-    parts.append("</svg>")
-    return Markup("".join(parts))
+    return cell, font, margin, "".join(parts)
+
+
+def attention_svg(matrix: np.ndarray, tokens: list[str], causal: bool) -> Markup:
+    """An attention map with its tokens written along both axes (rows attend, columns are attended to)."""
+    cell, font, margin, labels = _token_axes(tuple(tokens))
+    size = len(tokens) * cell
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{margin + size + 2}" height="{margin + size + 2}" '
+        f'font-family="sans-serif" font-size="{font}">'
+        f'<image x="{margin}" y="{margin}" width="{size}" height="{size}" preserveAspectRatio="none" '
+        f'style="image-rendering:pixelated" href="{attention_png(matrix, causal)}"/>'
+        f'<rect x="{margin}" y="{margin}" width="{size}" height="{size}" fill="none" stroke="#999"/>'
+        f'{labels}</svg>')
 
 
 def _svg_of(figure: Figure) -> str:
@@ -359,15 +381,16 @@ def choose_examples(examples: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def real_attention(results: ModelResults, example_ids: list[int]) -> dict[tuple[int, int, int], np.ndarray]:
-    """{(layer, head, example_id): matrix} for the chosen examples, one layer file read at a time."""
-    wanted, out = set(example_ids), {}
+    """{(layer, head, example_id): matrix} for the chosen examples only, one layer file read at a time."""
+    out = {}
     for layer in range(int(results.info["n_layers"])):
         path = layer_file(results.root / "attention", layer)
         if not path.is_file():
             raise ReportError(f"report: missing input {path}")
-        for (head, example_id), matrix in read_layer_attention(path).items():
-            if example_id in wanted:
-                out[layer, head, example_id] = matrix
+        table = pq.read_table(path, filters=[("example_id", "in", list(example_ids))])
+        for example_id, head, n, flat in zip(table["example_id"].to_pylist(), table["head"].to_pylist(),
+                                             table["n"].to_pylist(), table["attention"].to_numpy()):
+            out[layer, head, example_id] = dense(np.asarray(flat, dtype=np.float32), n)
     return out
 
 
@@ -403,29 +426,57 @@ def program_attention(results: ModelResults, names: list[str], examples: list[tu
     return out
 
 
+HTML_FORMATTER = HtmlFormatter(cssclass="hl")
+
+
 def highlighted_source(path: Path) -> Markup:
     if not path.is_file():
         return Markup(f'<p class="muted">Source file missing: <code>{html.escape(str(path))}</code></p>')
-    return Markup(highlight(path.read_text(), PythonLexer(), HtmlFormatter(cssclass="hl")))
+    return Markup(highlight(path.read_text(), PythonLexer(), HTML_FORMATTER))
 
 
-def head_alternatives(results: ModelResults, layer: int, head: int, best: str, k: int) -> list[dict]:
-    """The k programs after the best one for this head, by val IoU, with their test IoU."""
+def alternatives_by_head(results: ModelResults, k: int) -> dict[tuple[int, int], list[dict]]:
+    """Per head, the k programs after its best one by val IoU, with their test IoU (one pass over scores)."""
     if k <= 0:
-        return []
-    rows = results.scores[(results.scores["layer"] == layer) & (results.scores["head"] == head)]
-    table = rows.pivot_table(index="program", columns="split", values="iou")
+        return {}
+    table = results.scores.pivot_table(index=["layer", "head", "program"], columns="split", values="iou")
     if "val" not in table:
-        return []
-    table = table.drop(index=best, errors="ignore").sort_values("val", ascending=False).head(k)
-    return [{"program": name, "val_iou": row["val"], "test_iou": row.get("test", np.nan),
-             "description": results.programs["description"].get(name, "")} for name, row in table.iterrows()]
+        return {}
+    table = table.reset_index().merge(results.heads[["layer", "head", "program"]], how="left",
+                                      on=["layer", "head", "program"], indicator=True)
+    table = table[table["_merge"] == "left_only"]  # drop each head's best program
+    table = table.sort_values("val", ascending=False).groupby(["layer", "head"]).head(k)
+    descriptions = results.programs["description"]
+    out: dict[tuple[int, int], list[dict]] = {}
+    for row in table.itertuples():
+        out.setdefault((row.layer, row.head), []).append(
+            {"program": row.program, "val_iou": row.val, "test_iou": getattr(row, "test", np.nan),
+             "description": descriptions.get(row.program, "")})
+    return out
 
 
-def head_baselines(results: ModelResults, layer: int, head: int) -> list[dict]:
-    rows = results.baselines[(results.baselines["layer"] == layer) & (results.baselines["head"] == head)
-                             & (results.baselines["split"] == "test")]
-    return [{"name": r.baseline, "iou": r.iou} for r in rows.sort_values("iou", ascending=False).itertuples()]
+def baselines_by_head(results: ModelResults) -> dict[tuple[int, int], list[dict]]:
+    """Per head, each baseline's test IoU, best first."""
+    test = results.baselines[results.baselines["split"] == "test"].sort_values("iou", ascending=False)
+    out: dict[tuple[int, int], list[dict]] = {}
+    for row in test.itertuples():
+        out.setdefault((row.layer, row.head), []).append({"name": row.baseline, "iou": row.iou})
+    return out
+
+
+def head_examples(layer: int, head: int, program: str, examples: pd.DataFrame, real: dict, predicted: dict,
+                  program_maps: dict, causal: bool) -> list[dict]:
+    """The head's real attention beside its program's on each chosen example, with the IoU of the two."""
+    shown = []
+    for j, ex in examples.iterrows():
+        actual = real.get((layer, head, int(ex["example_id"])))
+        if actual is None:
+            raise ReportError(f"report: no attention for L{layer}H{head} example {ex['example_id']}")
+        mine = predicted[program][j]  # None: the program failed on this example
+        shown.append({"example_id": int(ex["example_id"]), "n": int(ex["n"]), "text": ex["text"],
+                      "real": attention_svg(actual, ex["tokens"], causal), "program": program_maps[program, j],
+                      "iou": None if mine is None else soft_iou(actual, mine)})
+    return shown
 
 
 def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, options: dict,
@@ -434,39 +485,33 @@ def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, op
     examples = choose_examples(pd.read_parquet(results.root / "data" / "examples.parquet"),
                                options["examples_per_head"])
     real = real_attention(results, examples["example_id"].tolist())
-    calls = [(list(tokens), text) for tokens, text in zip(examples["tokens"], examples["text"])]
-    names = sorted(results.heads["program"].unique())
-    predicted = program_attention(results, names, calls) if calls else {n: [] for n in names}
-    colours = category_colours(results.heads["category"].fillna("uncategorised").tolist())
     causal = bool(results.info.get("is_causal", True))
-    template = env.get_template("head.html")
+    names = sorted(results.heads["program"].unique())
+    calls = [(list(tokens), text) for tokens, text in zip(examples["tokens"], examples["text"])]
+    predicted = program_attention(results, names, calls) if calls else {name: [] for name in names}
+    program_maps = {(name, j): None if matrix is None else attention_svg(matrix, calls[j][0], causal)
+                    for name, matrices in predicted.items() for j, matrix in enumerate(matrices)}
+    sources = {name: highlighted_source(program_file(results, name)) for name in names}
+    alternatives = alternatives_by_head(results, options["alternatives_per_head"])
+    baselines = baselines_by_head(results)
+    colours = category_colours(results.heads["category"].fillna("uncategorised").tolist())
     rows = results.heads.to_dict("records")
+    pages = [f"L{h['layer']}H{h['head']}.html" for h in rows]
+    heads_of = results.heads.groupby("program")[["layer", "head", "test_iou"]].apply(lambda g: g.to_dict("records"))
+    template = env.get_template("head.html")
     for i, h in enumerate(rows):
         layer, head = int(h["layer"]), int(h["head"])
         h["category"] = h["category"] if isinstance(h["category"], str) else "uncategorised"
         h["colour"] = colours[h["category"]]
-        shown = []
-        for j, ex in examples.iterrows():
-            actual = real.get((layer, head, int(ex["example_id"])))
-            if actual is None:
-                raise ReportError(f"report: no attention for L{layer}H{head} example {ex['example_id']}")
-            mine = predicted[h["program"]][j]  # None: the program failed on this example
-            shown.append({"example_id": int(ex["example_id"]), "n": int(ex["n"]), "text": ex["text"],
-                          "real": attention_svg(actual, ex["tokens"], causal),
-                          "program": None if mine is None else attention_svg(mine, ex["tokens"], causal),
-                          "iou": None if mine is None else soft_iou(actual, mine)})
-        also = [{"layer": o["layer"], "head": o["head"], "test_iou": o["test_iou"],
-                 "href": f"L{o['layer']}H{o['head']}.html"}
-                for o in rows if o["program"] == h["program"] and (o["layer"], o["head"]) != (layer, head)]
+        also = [{**o, "href": f"L{o['layer']}H{o['head']}.html"} for o in heads_of[h["program"]]
+                if (o["layer"], o["head"]) != (layer, head)]
         page = template.render(
-            model=results.name, has_index=has_index, h=h, examples=shown, also=also,
-            baselines=head_baselines(results, layer, head),
-            alternatives=head_alternatives(results, layer, head, h["program"], options["alternatives_per_head"]),
-            source=highlighted_source(program_file(results, h["program"])),
-            prev=f"L{rows[i - 1]['layer']}H{rows[i - 1]['head']}.html" if i > 0 else None,
-            next=f"L{rows[i + 1]['layer']}H{rows[i + 1]['head']}.html" if i + 1 < len(rows) else None,
-            examples_note=f"The {len(shown)} shortest test examples; every head shows the same ones.")
-        (out_dir / f"L{layer}H{head}.html").write_text(page)
+            model=results.name, has_index=has_index, h=h, also=also, source=sources[h["program"]],
+            examples=head_examples(layer, head, h["program"], examples, real, predicted, program_maps, causal),
+            baselines=baselines.get((layer, head), []), alternatives=alternatives.get((layer, head), []),
+            prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(rows) else None,
+            examples_note=f"The {len(examples)} shortest test examples; every head shows the same ones.")
+        (out_dir / pages[i]).write_text(page)
     return len(rows)
 
 
