@@ -174,7 +174,9 @@ def test_dunder_walk_to_os_system_is_stopped(strict, audit_only, tmp_path):
 def test_import_and_name_tricks_are_rejected(strict):
     for code in ("os = __import__('os')", "getattr(np, 'ma')", "vars(np)", "globals()['np']",
                  "eval('1 + 1')", "exec('x = 1')", "compile('1', 'x', 'eval')", "__builtins__",
-                 "np.__dict__", "tokens.__class__", "np._core", "breakpoint()", "input()"):
+                 "np.__dict__", "tokens.__class__", "np._core", "breakpoint()", "input()",
+                 "import numpy as __builtins__", "from attnprog import programs",
+                 "from numpy.lib.stride_tricks import as_strided", "np.zeros(3).ctypes.data"):
         run = attack(strict, in_attention(code))
         assert run.status == "rejected", code
         assert run.matrices == [None]

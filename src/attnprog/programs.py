@@ -167,7 +167,9 @@ def call_program(fn, kind: str, tokens, text, tokenizer=None, *, causal=True, la
         result = fn(list(tokens)) if kind == "tokens" else fn(text, tokenizer)
     except MemoryError:
         return "memory", "MemoryError"
-    except BaseException as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit too: a program cannot end the run
         return "runtime_error", describe_exception(e, filename, source, trusted_section)
     try:
         if kind == "reference" and isinstance(result, (tuple, list)) and len(result) == 2 \

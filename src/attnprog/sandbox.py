@@ -194,8 +194,13 @@ def validate_source(source: str, filename: str = "<program>", allowed_imports=AL
             reject(node, f"attribute '{attr}' is not allowed")
 
     importable = _importable(allowed_imports)
+    packages_only = importable - set(allowed_imports) - set(ALLOWED_SUBMODULES)  # `attnprog`: only `helpers`
     allowed_text = ", ".join(allowed_imports)
-    for node in ast.walk(tree):
+    checked_format_calls = set()  # the `.format` attributes of calls on a checked string literal
+    for node in ast.walk(tree):  # breadth first: a call comes before its `func`
+        for field in ("name", "asname", "arg"):  # binding `__builtins__` would swap the builtins
+            if getattr(node, field, None) == "__builtins__":
+                reject(node, "the name '__builtins__' is not allowed")
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name not in importable:
@@ -206,20 +211,22 @@ def validate_source(source: str, filename: str = "<program>", allowed_imports=AL
             if node.module not in importable:
                 reject(node, f"import from '{node.module}' is not allowed (allowed: {allowed_text})")
             for alias in node.names:
-                if alias.name != "*" and node.module != "__future__":
-                    check_attr(node, alias.name)
-        elif isinstance(node, ast.Attribute):
-            if node.attr == "format":
-                parent_call = getattr(node, "_call", None)
-                if parent_call is None:
-                    reject(node, "'.format' is only allowed as a call on a string literal")
-            else:
-                check_attr(node, node.attr)
+                if node.module == "__future__" or alias.name == "*":
+                    continue
+                check_attr(node, alias.name)
+                if node.module in packages_only and f"{node.module}.{alias.name}" not in importable:
+                    reject(node, f"import of '{node.module}.{alias.name}' is not allowed (allowed: {allowed_text})")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
             problem = _check_format_literal(node)
             if problem:
                 reject(node, problem)
-            node.func._call = node  # mark: this .format is a checked call
+            checked_format_calls.add(id(node.func))
+        elif isinstance(node, ast.Attribute):
+            if node.attr == "format":
+                if id(node) not in checked_format_calls:
+                    reject(node, "'.format' is only allowed as a call on a string literal")
+            else:
+                check_attr(node, node.attr)
         elif isinstance(node, ast.Name):
             if node.id in DENIED_NAMES:
                 reject(node, f"name '{node.id}' is not allowed")
