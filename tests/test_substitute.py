@@ -1,4 +1,6 @@
 """Proofs that substitution replaces attention probabilities at the right place, and tests of the sweep."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -243,3 +245,106 @@ def test_run_sweep_reports_zero_increase_for_the_baseline_and_a_real_one_for_uni
     assert replacer.heads == {}  # the model is left unmodified
     assert set(table.columns) >= {"method", "seed", "fraction", "n_replaced", "split", "ppl", "rel_increase"}
     assert isinstance(table, pd.DataFrame)
+
+
+# --- programs from a library -----------------------------------------------------------------------------------
+
+PROGRAMS = {
+    "previous_token": ('"""Each token attends to the token before it."""\nimport numpy as np\n\n\n'
+                       'def attention(tokens):\n    n = len(tokens)\n    m = np.zeros((n, n))\n'
+                       '    m[np.arange(1, n), np.arange(n - 1)] = 1\n    m[0, 0] = 1\n    return m\n'),
+    "first_token": ('"""Every token attends to the first token."""\nimport numpy as np\n\n\n'
+                    'def attention(tokens):\n    m = np.zeros((len(tokens), len(tokens)))\n    m[:, 0] = 1\n'
+                    '    return m\n'),
+    # Not causal: every row attends to the sentence's last token, which later tokens change.
+    "last_token": ('"""Every token attends to the last token of the sentence."""\nimport numpy as np\n\n\n'
+                   'def attention(tokens):\n    m = np.zeros((len(tokens), len(tokens)))\n    m[:, -1] = 1\n'
+                   '    return m\n'),
+}
+
+
+def make_library(folder, heads: dict, causal: dict | None = None):
+    """A library folder as the library rule writes it: programs/*.py, programs.parquet and best.parquet.
+    `heads` maps (layer, head) -> (program name, val IoU)."""
+    causal = causal or {}
+    (folder / "programs").mkdir(parents=True)
+    for name, source in PROGRAMS.items():
+        (folder / "programs" / f"{name}.py").write_text(source)
+    pd.DataFrame([{"name": name, "origin": "offline", "source_layer": 0, "source_head": 0,
+                   "description": source.splitlines()[0].strip('"'), "category": "position",
+                   "causal": causal.get(name, name != "last_token"), "trusted": True}
+                  for name, source in PROGRAMS.items()]).to_parquet(folder / "programs.parquet")
+    pd.DataFrame([{"layer": layer, "head": head, "program": name, "val_iou": iou, "test_iou": iou - 0.01,
+                   "synth_iou": iou, "causal": causal.get(name, name != "last_token")}
+                  for (layer, head), (name, iou) in heads.items()]).to_parquet(folder / "best.parquet")
+    return folder
+
+
+def test_library_programs_replace_heads_and_non_causal_ones_never_see_later_tokens(tmp_path):
+    model = tiny_model("llama")
+    library = make_library(tmp_path / "library", {(0, 0): ("previous_token", 0.9), (0, 1): ("last_token", 0.8),
+                                                  (1, 2): ("first_token", 0.7)})
+    best = substitute.read_best(library)
+    assert [(r.layer, r.head) for r in best.itertuples()] == [(0, 0), (0, 1), (1, 2)]
+    programs = substitute.program_replacements(library, best, log=lambda m: None)
+    assert programs[(0, 1)].runner.prefixwise and not programs[(0, 0)].runner.prefixwise
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads(programs)
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(8))
+    changed = ids.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % VOCAB
+    torch.testing.assert_close(logits(model, ids)[0, :6], logits(model, changed)[0, :6])
+    # Run prefix by prefix, "attend to the last token" becomes "attend to yourself": row i of tokens[:i+1].
+    replacer.set_heads({(0, 1): lambda tokens: np.eye(len(tokens))})
+    itself = logits(model, ids)
+    replacer.set_heads({(0, 1): programs[(0, 1)]})
+    torch.testing.assert_close(logits(model, ids), itself)
+    # With noncausal="skip" the head is left alone.
+    skipped = substitute.program_replacements(library, best, noncausal="skip", log=lambda m: None)
+    assert set(skipped) == {(0, 0), (1, 2)}
+
+
+def test_a_program_that_fails_on_an_example_falls_back_to_uniform_and_is_counted(tmp_path):
+    library = make_library(tmp_path / "library", {(0, 0): ("previous_token", 0.9)})
+    (library / "programs" / "previous_token.py").write_text(
+        '"""Fails on long inputs."""\nimport numpy as np\n\n\ndef attention(tokens):\n'
+        '    if len(tokens) > 5:\n        raise ValueError("too long")\n    return np.eye(len(tokens))\n')
+    programs = substitute.program_replacements(library, substitute.read_best(library), log=lambda m: None)
+    runner = programs[(0, 0)]
+    out = runner.many([["a", "b"], list("abcdefg")])
+    np.testing.assert_allclose(out[0], np.eye(2))
+    np.testing.assert_allclose(out[1], substitute.uniform_attention(list("abcdefg")))
+    assert runner.failures == 1
+
+
+def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
+    from attnprog import data, models
+    from tinyworld import tiny_config
+
+    info = models.describe_model("tiny", {"local_dir": str(tiny_models["llama"])})
+    corpus = {**tiny_config({})["corpus"], "max_tokens": 96}
+    examples, heldout = data.build_corpus(corpus, models.load_tokenizer(info))
+    examples.to_parquet(tmp_path / "examples.parquet")
+    heldout.to_parquet(tmp_path / "heldout.parquet")
+    names = ["previous_token", "first_token", "last_token"]
+    library = make_library(tmp_path / "library", {(layer, head): (names[(layer + head) % 3], 0.9 - 0.1 * head)
+                                                  for layer in range(2) for head in range(4)})
+    settings = {"fractions": [0, 0.25, 1.0], "random_seeds": [0, 1], "heldout_tokens": 200, "batch_size": 4,
+                "bootstrap": 100, "single_head_count": 4, "single_head_split": "test", "noncausal": "prefixwise"}
+    out = tmp_path / "substitution"
+    summary = substitute.substitution_sweep(info, library, tmp_path / "examples.parquet",
+                                            tmp_path / "heldout.parquet", settings, out / "sweep.parquet",
+                                            out / "single_heads.parquet", out / "summary.json", "cpu",
+                                            log=lambda m: None)
+    sweep = pd.read_parquet(out / "sweep.parquet")
+    assert set(sweep.split) == {"test", "heldout"}
+    assert len(sweep) == 2 * 3 * 4  # splits x fractions x (programs, uniform, 2 random orders)
+    assert 200 <= sweep[sweep.split == "heldout"].n_tokens.max() < 200 + corpus["max_tokens"]
+    assert summary["split"] == "heldout" and summary["baseline_ppl"] > 1
+    for method in ("programs", "uniform", "random"):
+        assert set(summary[method]) == {"0", "0.25", "1"} and summary[method]["0"] == 0
+    assert summary["n_replaced"] == {"0": 0, "0.25": 2, "1": 8}
+    assert summary["programs"]["1"] == summary["random"]["1"]  # all heads: the order no longer matters
+    assert summary["single_head"]["n_heads"] == 4 and -1 <= summary["single_head"]["spearman_rho"] <= 1
+    assert len(pd.read_parquet(out / "single_heads.parquet")) == 4
+    assert json.loads((out / "summary.json").read_text()) == summary

@@ -41,6 +41,7 @@ class HeadReplacer:
     input_ids: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
     _tokens: list[list[str]] | None = None
+    _token_cache: dict[tuple[int, ...], list[str]] = field(default_factory=dict)  # the sweep reruns the same texts
 
     def set_heads(self, heads: dict[tuple[int, int], Replacement]) -> None:
         self.heads = dict(heads)
@@ -67,8 +68,12 @@ class HeadReplacer:
 
     def example_tokens(self) -> list[list[str]]:
         if self._tokens is None:
-            self._tokens = [self.token_strings(self.input_ids[b, s:e].tolist()) for b, (s, e) in
-                            enumerate(self.example_spans())]
+            self._tokens = []
+            for b, (start, end) in enumerate(self.example_spans()):
+                ids = tuple(self.input_ids[b, start:end].tolist())
+                if ids not in self._token_cache:
+                    self._token_cache[ids] = self.token_strings(list(ids))
+                self._tokens.append(self._token_cache[ids])
         return self._tokens
 
     def overwrite(self, layer: int, probs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -86,8 +91,9 @@ class HeadReplacer:
         real_rows = torch.zeros(batch, q_len, dtype=torch.bool)
         for b, (start, end) in enumerate(spans):
             real_rows[b, start:end] = True
-            for j, head in enumerate(heads):
-                matrix = np.asarray(self.heads[(layer, head)](tokens[b]), dtype=np.float32)
+        for j, head in enumerate(heads):
+            for b, ((start, end), matrix) in enumerate(zip(spans, matrices_for(self.heads[(layer, head)], tokens))):
+                matrix = np.asarray(matrix, dtype=np.float32)
                 if matrix.shape != (end - start, end - start):
                     raise ValueError(f"replacement for L{layer}H{head} returned shape {matrix.shape} "
                                      f"for {end - start} tokens")
@@ -98,6 +104,13 @@ class HeadReplacer:
         probs = probs.clone()
         probs[:, head_index] = replaced
         return probs
+
+
+def matrices_for(replacement: Replacement, examples: list[list[str]]) -> list[np.ndarray]:
+    """One matrix per example; a replacement with `many` (a ProgramRunner) gets the whole batch in one call."""
+    if hasattr(replacement, "many"):
+        return replacement.many(examples)
+    return [replacement(tokens) for tokens in examples]
 
 
 def visible_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, device) -> torch.Tensor:
@@ -281,3 +294,193 @@ def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tup
                          "ppl_hi": float(np.percentile(boot, 97.5)), "rel_increase": ppl / base_ppl - 1,
                          "rel_lo": float(np.percentile(rel, 2.5)), "rel_hi": float(np.percentile(rel, 97.5))})
     return pd.DataFrame(rows)
+
+
+def single_head_costs(model, replacer: HeadReplacer, heads: list[tuple[int, int]],
+                      programs: dict[tuple[int, int], Replacement], sequences: list[list[int]], batch_size: int,
+                      log=print) -> "pd.DataFrame":
+    """Perplexity when each head alone is replaced by its program: layer, head, ppl, rel_increase."""
+    import pandas as pd
+
+    replacer.set_heads({})
+    base = perplexity(*sequence_nlls(model, sequences, batch_size))
+    rows = []
+    for layer, head in heads:
+        replacer.set_heads({(layer, head): programs[(layer, head)]})
+        ppl = perplexity(*sequence_nlls(model, sequences, batch_size))
+        rows.append({"layer": layer, "head": head, "ppl": ppl, "rel_increase": ppl / base - 1})
+    replacer.set_heads({})
+    log(f"substitution: {len(heads)} heads replaced one at a time")
+    return pd.DataFrame(rows, columns=["layer", "head", "ppl", "rel_increase"])
+
+
+def spread_over_ranking(ranked: list, n: int | None) -> list:
+    """`n` items evenly spaced along a ranking (all of them when n is None or large enough)."""
+    if n is None or n >= len(ranked):
+        return list(ranked)
+    return [ranked[i] for i in sorted(set(np.linspace(0, len(ranked) - 1, n).round().astype(int)))]
+
+
+def fraction_key(fraction: float) -> str:
+    return f"{fraction:g}"
+
+
+def summarise_sweep(sweep: "pd.DataFrame", single: "pd.DataFrame", best: "pd.DataFrame", model: str,
+                    main_split: str) -> dict:
+    """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
+    (random order: the mean over seeds), with 95% bootstrap intervals, per evaluation set; and the Spearman
+    correlation between each head's test IoU and the cost of replacing it alone."""
+    from scipy.stats import spearmanr
+
+    def per_split(split):
+        table = sweep[sweep.split == split]
+        base = table[table.fraction == 0]
+        out = {"baseline_ppl": float(base.ppl.iloc[0]), "n_tokens": int(base.n_tokens.iloc[0]),
+               "baseline_ppl_interval": [float(base.ppl_lo.iloc[0]), float(base.ppl_hi.iloc[0])]}
+        for method, rows in table.groupby("method", sort=False):
+            by_fraction = rows.groupby("fraction")
+            out[method] = {fraction_key(f): float(r.rel_increase.mean()) for f, r in by_fraction}
+            if method != "random":  # one run per fraction: its interval; random: the spread over seeds
+                out[f"{method}_interval"] = {fraction_key(f): [float(r.rel_lo.iloc[0]), float(r.rel_hi.iloc[0])]
+                                             for f, r in by_fraction}
+            else:
+                out["random_range"] = {fraction_key(f): [float(r.rel_increase.min()), float(r.rel_increase.max())]
+                                       for f, r in by_fraction}
+        return out
+
+    splits = {split: per_split(split) for split in sweep.split.unique()}
+    main = splits[main_split]
+    n_replaced = sweep[(sweep.method == "programs") & (sweep.split == main_split)]
+    summary = {"model": model, "split": main_split, **main,
+               "n_replaced": {fraction_key(r.fraction): int(r.n_replaced) for r in n_replaced.itertuples()},
+               "splits": splits}
+    if len(single) >= 3:
+        merged = single.merge(best[["layer", "head", "val_iou", "test_iou"]], on=["layer", "head"])
+        rho, p = spearmanr(merged.test_iou, merged.rel_increase)
+        summary["single_head"] = {"n_heads": len(merged), "iou": "test_iou", "spearman_rho": float(rho),
+                                  "p_value": float(p)}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Programs from the library, and the `substitute` rule
+
+
+class UniformOnFailure:
+    """A program runner that, where the program fails on an example, uses the uniform matrix and counts the
+    failure: a failing program costs the model what the baseline costs, and never stops the sweep."""
+
+    def __init__(self, runner):
+        self.runner, self.failures = runner, 0
+
+    def many(self, examples: list[list[str]]) -> list[np.ndarray]:
+        from .programs import ProgramError
+
+        try:
+            return self.runner.many(examples)
+        except ProgramError:
+            out = []
+            for tokens in examples:
+                try:
+                    out.append(self.runner(tokens))
+                except ProgramError:
+                    self.failures += 1
+                    out.append(uniform_attention(tokens))
+            return out
+
+    def __call__(self, tokens: list[str]) -> np.ndarray:
+        return self.many([tokens])[0]
+
+
+def read_best(library_dir) -> "pd.DataFrame":
+    """best.parquet, heads without a program dropped, best val IoU first."""
+    import pandas as pd
+    from pathlib import Path
+
+    best = pd.read_parquet(Path(library_dir) / "best.parquet")
+    best = best[best.program.notna()]
+    return best.sort_values(["val_iou", "layer", "head"], ascending=[False, True, True]).reset_index(drop=True)
+
+
+def program_replacements(library_dir, best: "pd.DataFrame", tokenizer_dir=None, noncausal: str = "prefixwise",
+                         log=print) -> dict[tuple[int, int], UniformOnFailure]:
+    """Each head's best program as a cached runner. A program that failed the causality check runs prefix by
+    prefix (row i from tokens[:i+1] only) or, with noncausal="skip", its head is never replaced."""
+    import dataclasses
+    from pathlib import Path
+
+    import pandas as pd
+
+    from . import programs as progs
+
+    library_dir = Path(library_dir)
+    table = pd.read_parquet(library_dir / "programs.parquet").set_index("name")
+    loaded = {p.name: p for p in progs.load_programs(library_dir / "programs")}
+    runners, out, skipped = {}, {}, 0
+    for row in best.itertuples():
+        if row.program not in loaded or row.program not in table.index:
+            raise ValueError(f"library: best program '{row.program}' of L{row.layer}H{row.head} is not in "
+                             f"{library_dir / 'programs'} and programs.parquet")
+        causal = bool(table.loc[row.program, "causal"])
+        if not causal and noncausal == "skip":
+            skipped += 1
+            continue
+        if row.program not in runners:
+            program = dataclasses.replace(loaded[row.program], trusted=bool(table.loc[row.program, "trusted"]))
+            runners[row.program] = UniformOnFailure(progs.ProgramRunner(program, prefixwise=not causal,
+                                                                        tokenizer_dir=tokenizer_dir))
+        out[(int(row.layer), int(row.head))] = runners[row.program]
+    n_prefixwise = sum(isinstance(r.runner, progs.ProgramRunner) and r.runner.prefixwise for r in runners.values())
+    log(f"substitution: {len(runners)} programs for {len(out)} heads; {n_prefixwise} non-causal programs run "
+        f"prefix by prefix; {skipped} heads skipped as non-causal")
+    return out
+
+
+def capped(sequences: list[list[int]], max_tokens: int | None) -> list[list[int]]:
+    """The first sequences, up to max_tokens tokens in all (all of them when None)."""
+    if max_tokens is None:
+        return sequences
+    out, total = [], 0
+    for seq in sequences:
+        if total >= max_tokens:
+            break
+        out.append(seq)
+        total += len(seq)
+    return out
+
+
+def substitution_sweep(info: dict, library_dir, examples_path, heldout_path, settings: dict, sweep_path,
+                       single_path, summary_path, device: str = "auto", log=print) -> dict:
+    """The `substitute` rule: the perplexity sweep of one model. Writes sweep.parquet (one row per run and
+    evaluation set), single_heads.parquet (each measured head replaced alone) and summary.json."""
+    from functools import partial
+
+    from .atomic import write_json, write_parquet
+    from .data import read_examples, token_strings
+    from .models import load_model, load_tokenizer
+
+    if 0 not in settings["fractions"]:
+        raise ValueError("substitution.fractions must include 0 (the unmodified model is the baseline)")
+    tokenizer, model = load_tokenizer(info), load_model(info, device)
+    replacer = install(model, partial(token_strings, tokenizer))
+    best = read_best(library_dir)
+    programs = program_replacements(library_dir, best, info["load_path"], settings["noncausal"], log)
+    ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
+
+    eval_sets = {"test": [list(ids) for ids in read_examples(examples_path, "test").input_ids],
+                 "heldout": capped([list(ids) for ids in read_examples(heldout_path).input_ids],
+                                   settings["heldout_tokens"])}
+    eval_sets = {name: seqs for name, seqs in eval_sets.items() if seqs}
+    runs = plan_sweep(ranked, info["n_layers"] * info["n_heads"], settings["fractions"], settings["random_seeds"])
+    sweep = run_sweep(model, replacer, runs, programs, eval_sets, settings["batch_size"], settings["bootstrap"],
+                      log=log)
+    single_heads = spread_over_ranking(ranked, settings["single_head_count"])
+    single = single_head_costs(model, replacer, single_heads, programs, eval_sets[settings["single_head_split"]],
+                               settings["batch_size"], log)
+
+    summary = summarise_sweep(sweep, single, best, info["model"], "heldout" if "heldout" in eval_sets else "test")
+    summary["program_failures"] = sum(r.failures for r in {id(p): p for p in programs.values()}.values())
+    write_parquet(sweep, sweep_path)
+    write_parquet(single, single_path)
+    write_json(summary_path, summary)
+    return summary

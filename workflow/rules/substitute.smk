@@ -1,0 +1,19 @@
+# Substitution: programs put back into the model in place of heads; the perplexity sweep per model.
+
+
+rule substitute:
+    input:
+        info="results/{model}/model/info.json",
+        best="results/{model}/library/best.parquet",
+        programs="results/{model}/library/programs.parquet",
+        examples="results/{model}/data/examples.parquet",
+        heldout="results/{model}/data/heldout.parquet",
+    output:
+        sweep="results/{model}/substitution/sweep.parquet",
+        single="results/{model}/substitution/single_heads.parquet",
+        summary="results/{model}/substitution/summary.json",
+    params:
+        settings=config["substitution"],
+        device=config["device"],
+    script:
+        "../scripts/substitute.py"

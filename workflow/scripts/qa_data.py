@@ -1,0 +1,3 @@
+from attnprog.qa import prepare_task_data
+
+prepare_task_data(snakemake.input[0], snakemake.wildcards.task, snakemake.output[0], snakemake.params.seed)

@@ -1,0 +1,3 @@
+from attnprog.qa import summarise_qa
+
+summarise_qa(list(snakemake.input), snakemake.output[0])
