@@ -70,6 +70,16 @@ def load_config(path: str | os.PathLike) -> dict:
     return validate_config(yaml.safe_load(path.read_text()) or {})
 
 
+def apply_environment(config: dict, src_dir: str | os.PathLike) -> None:
+    """Set the environment every job inherits (locally and on SLURM): the package's source folder on
+    PYTHONPATH (so jobs also import it inside a `--sdm conda` environment) and, for offline runs, the
+    Hugging Face offline switches."""
+    paths = [str(src_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ.update(PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    if config.get("offline"):
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
 def model_source(spec: dict) -> tuple[str, object]:
     """The (kind, value) of a model's one source, e.g. ("hf_id", "openai-community/gpt2")."""
     (kind,) = [k for k in MODEL_SOURCES if k in spec]

