@@ -224,10 +224,15 @@ def test_program_runner_caches_by_tokens_and_raises_on_failure(box):
     assert counting.jobs == 2 and np.array_equal(both[0], first)
     runner(EXAMPLES[1])
     assert counting.jobs == 2
-    failing = ProgramRunner(program("def attention(tokens):\n    return tokens[99]\n"), sandbox=box)
+    failing = ProgramRunner(program("import numpy as np\ndef attention(tokens):\n"
+                                    "    return np.eye(len(tokens)) * len(tokens[9])\n"), sandbox=counting)
     with pytest.raises(ProgramError, match="IndexError") as failure:
+        failing.many(EXAMPLES)  # fails on the 7- and 2-token examples, works on the 11-token one
+    assert failure.value.status == "runtime_error" and counting.jobs == 3
+    with pytest.raises(ProgramError):
         failing(EXAMPLES[0])
-    assert failure.value.status == "runtime_error"
+    assert counting.jobs == 4
+    assert failing(EXAMPLES[1]).shape == (11, 11) and counting.jobs == 4  # cached from the failed batch
     causal_view = ProgramRunner(trusted(load_programs(FIXTURES / "next_token.py")[0]), prefixwise=True)
     assert np.allclose(causal_view(EXAMPLES[2]), [[1, 0], [0.1 / 1.1, 1 / 1.1]])  # row 0 cannot see token 1
 

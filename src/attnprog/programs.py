@@ -453,10 +453,11 @@ class ProgramRunner:
             run = run_programs([self.program], [(list(t), text) for t, text in missing],
                                tokenizer_dir=self.tokenizer_dir, limits=self.limits, causal=self.causal,
                                prefixwise=self.prefixwise, sandbox=self.sandbox)[self.program.name]
+            for key, matrix in zip(missing, run.matrices):
+                if matrix is not None:  # keep what worked: a retry example by example reuses it
+                    self._cache[key] = matrix
             if run.status != "ok":
                 raise ProgramError(run.status, f"{self.program.name}: {run.error}")
-            for key, matrix in zip(missing, run.matrices):
-                self._cache[key] = matrix
         out = []
         for key in keys:
             self._cache.move_to_end(key)
