@@ -408,7 +408,8 @@ _DENIED_SYSCALLS = (
 
 
 def build_syscall_filter():
-    """The seccomp filter the children load (built once in the server), or None where libseccomp is missing."""
+    """The seccomp filter the children load (built once in the server), or None where libseccomp is missing
+    or the system does not let a process load one."""
     try:
         import pyseccomp as seccomp
         syscall_filter = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
@@ -419,7 +420,16 @@ def build_syscall_filter():
             syscall_filter.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except Exception:  # not a system call on this architecture (open, fork on arm64)
             pass
-    return syscall_filter
+    # Some kernels and container runtimes refuse seccomp filters: try loading it in a throwaway child.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            syscall_filter.load()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return syscall_filter if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else None
 
 
 RESULT_FD = 3
