@@ -1,0 +1,114 @@
+"""Partial reruns and resuming: a change or a kill makes Snakemake redo only what it left out of date.
+
+- Adding a model reruns only that model's jobs plus the cross-model outputs (checked on the dry-run list).
+- Changing synthesis settings reruns synthesis onward, never extraction (dry-run list).
+- A run killed with SIGKILL mid-way, rerun with the README's flags, ends with every output whole and
+  without redoing the jobs that had finished before the kill.
+"""
+import base64
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tinyworld import tiny_config
+from workflowrun import (CROSS_MODEL_RULES, assert_results_valid, dry_run_jobs, result_files,
+                         snakemake_cmd)
+
+pytestmark = pytest.mark.slow
+
+UPSTREAM_OF_SYNTHESIS = {"model_info", "convert_gguf", "fetch_packaged_gguf", "corpus", "extract"}
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> str:
+    """Run the workflow; return its log (stdout + stderr); fail the test with the log's tail if it fails."""
+    run = subprocess.run(snakemake_cmd(workdir, config, *args), capture_output=True, text=True, timeout=1800)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, f"snakemake {' '.join(args)} failed:\n{log[-8000:]}"
+    return log
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_models, tmp_path_factory):
+    """The tiny workflow run to the end on one model, in a folder of its own."""
+    workdir = tmp_path_factory.mktemp("reruns")
+    config = tiny_config({"tiny-gpt2": tiny_models["gpt2"]})
+    snakemake(workdir, config, "--cores", "2")
+    return workdir, config
+
+
+def test_adding_a_model_reruns_only_its_jobs_and_the_cross_model_outputs(finished, tiny_models):
+    workdir, config = finished
+    bigger = tiny_config({"tiny-gpt2": tiny_models["gpt2"], "tiny-llama": tiny_models["llama"]})
+    dry = snakemake(workdir, bigger, "-n")
+    jobs = dry_run_jobs(dry)
+    assert ("model_info", {"model": "tiny-llama"}) in jobs
+    for rule, wildcards in jobs:
+        assert wildcards.get("model") == "tiny-llama" or rule in CROSS_MODEL_RULES, f"reruns {rule} {wildcards}:\n{dry}"
+    # Every cross-model output of the workflow is redone (it now covers the new model).
+    everything = dry_run_jobs(snakemake(workdir, bigger, "-n", "--forceall"))
+    cross_model = {rule for rule, wildcards in everything if "model" not in wildcards}
+    assert cross_model <= {rule for rule, _ in jobs}
+
+
+def test_changing_synthesis_settings_reruns_synthesis_onward_not_extraction(finished):
+    workdir, config = finished
+    changed = {**config, "synthesis": {**config.get("synthesis", {}), "seed": 1}}
+    dry = snakemake(workdir, changed, "-n")
+    jobs = dry_run_jobs(dry)
+    rules = {rule for rule, _ in jobs}
+    assert not rules & UPSTREAM_OF_SYNTHESIS, f"reruns {rules & UPSTREAM_OF_SYNTHESIS}:\n{dry}"
+    info = (workdir / "results/tiny-gpt2/model/info.json").read_text()
+    n_heads = int(re.search(r'"n_layers": (\d+)', info)[1]) * int(re.search(r'"n_heads": (\d+)', info)[1])
+    assert sum(rule == "synthesize" for rule, _ in jobs) == n_heads
+    assert {"rerank", "library"} <= rules
+
+
+def incomplete_outputs(workdir: Path) -> set[str]:
+    """The outputs Snakemake marked as being written (.snakemake/incomplete/<urlsafe base64 of the path>)."""
+    marks = workdir / ".snakemake/incomplete"
+    return {base64.urlsafe_b64decode(p.name).decode() for p in marks.iterdir() if p.is_file()} if marks.exists() else set()
+
+
+def run_and_kill_midway(cmd: list[str], timeout: float = 900) -> str:
+    """Start snakemake, SIGKILL its whole process group once 30-70% of the jobs are done; return its log."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log, deadline = [], time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            log.append(line)
+            if (m := re.match(r"(\d+) of (\d+) steps", line)) and 0.3 <= int(m[1]) / int(m[2]) < 0.7:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, "the run did not get far enough in time"
+        else:
+            raise AssertionError("the run ended before it was 30% done:\n" + "".join(log)[-4000:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return "".join(log)
+
+
+def test_a_killed_run_resumes_and_redoes_only_unfinished_jobs(tiny_models, tmp_path):
+    config = tiny_config({"tiny-gpt2": tiny_models["gpt2"]})
+    run_and_kill_midway(snakemake_cmd(tmp_path, config, "--cores", "2"))
+    incomplete = incomplete_outputs(tmp_path)
+    finished = {path: mtime for path, mtime in result_files(tmp_path).items()
+                if not any(path == out or path.startswith(out.rstrip("/") + "/") for out in incomplete)}
+    assert finished, "nothing had finished before the kill"
+
+    # The README's resume: unlock (the killed run left its lock), then rerun with --rerun-incomplete.
+    snakemake(tmp_path, config, "--unlock")
+    log = snakemake(tmp_path, config, "--cores", "2", "--rerun-incomplete")
+    assert dry_run_jobs(log), "the rerun ran nothing"
+
+    after = result_files(tmp_path)
+    redone = [path for path, mtime in finished.items() if after.get(path) != mtime]
+    assert not redone, f"finished before the kill but redone: {redone}"
+    assert "Nothing to be done" in snakemake(tmp_path, config, "-n")
+    assert_results_valid(tmp_path)
