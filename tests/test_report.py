@@ -120,7 +120,11 @@ def write_sweep(base: Path, rng) -> None:
                              "ppl_hi": ppl * 1.05, "rel_increase": rel, "rel_lo": rel - 0.02, "rel_hi": rel + 0.02})
     (base / "substitution").mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(base / "substitution" / "sweep.parquet")
-    write_json(base / "substitution" / "summary.json", {"n_tokens": 5000})
+    pd.DataFrame([{"layer": l, "head": h, "ppl": 20 + rng.random(), "rel_increase": 0.05 * rng.random()}
+                  for (l, h) in BEST]).to_parquet(base / "substitution" / "single_heads.parquet")
+    write_json(base / "substitution" / "summary.json", {
+        "split": "heldout", "baseline_ppl": 20.0,
+        "single_head": {"n_heads": len(BEST), "iou": "test_iou", "spearman_rho": -0.5, "p_value": 0.3}})
 
 
 def write_qa(base: Path, rng) -> None:
@@ -149,6 +153,7 @@ def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
     for section in ("iou", "baselines", "perplexity", "qa"):  # every figure is inline SVG
         assert "<svg" in re.search(rf'id="{section}">(.*?)</section>', overview, re.S).group(1), section
     assert "<img" not in overview
+    assert "Spearman correlation of IoU and cost: -0.50" in overview
     assert not re.search(r'(src|href)="(https?:)?//|url\((?!#)|@import', overview)  # nothing fetched from the network
 
 
@@ -232,3 +237,37 @@ def test_index_compares_models_and_links_to_each(tmp_path):
     assert f"{at['ppl']:.2f} ({at['rel_increase']:+.1%}" in page
     summary = json.loads((roots["tiny"] / "library" / "summary.json").read_text())
     assert f"{summary['mean_test_iou']:.3f}" in page
+
+
+# ---- the Snakemake rules: build the report from a finished results tree, then `snakemake --report` ----
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
+    """Only common.smk and report.smk are included: the upstream files are the fixture's, as a finished run
+    would leave them."""
+    make_results(tmp_path / "results", "tiny")
+    (tmp_path / "results" / "tiny" / "library" / "programs").touch()  # directory inputs older than the outputs
+    for name in ("workflow", "src", "envs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config.yaml"\ninclude: "workflow/rules/common.smk"\ninclude: "workflow/rules/report.smk"\n'
+        'rule all:\n    input: "results/report/index.html"\n    default_target: True\n')
+    (tmp_path / "config.yaml").write_text(
+        "models:\n  tiny: {local_dir: /nowhere/tiny}\ncorpus:\n  source: {files: [corpus.txt]}\n"
+        "qa: {tasks: [piqa]}\nreport: {examples_per_head: 2}\n")
+    snakemake = [str(Path(shutil.which("snakemake") or "snakemake")), "--cores", "1", "--directory", str(tmp_path),
+                 "--snakefile", str(tmp_path / "Snakefile")]
+    done = subprocess.run(snakemake, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "results/report/tiny/index.html").is_file()
+    assert len(list((tmp_path / "results/report/tiny/heads").glob("*.html"))) == len(BEST)
+    done = subprocess.run(snakemake + ["--report", str(tmp_path / "report.html")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    embedded = (tmp_path / "report.html").read_text()
+    for page in ("results/report/index.html", "results/report/tiny/index.html"):  # each flagged page is in
+        assert page in embedded, page
+    assert '"Models"' in embedded and '"Overview"' in embedded  # ... under its category

@@ -67,6 +67,7 @@ class ModelResults:
     baselines: pd.DataFrame        # baselines.parquet
     substitution: dict | None      # substitution/summary.json, when substitution ran
     sweep: pd.DataFrame | None     # substitution/sweep.parquet
+    single: pd.DataFrame | None    # substitution/single_heads.parquet: each measured head replaced alone
     qa: dict | None                # qa/summary.json, when QA ran
 
 
@@ -87,6 +88,17 @@ def _read_parquet(path: Path, columns: list[str]) -> pd.DataFrame:
     if missing:
         raise ReportError(f"report: {path} lacks column(s) {', '.join(missing)}")
     return frame
+
+
+def _read_optional_parquet(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def main_split(sweep: pd.DataFrame, substitution: dict | None) -> str:
+    """The evaluation set the substitution summary reports on (held-out text when there is some)."""
+    splits = list(sweep["split"].unique())
+    named = (substitution or {}).get("split")
+    return named if named in splits else ("heldout" if "heldout" in splits else sorted(splits)[0])
 
 
 def read_model_results(root: str | Path, name: str | None = None) -> ModelResults:
@@ -113,7 +125,8 @@ def read_model_results(root: str | Path, name: str | None = None) -> ModelResult
         scores=_read_parquet(library / "scores.parquet", ["program", "layer", "head", "split", "iou"]),
         baselines=_read_parquet(library / "baselines.parquet", ["baseline", "layer", "head", "split", "iou"]),
         substitution=_read_json(sub_dir / "summary.json") if (sub_dir / "summary.json").is_file() else None,
-        sweep=pd.read_parquet(sub_dir / "sweep.parquet") if (sub_dir / "sweep.parquet").is_file() else None,
+        sweep=_read_optional_parquet(sub_dir / "sweep.parquet"),
+        single=_read_optional_parquet(sub_dir / "single_heads.parquet"),
         qa=_read_json(qa_dir / "summary.json") if (qa_dir / "summary.json").is_file() else None,
     )
 
@@ -285,11 +298,11 @@ def sweep_curves(sweep: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     return curves
 
 
-def perplexity_figure(sweep: pd.DataFrame) -> tuple[str, str]:
+def perplexity_figure(sweep: pd.DataFrame, first_split: str) -> tuple[str, str]:
     """Perplexity against the fraction of heads replaced, every method with its interval; one panel per
-    evaluation set. Returns (svg, note)."""
+    evaluation set, `first_split` first. Returns (svg, note)."""
     curves = sweep_curves(sweep)
-    splits = sorted(sweep["split"].unique())
+    splits = sorted(sweep["split"].unique(), key=lambda split: (split != first_split, split))
     figure = Figure(figsize=(4.6 * len(splits) + 1.4, 3.8))
     for k, split in enumerate(splits):
         ax = figure.add_subplot(1, len(splits), k + 1)
@@ -313,9 +326,27 @@ def perplexity_figure(sweep: pd.DataFrame) -> tuple[str, str]:
     return _svg_of(figure), note
 
 
+def single_head_figure(single: pd.DataFrame, heads: pd.DataFrame, substitution: dict | None) -> tuple[str, str]:
+    """Each measured head's test IoU against the perplexity cost of replacing it alone. Returns (svg, note)."""
+    merged = single.merge(heads[["layer", "head", "test_iou"]], on=["layer", "head"])
+    figure = Figure(figsize=(5.2, 3.6))
+    ax = figure.add_subplot()
+    ax.scatter(merged["test_iou"], 100 * merged["rel_increase"], s=14, color="#2c5fa8", alpha=.7)
+    ax.axhline(0, color="#999", lw=.8)
+    ax.set(xlabel="test IoU of the head's best program", ylabel="perplexity increase (%)", xlim=(0, 1),
+           title="One head replaced at a time")
+    ax.grid(alpha=.3)
+    stats = (substitution or {}).get("single_head") or {}
+    note = f"{len(merged)} heads spread over the IoU ranking, each replaced alone by its program."
+    if "spearman_rho" in stats:
+        note += f" Spearman correlation of IoU and cost: {stats['spearman_rho']:.2f} (p = {stats['p_value']:.2g})."
+    return _svg_of(figure), note
+
+
 def qa_table(qa: dict) -> pd.DataFrame:
     """QA results as rows of task, method, fraction, acc, lo, hi (a 95% interval) from qa/summary.json."""
     rows = pd.DataFrame(qa.get("results", []), columns=["task", "method", "fraction", "acc", "acc_stderr"])
+    rows = rows.astype({"fraction": float, "acc": float, "acc_stderr": float})  # a missing stderr is NaN
     rows["lo"], rows["hi"] = rows["acc"] - 1.96 * rows["acc_stderr"], rows["acc"] + 1.96 * rows["acc_stderr"]
     return rows
 
@@ -553,11 +584,15 @@ def render_model_overview(results: ModelResults, env: Environment, has_index: bo
         iou_cells[key] = {"fill": _colour(IOU_CMAP, h.test_iou), "href": href, "title": title,
                           "text": f"{h.test_iou:.2f}".lstrip("0") if show_text else ""}
         category_cells[key] = {"fill": colours[h.category], "href": href, "title": f"{h.category} — {title}"}
-    figures = {"layers": _inline(layer_iou_figure(heads, results.baselines)), "perplexity": None, "qa": None}
-    perplexity_note = qa_note = ""
+    figures = {"layers": _inline(layer_iou_figure(heads, results.baselines)), "perplexity": None, "qa": None,
+               "single": None}
+    perplexity_note = qa_note = single_note = ""
     if results.sweep is not None and len(results.sweep):
-        svg, perplexity_note = perplexity_figure(results.sweep)
+        svg, perplexity_note = perplexity_figure(results.sweep, main_split(results.sweep, results.substitution))
         figures["perplexity"] = _inline(svg)
+    if results.single is not None and len(results.single):
+        svg, single_note = single_head_figure(results.single, heads, results.substitution)
+        figures["single"] = _inline(svg)
     if results.qa:
         svg, qa_note = qa_figure(results.qa)
         figures["qa"] = _inline(svg) if svg else None
@@ -568,6 +603,7 @@ def render_model_overview(results: ModelResults, env: Environment, has_index: bo
         category_grid=head_grid_svg(n_layers, n_heads, category_cells),
         categories=[{"name": c, "colour": colours[c], "count": int(counts[c])} for c in counts.index],
         method_rows=method_rows(results), figures=figures, perplexity_note=perplexity_note, qa_note=qa_note,
+        single_note=single_note,
         heads=[{**h, "href": head_href(h["layer"], h["head"])} for h in heads.to_dict("records")])
     return page
 
@@ -593,12 +629,12 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else pattern.format(value)
 
 
-def perplexity_cells(sweep: pd.DataFrame | None, fraction: float) -> tuple[str, str]:
+def perplexity_cells(sweep: pd.DataFrame | None, substitution: dict | None, fraction: float) -> tuple[str, str]:
     """(perplexity with no head replaced, perplexity at the fraction nearest `fraction` with its relative
-    increase and interval) for the programs method on the first evaluation set."""
+    increase and interval) for the programs method on the main evaluation set."""
     if sweep is None or not len(sweep):
         return "–", "–"
-    rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == sorted(sweep["split"].unique())[0])]
+    rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == main_split(sweep, substitution))]
     if not len(rows):
         return "–", "–"
     base = rows.loc[rows["fraction"].idxmin()]
@@ -612,8 +648,10 @@ def model_row(results_dir: Path, name: str, fraction: float) -> dict:
     """One line of the cross-model table, from the small summary files only."""
     info = _read_json(results_dir / "model" / "info.json")
     summary = _read_json(results_dir / "library" / "summary.json")
-    sweep_path = results_dir / "substitution" / "sweep.parquet"
-    ppl_base, ppl_at = perplexity_cells(pd.read_parquet(sweep_path) if sweep_path.is_file() else None, fraction)
+    sweep = _read_optional_parquet(results_dir / "substitution" / "sweep.parquet")
+    substitution_path = results_dir / "substitution" / "summary.json"
+    substitution = _read_json(substitution_path) if substitution_path.is_file() else None
+    ppl_base, ppl_at = perplexity_cells(sweep, substitution, fraction)
     baselines = summary.get("baselines") or {}
     best = max(baselines.items(), key=lambda item: item[1]) if baselines else None
     qa_path = results_dir / "qa" / "summary.json"
@@ -633,10 +671,11 @@ def models_figure(models: dict[str, Path]) -> Markup:
         iou = np.sort(_read_parquet(root / "library" / "best.parquet", ["test_iou"])["test_iou"].to_numpy())
         share = 1 - np.arange(len(iou) + 1) / max(len(iou), 1)  # share of heads with IoU above each step
         left.step(np.r_[0, iou, 1], np.r_[share, 0], where="post", color=f"C{i}", label=name)
-        sweep_path = root / "substitution" / "sweep.parquet"
-        if sweep_path.is_file():
-            sweep = pd.read_parquet(sweep_path)
-            rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == sorted(sweep["split"].unique())[0])]
+        sweep = _read_optional_parquet(root / "substitution" / "sweep.parquet")
+        if sweep is not None and len(sweep):
+            summary_path = root / "substitution" / "summary.json"
+            split = main_split(sweep, _read_json(summary_path) if summary_path.is_file() else None)
+            rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == split)]
             rows = rows.sort_values("fraction")
             right.plot(rows["fraction"], 100 * rows["rel_increase"], "o-", ms=3, color=f"C{i}", label=name)
             right.fill_between(rows["fraction"], 100 * rows["rel_lo"], 100 * rows["rel_hi"], color=f"C{i}",
