@@ -139,10 +139,11 @@ def _colour(cmap: str, value: float) -> str:
 
 
 def category_colours(categories: list[str]) -> dict[str, str]:
-    """A fixed colour per category, most frequent first (tab20 has room for 20, then it repeats)."""
-    palette = matplotlib.colormaps["tab20"].colors
+    """A fixed colour per category, most frequent first: tab20's ten strong colours, then its ten light ones
+    (then it repeats)."""
+    palette = matplotlib.colormaps["tab20"].colors  # pairs: strong at even indices, light at odd
     ordered = pd.Series(categories).value_counts().index
-    return {c: matplotlib.colors.to_hex(palette[(2 * i) % 20 + (2 * i) // 20 % 2]) for i, c in enumerate(ordered)}
+    return {c: matplotlib.colors.to_hex(palette[(2 * i + i // 10) % 20]) for i, c in enumerate(ordered)}
 
 
 def head_grid_svg(n_layers: int, n_heads: int, cells: dict[tuple[int, int], dict], cell_w: int = 26,
