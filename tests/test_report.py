@@ -271,3 +271,16 @@ def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
     for page in ("results/report/index.html", "results/report/tiny/index.html"):  # each flagged page is in
         assert page in embedded, page
     assert '"Models"' in embedded and '"Overview"' in embedded  # ... under its category
+
+
+def test_head_page_says_where_its_program_failed(results, tmp_path):
+    """A program that raises on an example is shown as failed there, not as an empty map."""
+    (results / "library" / "programs" / "self_token.py").write_text(
+        '"""Each token attends to itself (fails on long inputs)."""\nimport numpy as np\n\n\n'
+        "def attention(tokens):\n    if len(tokens) > 18:\n        raise ValueError('too long')\n"
+        "    return np.eye(len(tokens))\n")
+    out = tmp_path / "report" / "tiny"
+    report.write_model_report(results, out, {"examples_per_head": 3})  # test examples of 18, 20, 20 tokens
+    page = (out / "heads" / "L1H0.html").read_text()
+    assert page.count("The program failed on this example") == 2
+    assert page.count("data:image/png;base64,") == 3 + 1  # every real map, the program's only where it ran
