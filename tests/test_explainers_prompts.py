@@ -120,3 +120,11 @@ def test_extract_programs_handles_fences_truncation_and_bare_code():
     assert found[2].code.startswith("def attention(t")
     assert prompts.extract_programs("no code here") == []
     assert len(prompts.extract_programs("def attention(tokens):\n    pass")) == 1
+
+
+def test_signatures_mode_lists_helpers_without_their_docs():
+    full, short = prompts.system_prompt("full"), prompts.system_prompt("signatures")
+    assert len(short) < len(full)
+    assert "- h.offset(n: int, k: int) -> numpy.ndarray\n" in short
+    assert "the previous token" in full.split("## Two examples")[0]
+    assert "`offset(n, 1)` the previous token" not in short

@@ -97,8 +97,9 @@ def _one_line(text: str | None) -> str:
     return " ".join(first.split())
 
 
-def describe_helpers(module: ModuleType | None = None) -> str:
-    """The helper module's API for a prompt: its docstring, then one line per public function and constant."""
+def describe_helpers(module: ModuleType | None = None, docs: bool = True) -> str:
+    """The helper module's API for a prompt: its docstring, then one line per public function (with the
+    first paragraph of its docstring unless `docs` is off) and constant."""
     if module is None:
         from attnprog import helpers as module
     lines = [inspect.cleandoc(module.__doc__ or "").strip(), "", "Functions:"]
@@ -106,7 +107,7 @@ def describe_helpers(module: ModuleType | None = None) -> str:
         if name.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != module.__name__:
             continue
         signature = str(inspect.signature(obj)).replace("'", "")
-        lines.append(f"- h.{name}{signature}: {_one_line(obj.__doc__)}")
+        lines.append(f"- h.{name}{signature}: {_one_line(obj.__doc__)}" if docs else f"- h.{name}{signature}")
     constants = [(name, obj) for name, obj in vars(module).items()
                  if name.isupper() and not name.startswith("_") and isinstance(obj, (str, int, float, frozenset))]
     if constants:
@@ -117,9 +118,11 @@ def describe_helpers(module: ModuleType | None = None) -> str:
     return "\n".join(lines)
 
 
-def system_prompt(helpers_text: str | None = None) -> str:
-    """The static part of every prompt (identical for all heads of a run, so the API can cache it)."""
-    return SYSTEM_TEMPLATE.format(helpers=helpers_text if helpers_text is not None else describe_helpers(),
+def system_prompt(helper_docs: str = "full") -> str:
+    """The static part of every prompt (identical for all heads of a run, so the API can cache it).
+    `helper_docs="signatures"` lists the helpers without their docstrings: a third shorter, for
+    open-weights models with a small context window."""
+    return SYSTEM_TEMPLATE.format(helpers=describe_helpers(docs=helper_docs == "full"),
                                   example_0=EXAMPLE_PROGRAMS[0], example_1=EXAMPLE_PROGRAMS[1])
 
 

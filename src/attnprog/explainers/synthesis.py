@@ -153,7 +153,7 @@ def synthesize_head_with_llm(attention: dict[int, np.ndarray], examples: pd.Data
         if a.shape != (len(t), len(t)):
             raise ValueError(f"L{layer}H{head}: example {e} has {len(t)} tokens but a {a.shape} attention matrix")
     shown = list(zip(tokens, real))[: prompt_settings["n_examples"]]
-    system, first_turn = system_prompt(), head_prompt(shown, prompt_settings)
+    system, first_turn = system_prompt(prompt_settings["helper_docs"]), head_prompt(shown, prompt_settings)
     prefix = f"L{layer}H{head}"
     runnable = list(zip(tokens, texts))
 

@@ -1,0 +1,115 @@
+"""The open-weights explainer: a Hugging Face chat model generating programs through the same synthesis path.
+
+Fast tests use tiny random-weight Llama models (their replies are noise, so every candidate fails in a
+reported way); the slow test uses the real SmolLM2-135M-Instruct with the full prompt.
+"""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from attnprog.config import validate_config
+from attnprog.explainers import synthesize_head_with_llm
+from attnprog.explainers.open_weights import OpenWeightsExplainer
+from attnprog.explainers.reply import Conversation
+from test_explainers_claude import MINIMAL
+from test_explainers_synthesis import head_data
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FAILED = {"no_program", "truncated", "syntax_error", "rejected", "runtime_error", "timeout", "memory", "bad_output"}
+
+
+def synthesis_settings(model_dir, **prompt):
+    config = validate_config({**MINIMAL, "synthesis": {
+        "backend": "open_weights", "prompt": {"n_examples": 1, "candidates": 1, **prompt},
+        "open_weights": {"model": str(model_dir), "max_new_tokens": 16, "device": "cpu"}}})
+    return config["synthesis"]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A 2-layer random Llama with a chat template and room for the whole prompt (16k positions)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tinyworld import make_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_chat")
+    tokenizer = make_tokenizer(bos=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_chat_model_answers_both_turns_and_its_junk_is_reported(tiny_chat_model, tmp_path):
+    attention, examples = head_data()
+    settings = synthesis_settings(tiny_chat_model)
+    manifest = synthesize_head_with_llm(attention, examples, settings, tmp_path / "L0H1", "m", 0, 1,
+                                        cache_dir=tmp_path / "cache")
+    assert [r["turn"] for r in manifest["replies"]] == ["first", "refinement"]
+    for reply in manifest["replies"]:
+        assert reply["input_tokens"] > 1000 and 0 < reply["output_tokens"] <= 16 and reply["cost_usd"] == 0
+    assert manifest["replies"][1]["input_tokens"] > manifest["replies"][0]["input_tokens"]  # the conversation grew
+    assert {c["status"] for c in manifest["candidates"]} <= FAILED
+    assert all(c["origin"] == "open_weights" for c in manifest["candidates"])
+
+    # A rerun is answered from the cache without loading the model.
+    explainer = OpenWeightsExplainer(settings["open_weights"], tmp_path / "cache")
+    again = synthesize_head_with_llm(attention, examples, settings, tmp_path / "L0H1", "m", 0, 1,
+                                     explainer=explainer)
+    assert explainer._model is None
+    assert [r["prompt_hash"] for r in again["replies"]] == [r["prompt_hash"] for r in manifest["replies"]]
+    assert all(r["from_cache"] for r in again["replies"])
+
+
+def test_a_prompt_longer_than_the_model_is_a_failed_candidate_not_a_crash(tiny_models, tmp_path):
+    model_dir = tmp_path / "llama"
+    shutil.copytree(tiny_models["llama"], model_dir)  # 256 positions: far too few for the prompt
+    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    attention, examples = head_data()
+    manifest = synthesize_head_with_llm(attention, examples, synthesis_settings(model_dir), tmp_path / "out",
+                                        "m", 0, 0, cache_dir=tmp_path / "cache")
+    (candidate,) = manifest["candidates"]
+    assert candidate["status"] == "prompt_too_long" and "256 positions" in candidate["error"]
+    assert not (tmp_path / "cache" / "replies").exists()  # failures are not cached: a bigger model retries
+
+
+def test_a_model_without_chat_template_is_refused_clearly(tiny_models, tmp_path):
+    settings = synthesis_settings(tiny_models["gpt2"])["open_weights"]
+    explainer = OpenWeightsExplainer(settings, tmp_path)
+    with pytest.raises(ValueError, match="has no chat template"):
+        explainer.ask_many([Conversation("system", [{"role": "user", "content": "hi"}])])
+
+
+@pytest.mark.slow
+def test_smollm2_explains_a_real_head_end_to_end(smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct as the explainer of one of its own heads, with the full prompt: its programs
+    are poor, but the reply must be generated, parsed, run in the sandbox and recorded."""
+    from attnprog import data, models
+
+    info = models.describe_model("smollm2-135m", {"local_dir": str(smollm2_dir)})
+    tokenizer, model = models.load_tokenizer(info), models.load_model(info, "cpu")
+    texts = ["The little cat sat on the warm mat and purred.", "Tom ran to the park, and then he played."]
+    rows, attention = [], {}
+    for e, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"]
+        with torch.inference_mode():
+            attention[e] = model(torch.tensor([ids]), output_attentions=True).attentions[3][0, 5].numpy()
+        rows.append({"example_id": e, "split": "synth", "text": text, "tokens": data.token_strings(tokenizer, ids)})
+    settings = synthesis_settings(smollm2_dir, refine=False)
+    manifest = synthesize_head_with_llm(attention, pd.DataFrame(rows), settings, tmp_path / "L3H5", "smollm2-135m",
+                                        3, 5, cache_dir=tmp_path / "cache")
+    (reply,) = manifest["replies"]
+    assert reply["error"] is None and reply["input_tokens"] > 2000 and 0 < reply["output_tokens"] <= 16
+    for candidate in manifest["candidates"]:
+        assert candidate["status"] in FAILED | {"ok"}
+        assert (candidate["synth_jsd"] is not None) == (candidate["status"] == "ok")
+        if candidate["file"]:
+            assert (tmp_path / "L3H5" / candidate["file"]).is_file()
