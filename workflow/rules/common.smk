@@ -16,6 +16,18 @@ except ConfigError as error:
 
 apply_environment(config, SRC)
 
+
+onstart:
+    # An LLM synthesis backend must be usable (API key, model price) before any job runs; dry runs skip this.
+    if config["synthesis"]["backend"] != "offline":
+        from attnprog.explainers import ExplainerError, check_backend_ready
+
+        try:
+            check_backend_ready(config)
+        except ExplainerError as error:
+            sys.exit(f"error: {error}")
+
+
 MODELS = list(config["models"])
 CONDA_ENV = str(Path(workflow.basedir) / "envs/attnprog.yaml")
 
