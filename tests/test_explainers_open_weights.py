@@ -113,3 +113,44 @@ def test_smollm2_explains_a_real_head_end_to_end(smollm2_dir, tmp_path):
         assert (candidate["synth_jsd"] is not None) == (candidate["status"] == "ok")
         if candidate["file"]:
             assert (tmp_path / "L3H5" / candidate["file"]).is_file()
+
+
+def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_output(
+        tiny_models, tiny_chat_model, tmp_path):
+    """attnprog.synthesize.synthesize_head (what the synthesize rule runs) with backend open_weights: only
+    synth-split texts reach the prompt, and the rerank stage scores the candidates it wrote."""
+    import json
+
+    from attnprog import data, extract, models
+    from attnprog.rerank import rerank_head
+    from attnprog.synthesize import synthesize_head
+    from tinyworld import tiny_config
+
+    config = validate_config(tiny_config({"tiny": tiny_models["gpt2"]}, synthesis={
+        "backend": "open_weights", "prompt": {"n_examples": 2, "candidates": 1},
+        "open_weights": {"model": str(tiny_chat_model), "max_new_tokens": 8, "device": "cpu",
+                         "cache_dir": str(tmp_path / "cache")}}))
+    info = models.describe_model("tiny", config["models"]["tiny"])
+    tokenizer = models.load_tokenizer(info)
+    examples, _ = data.build_corpus(config["corpus"], tokenizer)
+    examples.to_parquet(tmp_path / "examples.parquet")
+    extract.extract_attention(models.load_model(info, "cpu"), examples, tmp_path / "attention", batch_size=4,
+                              pad_id=tokenizer.pad_token_id, progress=False)
+
+    out = tmp_path / "synthesis" / "L1H2"
+    manifest = synthesize_head(config["synthesis"], "tiny", 1, 2, tmp_path / "attention",
+                               tmp_path / "examples.parquet", out)
+    assert manifest["backend"] == "open_weights" and json.loads((out / "manifest.json").read_text()) == manifest
+    record = json.loads(next((tmp_path / "cache" / "replies").glob("*/*.json")).read_text())
+    first_turn = record["request"]["messages"][1]["content"]  # [0] is the system prompt
+
+    def shown(split_is_synth):
+        rows = examples[(examples["split"] == "synth") == split_is_synth]
+        return sum("Tokens: " + " ".join(f"[{i}]{t!r}" for i, t in enumerate(tokens)) + "\n" in first_turn
+                   for tokens in rows["tokens"])
+
+    assert shown(True) == 2 and shown(False) == 0
+
+    table = rerank_head(out, tmp_path / "attention", tmp_path / "examples.parquet", 1, 2, tmp_path / "L1H2.parquet")
+    assert list(table["name"]) == [c["name"] for c in manifest["candidates"]]
+    assert (table.loc[table["status"] != "ok", "val_iou"] == 0).all()
