@@ -3,6 +3,7 @@
 SLURM for a GPU."""
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -16,32 +17,33 @@ pytestmark = pytest.mark.slow
 GPU_RULES = {"extract", "substitute", "qa"}
 
 
+def rules_in(log: str) -> set[str]:
+    return set(re.findall(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$", log, re.M))
+
+
 def test_tiny_workflow_runs_to_the_end_through_the_slurm_profile(slurm_cluster, tiny_models, tmp_path):  # noqa: F811
     config = tiny_config({"tiny-llama": tiny_models["llama"]})
     cmd = snakemake_cmd(
-        tmp_path, config, "--profile", str(REPO / "profiles/slurm"),
+        tmp_path, config, "--profile", str(REPO / "profiles/slurm"), "--slurm-keep-successful-logs",
         # Test speed only: poll SLURM every few seconds (the profile waits 20 s), fail at once instead of
         # retrying, and put 2 heads per group job so that the group jobs share the node.
         "--slurm-init-seconds-before-status-checks", "2", "--retries", "0", "--group-components", "heads=2")
-    run = subprocess.run(cmd, env=slurm_cluster.env, capture_output=True, text=True, timeout=1200)
+    run = subprocess.run(cmd, env=slurm_cluster.env, capture_output=True, text=True, timeout=1800)
     log = run.stdout + run.stderr
     assert run.returncode == 0, f"snakemake failed:\n{log[-8000:]}\n{slurm_cluster.logs()}"
 
-    # Every job ran as an sbatch job (only `all` runs on the submitting host) ...
-    submitted = dict(re.findall(r"has been submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/(\S+?)/", log))
-    rules_run = set(re.findall(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$", log, re.M))
-    local = set(re.findall(r"^\s*localrule (\w+):$", log, re.M))
-    assert local <= {"all"}, f"rules run outside SLURM: {local}"
-    assert "rule_extract" in submitted.values()
-    # ... per-head jobs went in groups ...
-    if "synthesize" in rules_run:
-        assert any(name.startswith("group_heads") for name in submitted.values())
-        assert "rule_synthesize" not in submitted.values()
-    # ... and GPU rules asked SLURM for a GPU.
-    for jobid, name in submitted.items():
-        details = slurm_cluster.run("scontrol", "show", "job", jobid)
-        asked_gpu = "gpu" in details.split("TresPerJob=")[-1].split()[0] if "TresPerJob=" in details else False
-        assert asked_gpu == (name.removeprefix("rule_") in GPU_RULES), f"{name}: {details}"
+    # Every job but `all` ran as an sbatch job; which rules each one ran is in its SLURM log.
+    assert rules_in(log) - {"all"} and set(re.findall(r"^\s*localrule (\w+):$", log, re.M)) <= {"all"}
+    submitted = dict(re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", log))
+    jobs = {jobid: rules_in(Path(path).read_text()) for jobid, path in submitted.items()}
+    assert set().union(*jobs.values()) == rules_in(log) - {"all"}
+    # Per-head jobs went in groups of two heads (synthesize + rerank each).
+    head_jobs = [rules for rules in jobs.values() if "synthesize" in rules]
+    assert head_jobs and all(rules == {"synthesize", "rerank"} for rules in head_jobs)
+    # GPU rules (and only they) asked SLURM for a GPU.
+    for jobid, rules in jobs.items():
+        tres = re.search(r"TresPerJob=(\S+)", slurm_cluster.run("scontrol", "show", "job", jobid))
+        assert ("gpu" in tres[1] if tres else False) == bool(rules & GPU_RULES), f"job {jobid} ({rules}): {tres}"
 
     # The run is complete: nothing left to do, and every result file reads.
     dry = subprocess.run(cmd + ["-n"], env=slurm_cluster.env, capture_output=True, text=True)

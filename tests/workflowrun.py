@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 from tinyworld import REPO, write_config
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-# Rules whose jobs span every model (the cross-model outputs); all other rules have a {model} wildcard.
+# Rules whose outputs cover every model (the cross-model outputs). Other rules without a {model} wildcard
+# (downloads, QA data per task) do not depend on the models.
 CROSS_MODEL_RULES = {"all", "report"}
 
 
