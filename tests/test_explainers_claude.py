@@ -150,8 +150,17 @@ def test_the_ledger_is_shared_safely_by_parallel_jobs(tmp_path):
 class FakeBatchAPI:
     """The Message Batches endpoints: create, retrieve (in progress once, then ended), results as JSONL."""
 
-    def __init__(self, text="batched reply"):
+    def __init__(self, text="batched reply", outcomes=()):
         self.text, self.calls, self.submitted, self.polls = text, [], None, 0
+        self.outcomes = list(outcomes)  # per request: "succeeded" (default), "errored" or "expired"
+
+    def result(self, index):
+        outcome = self.outcomes[index] if index < len(self.outcomes) else "succeeded"
+        if outcome == "succeeded":
+            return {"type": "succeeded", "message": message(f"{self.text} {index}")}
+        if outcome == "errored":
+            return {"type": "errored", "error": error_body("invalid_request_error", "bad request")}
+        return {"type": outcome}
 
     def batch(self, status):
         return {"id": "msgbatch_01", "type": "message_batch", "processing_status": status,
@@ -167,9 +176,8 @@ class FakeBatchAPI:
             self.submitted = json.loads(request.content)["requests"]
             return httpx2.Response(200, json=self.batch("in_progress"))
         if path.endswith("/results"):
-            lines = [json.dumps({"custom_id": r["custom_id"],
-                                 "result": {"type": "succeeded", "message": message(self.text)}})
-                     for r in self.submitted]
+            lines = [json.dumps({"custom_id": r["custom_id"], "result": self.result(i)})
+                     for i, r in enumerate(self.submitted)]
             return httpx2.Response(200, content="\n".join(lines).encode())
         self.polls += 1
         return httpx2.Response(200, json=self.batch("ended" if self.polls > 1 else "in_progress"))
@@ -184,7 +192,7 @@ def test_batch_flow_submits_polls_and_caches(tmp_path):
     explainer = ClaudeExplainer(claude_settings(use_batches=True, batch_poll_s=5), tmp_path, client=api.client(),
                                 sleep=sleeps.append)
     (reply,) = explainer.ask_many([CONVERSATION])
-    assert reply.text == "batched reply" and sleeps == [5]
+    assert reply.text == "batched reply 0" and sleeps == [5]
     assert api.submitted[0]["custom_id"] == reply.key == request_key(api.submitted[0]["params"])
     assert reply.cost_usd == pytest.approx((1200 * 3.0 + 300 * 15.0) / 1e6 / 2)  # batch: half price
     assert not list((tmp_path / "batches").glob("*.json"))  # no batch left pending
@@ -198,12 +206,14 @@ def test_a_killed_batch_job_resumes_its_batch_instead_of_paying_again(tmp_path):
     explainer = ClaudeExplainer(claude_settings(use_batches=True), tmp_path, client=api.client(), sleep=lambda s: None)
     request = explainer.request(CONVERSATION)
     key = request_key(request)
-    api.submitted = [{"custom_id": key, "params": request}]  # the batch the killed job had submitted
+    # The killed job had submitted this request and another one, whose reply it had already stored.
+    api.submitted = [{"custom_id": key, "params": request}, {"custom_id": "f" * 64, "params": request}]
     (tmp_path / "batches").mkdir()
-    (tmp_path / "batches" / f"{request_key([key])}.json").write_text(json.dumps({"id": "msgbatch_01"}))
+    (tmp_path / "batches" / "old.json").write_text(json.dumps({"id": "msgbatch_01", "keys": [key, "f" * 64]}))
     (reply,) = explainer.ask_many([CONVERSATION])
-    assert reply.text == "batched reply"
+    assert reply.text == "batched reply 0"
     assert ("POST", "/v1/messages/batches") not in api.calls
+    assert not (tmp_path / "batches" / "old.json").exists()
 
 
 def test_missing_api_key_fails_at_start_up_naming_the_variable(monkeypatch):
@@ -218,3 +228,17 @@ def test_missing_api_key_fails_at_start_up_naming_the_variable(monkeypatch):
                                                                         "claude": {"model": "claude-unknown"}}}))
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     check_backend_ready(validate_config(MINIMAL))  # the offline default needs no key
+
+
+def test_batch_entries_that_error_or_expire(tmp_path):
+    conversations = [Conversation("S", [{"role": "user", "content": f"head {i}"}]) for i in range(3)]
+    api = FakeBatchAPI(outcomes=["succeeded", "errored", "expired"])
+    explainer = ClaudeExplainer(claude_settings(use_batches=True), tmp_path, client=api.client(), sleep=lambda s: None)
+    with pytest.raises(ExplainerError, match="1 request\\(s\\) expired"):
+        explainer.ask_many(conversations)
+    retry = FakeBatchAPI(outcomes=["errored", "succeeded"])  # only the two unanswered requests go again
+    replies = ClaudeExplainer(claude_settings(use_batches=True), tmp_path, client=retry.client(),
+                              sleep=lambda s: None).ask_many(conversations)
+    assert len(retry.submitted) == 2
+    assert replies[0].from_cache and replies[0].text == "batched reply 0"
+    assert replies[1].error == "invalid_request_error: bad request" and replies[2].text == "batched reply 1"

@@ -143,10 +143,11 @@ class ClaudeExplainer:
     def _ask_batch(self, missing: dict[str, dict]) -> dict[str, Reply]:
         """Submit the missing requests as one batch (or find the batch a killed job submitted), wait for it,
         store every reply. Expired or canceled entries stop the job after the others are stored."""
-        state = self.batch_folder / f"{request_key(sorted(missing))}.json"
-        if state.exists():
+        state = self._pending_batch(set(missing))
+        if state is not None:
             batch_id = json.loads(state.read_text())["id"]
         else:
+            state = self.batch_folder / f"{request_key(sorted(missing))}.json"
             self.ledger.check(self.settings["budget_usd"], sum(map(self.worst_case_cost, missing.values())))
             try:
                 batch = self.client.messages.batches.create(
@@ -179,6 +180,16 @@ class ClaudeExplainer:
             raise ExplainerError(f"claude batch {batch_id}: {len(lost)} request(s) {', '.join(sorted(set(lost)))}; "
                                  "rerun to ask them again (the other replies are cached)")
         return replies
+
+    def _pending_batch(self, keys: set[str]) -> Path | None:
+        """The state file of a batch submitted earlier (by a job that was killed) holding all these requests."""
+        for state in sorted(self.batch_folder.glob("*.json")):
+            try:
+                if keys <= set(json.loads(state.read_text())["keys"]):
+                    return state
+            except (ValueError, KeyError):
+                continue
+        return None
 
     # ---- replies ----
 
