@@ -20,6 +20,12 @@ from .scoring import mean_iou, mean_jsd
 COLUMNS = ["layer", "head", "name", "file", "origin", "status", "error", "val_iou", "val_jsd", "synth_jsd"]
 
 
+def tokenizer_dir_of(info: dict) -> str | None:
+    """The model's local folder (for reference-signature programs, which tokenise themselves), if it has one."""
+    path = Path(str(info.get("load_path", "")))
+    return str(path) if path.is_dir() else None
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.is_file():
