@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnprog.config import validate_config
-from attnprog.explainers import synthesize_head_with_llm
+from attnprog.explainers import ExplainerError, check_backend_ready, synthesize_head_with_llm
 from attnprog.explainers.open_weights import OpenWeightsExplainer
 from attnprog.explainers.reply import Conversation
 from test_explainers_claude import MINIMAL
@@ -81,11 +81,16 @@ def test_a_prompt_longer_than_the_model_is_a_failed_candidate_not_a_crash(tiny_m
     assert not (tmp_path / "cache" / "replies").exists()  # failures are not cached: a bigger model retries
 
 
-def test_a_model_without_chat_template_is_refused_clearly(tiny_models, tmp_path):
-    settings = synthesis_settings(tiny_models["gpt2"])["open_weights"]
-    explainer = OpenWeightsExplainer(settings, tmp_path)
-    with pytest.raises(ValueError, match="has no chat template"):
-        explainer.ask_many([Conversation("system", [{"role": "user", "content": "hi"}])])
+def test_a_model_without_chat_template_or_files_is_refused_at_start_up(tiny_models, tiny_chat_model, tmp_path):
+    config = {"synthesis": synthesis_settings(tiny_models["gpt2"])}
+    with pytest.raises(ExplainerError, match="has no chat template"):
+        check_backend_ready(config)
+    with pytest.raises(ExplainerError, match="has no chat template"):  # and at the first request
+        OpenWeightsExplainer(config["synthesis"]["open_weights"], tmp_path).ask_many(
+            [Conversation("system", [{"role": "user", "content": "hi"}])])
+    with pytest.raises(ExplainerError, match="'/no/such/model' cannot be loaded"):
+        check_backend_ready({"synthesis": synthesis_settings("/no/such/model")})
+    check_backend_ready({"synthesis": synthesis_settings(tiny_chat_model)})
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ apply_environment(config, SRC)
 
 
 onstart:
-    # An LLM synthesis backend must be usable (API key, model price) before any job runs; dry runs skip this.
+    # An LLM synthesis backend must be usable before any job runs (claude: API key and price; open_weights:
+    # the model's tokenizer with a chat template). Dry runs skip this.
     if config["synthesis"]["backend"] != "offline":
         from attnprog.explainers import ExplainerError, check_backend_ready
 

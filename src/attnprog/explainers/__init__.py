@@ -4,19 +4,25 @@
 `open_weights`; `check_backend_ready` is called once at start-up so a missing API key stops the run before
 any job starts.
 """
-from attnprog.explainers.claude import ExplainerError, check_api_key, prices_for
+from attnprog.explainers.claude import check_api_key, prices_for
+from attnprog.explainers.open_weights import load_chat_tokenizer
+from attnprog.explainers.reply import ExplainerError
 from attnprog.explainers.synthesis import make_explainer, synthesize_head_with_llm
 
 LLM_BACKENDS = ("claude", "open_weights")
 
 
 def check_backend_ready(config: dict) -> None:
-    """Raise a one-line ExplainerError if the configured synthesis backend cannot run (no API key, no
-    price for the chosen Claude model). The offline backend always can."""
+    """Raise a one-line ExplainerError if the configured synthesis backend cannot run: no API key or no
+    price for the chosen Claude model; an open-weights model whose tokenizer cannot be loaded or has no
+    chat template. The offline backend always can."""
     synthesis = config.get("synthesis") or {}
-    if synthesis.get("backend", "offline") == "claude":
+    backend = synthesis.get("backend", "offline")
+    if backend == "claude":
         check_api_key()
         prices_for(synthesis["claude"])
+    elif backend == "open_weights":
+        load_chat_tokenizer(synthesis["open_weights"])
 
 
 __all__ = ["ExplainerError", "LLM_BACKENDS", "check_backend_ready", "make_explainer", "synthesize_head_with_llm"]

@@ -25,16 +25,12 @@ import anthropic
 
 from attnprog.atomic import write_json
 from attnprog.explainers.cache import ReplyCache, SpendLedger, request_key
-from attnprog.explainers.reply import Conversation, Reply
+from attnprog.explainers.reply import Conversation, ExplainerError, Reply
 
 API_KEY_VARIABLE = "ANTHROPIC_API_KEY"
 # Errors about one request's content: report them for that request and go on.
 PER_REQUEST_ERRORS = (anthropic.BadRequestError, anthropic.ContentTooLargeError, anthropic.UnprocessableEntityError)
 CHARS_PER_TOKEN_LOWER_BOUND = 2.0  # for the worst-case cost of a request not yet sent (prompts run ~3-4)
-
-
-class ExplainerError(RuntimeError):
-    """The explainer cannot be used right now (bad key, unknown model, outage): the job must stop."""
 
 
 def prices_for(settings: dict) -> dict:
@@ -82,8 +78,7 @@ class ClaudeExplainer:
     def client(self) -> anthropic.Anthropic:
         # Built on first use, so a run answered wholly from the cache needs no key.
         if self._client is None:
-            if not os.environ.get(API_KEY_VARIABLE):
-                raise ExplainerError(f"{API_KEY_VARIABLE} is not set: the claude synthesis backend needs an API key")
+            check_api_key()
             self._client = anthropic.Anthropic(max_retries=self.settings["max_retries"],
                                                timeout=self.settings["timeout_s"])
         return self._client

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from attnprog.explainers.cache import ReplyCache, request_key
-from attnprog.explainers.reply import Conversation, Reply
+from attnprog.explainers.reply import Conversation, ExplainerError, Reply
 
 class OpenWeightsExplainer:
     backend = "open_weights"
@@ -26,7 +26,7 @@ class OpenWeightsExplainer:
     def _load(self):
         if self._model is None:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
 
             from attnprog.models import resolve_device
 
@@ -35,10 +35,7 @@ class OpenWeightsExplainer:
             if dtype == "auto":
                 dtype = "bfloat16" if device.type == "cuda" else "float32"
             revision = self.settings.get("revision")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_id, revision=revision)
-            if self._tokenizer.chat_template is None:
-                raise ValueError(f"synthesis.open_weights.model {self.model_id!r} has no chat template: "
-                                 "use an instruction-tuned (chat) model")
+            self._tokenizer = load_chat_tokenizer(self.settings)
             self._model = AutoModelForCausalLM.from_pretrained(
                 self.model_id, revision=revision, dtype=getattr(torch, dtype)).to(device).eval()
         return self._model, self._tokenizer
@@ -94,3 +91,19 @@ class OpenWeightsExplainer:
         return {"backend": self.backend, "request": request, "time": time.time(),
                 "text": tokenizer.decode(new, skip_special_tokens=True), "stop_reason": stop,
                 "input_tokens": n_prompt, "output_tokens": int(len(new)), "error": None}
+
+
+def load_chat_tokenizer(settings: dict):
+    """The explainer's tokenizer; ExplainerError (one line) if it cannot be loaded or has no chat template.
+    Also the start-up check of the open-weights backend, so a wrong model name fails before any job runs."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings["model"], revision=settings.get("revision"))
+    except Exception as e:  # noqa: BLE001  (Hub, file and format errors alike)
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExplainerError(f"synthesis.open_weights.model {settings['model']!r} cannot be loaded: {first_line}") from e
+    if tokenizer.chat_template is None:
+        raise ExplainerError(f"synthesis.open_weights.model {settings['model']!r} has no chat template: "
+                             "use an instruction-tuned (chat) model")
+    return tokenizer

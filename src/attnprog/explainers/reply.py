@@ -1,7 +1,12 @@
-"""What every explainer backend hands back: a conversation to ask, and the reply with its token counts."""
+"""What every explainer backend shares: a conversation to ask, the reply with its token counts, and the
+error that stops a job."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+
+class ExplainerError(RuntimeError):
+    """The explainer cannot be used right now (no key, unknown model, outage): the job must stop."""
 
 
 @dataclass
