@@ -214,7 +214,7 @@ def token_label(token: str, width: int = 12) -> str:
 def _token_axes(tokens: tuple[str, ...]) -> tuple[int, int, int, str]:
     """Cell size, font size, margin, and the SVG text of both axes' token labels (the same for every head)."""
     n = len(tokens)
-    cell = int(np.clip(440 // max(n, 1), 5, 16))
+    cell = int(np.clip(440 // max(n, 1), 5, 18))
     font = min(cell - 1, 11)
     labels = [token_label(t) for t in tokens]
     margin = int(max(map(len, labels), default=0) * font * 0.62) + 6
@@ -549,7 +549,8 @@ def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, op
 
 def overview_cards(results: ModelResults) -> list[dict]:
     s = results.summary
-    cards = [{"value": f"{s.get('n_heads', len(results.heads))}", "label": "heads explained"},
+    total = int(results.info["n_layers"]) * int(results.info["n_heads"])
+    cards = [{"value": f"{len(results.heads)}", "label": f"heads with a program (of {total})"},
              {"value": f"{s.get('library_size', len(results.programs))}", "label": "programs in the library"},
              {"value": f"{s.get('mean_test_iou', results.heads['test_iou'].mean()):.3f}", "label": "mean test IoU"},
              {"value": f"{s.get('mean_val_iou', results.heads['val_iou'].mean()):.3f}", "label": "mean val IoU"}]
@@ -686,9 +687,12 @@ def models_figure(models: dict[str, Path]) -> Markup:
     right.set(xlabel="fraction of heads replaced", ylabel="perplexity increase (%)",
               title="Cost of replacing heads by programs")
     right.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    if not right.lines:
+        right.text(.5, .5, "substitution not run", transform=right.transAxes, ha="center", color="#777")
     for ax in (left, right):
         ax.grid(alpha=.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     return _inline(_svg_of(figure))
 
 
