@@ -120,13 +120,14 @@ def qa_task(info: dict, task: str, library_dir, data_file, settings: dict, nonca
     from .atomic import write_json
     from .data import token_strings
     from .models import load_model, load_tokenizer
+    from .rerank import tokenizer_dir_of
 
     if is_offline(task) and data_file is None:
         raise QAError(f"qa: offline task {task} needs its JSONL file")
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     replacer = substitute.install(model, partial(token_strings, tokenizer))
     best = substitute.read_best(library_dir)
-    programs = substitute.program_replacements(library_dir, best, info["load_path"], noncausal, log)
+    programs = substitute.program_replacements(library_dir, best, tokenizer_dir_of(info), noncausal, log)
     ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
     n_total = info["n_layers"] * info["n_heads"]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"])

@@ -458,13 +458,14 @@ def substitution_sweep(info: dict, library_dir, examples_path, heldout_path, set
     from .atomic import write_json, write_parquet
     from .data import read_examples, token_strings
     from .models import load_model, load_tokenizer
+    from .rerank import tokenizer_dir_of
 
     if 0 not in settings["fractions"]:
         raise ValueError("substitution.fractions must include 0 (the unmodified model is the baseline)")
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     replacer = install(model, partial(token_strings, tokenizer))
     best = read_best(library_dir)
-    programs = program_replacements(library_dir, best, info["load_path"], settings["noncausal"], log)
+    programs = program_replacements(library_dir, best, tokenizer_dir_of(info), settings["noncausal"], log)
     ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
 
     eval_sets = {"test": [list(ids) for ids in read_examples(examples_path, "test").input_ids],
