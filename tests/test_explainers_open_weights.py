@@ -93,6 +93,24 @@ def test_a_model_without_chat_template_or_files_is_refused_at_start_up(tiny_mode
     check_backend_ready({"synthesis": synthesis_settings(tiny_chat_model)})
 
 
+def test_a_template_without_system_turns_gets_the_system_prompt_in_the_first_user_turn(tiny_chat_model, tmp_path):
+    model_dir = tmp_path / "no_system"
+    shutil.copytree(tiny_chat_model, model_dir)
+    (model_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    from transformers import AutoTokenizer
+
+    settings = synthesis_settings(model_dir)["open_weights"]
+    (reply,) = OpenWeightsExplainer(settings, tmp_path / "cache").ask_many(
+        [Conversation("SYSTEM TEXT", [{"role": "user", "content": "USER TEXT"}])])
+    assert reply.error is None and reply.output_tokens > 0
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    merged = tokenizer.apply_chat_template([{"role": "user", "content": "SYSTEM TEXT\n\nUSER TEXT"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert reply.input_tokens == len(merged["input_ids"])
+
+
 @pytest.mark.slow
 def test_smollm2_explains_a_real_head_end_to_end(smollm2_dir, tmp_path):
     """SmolLM2-135M-Instruct as the explainer of one of its own heads, with the full prompt: its programs

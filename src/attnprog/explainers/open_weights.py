@@ -13,6 +13,7 @@ from pathlib import Path
 from attnprog.explainers.cache import ReplyCache, request_key
 from attnprog.explainers.reply import Conversation, ExplainerError, Reply
 
+
 class OpenWeightsExplainer:
     backend = "open_weights"
 
@@ -68,8 +69,15 @@ class OpenWeightsExplainer:
         import torch
 
         model, tokenizer = self._load()
-        inputs = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True).to(model.device)
+        messages = request["messages"]
+        try:
+            inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)
+        except Exception:  # noqa: BLE001  some templates (Gemma's) refuse a system turn: lead the first user turn with it
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            inputs = tokenizer.apply_chat_template(merged + messages[2:], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)
+        inputs = inputs.to(model.device)
         n_prompt = inputs["input_ids"].shape[1]
         generation = request["generation"]
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
