@@ -38,6 +38,10 @@ def test_match_matrices():
     assert h.most_recent(h.is_punctuation(TOKENS))[2].sum() == 0
     assert h.start_of_sentence(TOKENS)[12, 4] == 1
     assert h.previous_word(TOKENS)[7, 5] == 1 and h.previous_word(TOKENS)[7, 6] == 1
+    # ' dog' (5) is followed by "'s", which continues the word: the word ends at 6, known from row 7 on
+    ends = h.word_end(TOKENS)
+    assert ends[7, 6] == 1 and ends[7, 5] == 0 and ends[6, 6] == 0 and ends[4, 3] == 1
+    assert h.word_distance(TOKENS)[8, 5] == 2 and h.word_distance(TOKENS)[6, 5] == 0
 
 
 MATRIX_HELPERS = {
@@ -55,6 +59,8 @@ MATRIX_HELPERS = {
     "start_of_word": h.start_of_word,
     "start_of_sentence": h.start_of_sentence,
     "previous_word": h.previous_word,
+    "word_end": h.word_end,
+    "word_distance": h.word_distance,
     "most_recent": lambda t: h.most_recent(h.is_sentence_end(t)),
     "first_occurrence": lambda t: h.key_is(h.is_first_occurrence(t)),
 }

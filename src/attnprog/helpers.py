@@ -9,7 +9,7 @@ attends). These helpers describe tokens and positions so programs stay short and
 - n x n matrices to add up into attention scores: `first_token`, `offset` (j = i - k), `distance`,
   `log_distance`, `key_is` / `query_is` (a token fact of j / of i), `same_token`, `induction`,
   `previous_occurrence_matrix`, `same_word`, `same_sentence`, `start_of_word`, `start_of_sentence`,
-  `previous_word`, `most_recent`;
+  `previous_word`, `word_end`, `word_distance`, `most_recent`;
 - `causal_softmax` and `normalise_rows` turn scores into attention.
 
 Tokens are the strings the model saw, with their leading space (`' cat'`); `normalise(token)` strips and
@@ -284,6 +284,23 @@ def start_of_sentence(tokens: list[str]) -> np.ndarray:
     m = np.zeros((n, n))
     m[np.arange(n), sentence_start_of(tokens)] = 1.0
     return m
+
+
+def word_end(tokens: list[str]) -> np.ndarray:
+    """1 where j < i and token j is the last token of its word (token j + 1 starts a new word or is
+    punctuation). Known only for j < i: whether token i ends its word depends on the token after it."""
+    n = len(tokens)
+    ends = np.zeros(n, dtype=bool)
+    if n > 1:
+        blank = np.array([not t.strip() for t in tokens[1:]])
+        ends[:-1] = is_word_start(tokens)[1:] | is_punctuation(tokens)[1:] | blank
+    return np.tril(np.broadcast_to(ends[None, :], (n, n)), k=-1).astype(float)
+
+
+def word_distance(tokens: list[str]) -> np.ndarray:
+    """How many words back token j is from token i (0 inside i's own word)."""
+    w = word_index(tokens)
+    return np.tril(w[:, None] - w[None, :]).astype(float)
 
 
 def previous_word(tokens: list[str]) -> np.ndarray:
