@@ -17,9 +17,7 @@ rule), so a head's job only loads arrays and fits.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,9 +287,9 @@ def _rows_per_example(sizes: np.ndarray) -> np.ndarray:
 def program_source(terms: list[tuple[float, str, str]], title: str, fit_note: str) -> str:
     """The text of a program file. terms: (weight, helpers expression, plain-English description)."""
     terms = sorted(terms, key=lambda t: -abs(t[0]))
-    width = max(len(f"{w:+.4g}") for w, _, _ in terms)
-    formula = "\n".join(f"    {'+' if k else ' '} {w:+.4g}".ljust(width + 7) + f"* [{d}]"
-                        for k, (w, _, d) in enumerate(terms))
+    width = max(len(f"{abs(w):.4g}") for w, _, _ in terms)
+    signs = [("-" if w < 0 else " ") if k == 0 else ("-" if w < 0 else "+") for k, (w, _, _) in enumerate(terms)]
+    formula = "\n".join(f"    {sign} {abs(w):<{width}.4g} * [{d}]" for sign, (w, _, d) in zip(signs, terms))
     body = "\n".join(f"    score += {w:.6g} * {e}  # {d}" for w, e, d in terms)
     cues = f"{len(terms)} weighted cue{'s' if len(terms) > 1 else ''}"
     return f'''"""{title}: softmax of {cues}; strongest: {terms[0][2]} ({terms[0][0]:+.2f}).
@@ -349,7 +347,7 @@ def synthesize_offline(features_path: str | Path, attention: dict[int, np.ndarra
             note = (f"Fitted by attnprog's offline synthesizer to layer {layer}, head {head} of {model} on "
                     f"{len(features['lengths_synth'])} synthesis examples (soft IoU {iou:.3f}, row JS distance "
                     f"{jsd:.3f} there).")
-            source = program_source(terms, f"{model} L{layer}H{head}", note)
+            source = program_source(terms, f"{model} L{layer}H{head}", textwrap.fill(note, 100))
             (Path(folder) / f"{name}.py").write_text(source)
             candidates.append({"name": name, "file": f"{name}.py", "origin": "offline", "status": "ok",
                                "error": None, "synth_jsd": jsd, "synth_iou": iou, "n_terms": len(terms),
