@@ -107,10 +107,12 @@ def attention(tokens):
 def run_library(root, examples, heads, candidate_dirs):
     examples_path = root / "examples.parquet"
     examples.to_parquet(examples_path)
+    if not (root / "head_inputs.npz").exists():
+        S.write_head_inputs(root / "attention", examples_path, root / "head_inputs.npz")
     tables = {}
     for (layer, head), folder in candidate_dirs.items():
         tables[(layer, head)] = root / "rerank" / f"L{layer}H{head}.parquet"
-        rerank.rerank_head(folder, root / "attention", examples_path, layer, head, tables[(layer, head)])
+        rerank.rerank_head(folder, root / "head_inputs.npz", layer, head, tables[(layer, head)])
     summary = library.build_library("tiny", heads, candidate_dirs, tables, root / "attention", examples_path,
                                     root / "library", {"causal_check_examples": 3})
     return summary, {name: pd.read_parquet(root / "library" / f"{name}.parquet")
@@ -122,13 +124,13 @@ def test_library_from_synthesized_candidates(tmp_path):
     write_attention(tmp_path, examples, {0: [previous_token, first_and_same], 1: [first_token, previous_token]})
     examples.to_parquet(tmp_path / "examples.parquet")
     S.compute_features(examples, tmp_path / "features.npz", n_words=4)
+    S.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "head_inputs.npz")
     heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
     dirs = {}
     for layer, head in heads:
         dirs[(layer, head)] = tmp_path / "synthesis" / f"L{layer}H{head}"
         S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 2, 4]}}, "tiny", layer, head,
-                          tmp_path / "attention", tmp_path / "examples.parquet", dirs[(layer, head)],
-                          tmp_path / "features.npz")
+                          tmp_path / "head_inputs.npz", dirs[(layer, head)], tmp_path / "features.npz")
     summary, tables = run_library(tmp_path, examples, heads, dirs)
 
     assert summary["n_heads"] == 4

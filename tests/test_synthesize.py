@@ -117,15 +117,44 @@ def test_missing_attention_is_a_clear_error(examples, features, tmp_path):
         S.synthesize_offline(features, attention, tmp_path / "x", "tiny", 0, 0, {})
 
 
-def test_unknown_backend(tmp_path, examples):
-    from attnprog.extract import SCHEMA
+def write_layer(folder, examples, head_fns):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tri = np.tril_indices(2)
-    table = pa.table({"example_id": [0], "head": [0], "n": [2], "attention": [np.eye(2)[tri].tolist()]},
-                     schema=SCHEMA)
-    (tmp_path / "att").mkdir()
-    pq.write_table(table, tmp_path / "att" / "layer0.parquet")
+    from attnprog.extract import SCHEMA
+
+    rows = {"example_id": [], "head": [], "n": [], "attention": []}
+    for e, tokens in zip(examples["example_id"], examples["tokens"]):
+        for head, fn in enumerate(head_fns):
+            n = len(tokens)
+            rows["example_id"].append(int(e))
+            rows["head"].append(head)
+            rows["n"].append(n)
+            rows["attention"].append(fn(list(tokens))[np.tril_indices(n)].astype(np.float32).tolist())
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows, schema=SCHEMA), folder / "layer0.parquet")
+
+
+def test_head_inputs_round_trip(examples, tmp_path):
+    examples.to_parquet(tmp_path / "examples.parquet")
+    write_layer(tmp_path / "attention", examples, [previous_token_head, first_and_same_token_head])
+    S.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "inputs.npz")
+    val = S.read_head_inputs(tmp_path / "inputs.npz", 0, 1, "val")
+    part = examples[examples["split"] == "val"]
+    assert val.example_ids == part["example_id"].tolist()
+    assert val.tokens == [list(t) for t in part["tokens"]] and val.texts == part["text"].tolist()
+    for tokens, matrix in zip(val.tokens, val.matrices):
+        np.testing.assert_allclose(matrix, first_and_same_token_head(tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="no attention for layer 0 head 7"):
+        S.read_head_inputs(tmp_path / "inputs.npz", 0, 7, "val")
     with pytest.raises(ValueError, match="unknown synthesis backend 'gpt'"):
-        S.synthesize_head({"backend": "gpt"}, "tiny", 0, 0, tmp_path / "att", tmp_path / "ex.parquet", tmp_path / "o")
+        S.synthesize_head({"backend": "gpt"}, "tiny", 0, 0, tmp_path / "inputs.npz", tmp_path / "o")
+
+
+def test_polish_does_not_lower_synth_fit(examples, features):
+    attention = planted(examples, first_and_same_token_head)
+    data = S.split_data(dict(np.load(features)), "synth", attention)
+    (columns, weights), = S.greedy_fit(data, [1])  # one primitive cannot fit it: room to polish
+    X = data.X[:, columns]
+    polished = S.refine_for_iou(X, weights, data)
+    assert S.predicted_iou(X, polished, data) >= S.predicted_iou(X, weights, data) - 1e-9

@@ -1,6 +1,7 @@
 """Rerank: score one head's candidate programs on the val split (soft IoU and row JS distance).
 
-Candidates come from `results/{model}/synthesis/L{layer}H{head}/` (program files + manifest.json). Offline
+Candidates come from `results/{model}/synthesis/L{layer}H{head}/` (program files + manifest.json), the val
+examples and the head's attention from the per-model `head_inputs` file (so a job imports little). Offline
 candidates are trusted and run in-process; every other origin runs in the sandbox (`attnprog.programs`). A
 candidate that failed synthesis or fails here scores worst: IoU 0, JS distance 1.
 """
@@ -9,13 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .atomic import write_parquet
-from .extract import layer_file, read_head_attention
+from .atomic import atomic_path
 from .programs import ProgramError, load_programs, run_programs
 from .scoring import mean_iou, mean_jsd
+from .synthesize import read_head_inputs
 
 COLUMNS = ["layer", "head", "name", "file", "origin", "status", "error", "val_iou", "val_jsd", "synth_jsd"]
 
@@ -38,21 +39,13 @@ def load_candidate(folder: str | Path, candidate: dict):
     return load_programs(Path(folder) / candidate["file"], trusted=candidate["origin"] == "offline")
 
 
-def rerank_head(candidates_dir: str | Path, attention_dir: str | Path, examples_path: str | Path, layer: int,
-                head: int, out_path: str | Path, tokenizer_dir: str | Path | None = None,
-                split: str = "val") -> pd.DataFrame:
-    """Score every candidate of one head on `split` and write one row per program to out_path (Parquet)."""
+def rerank_head(candidates_dir: str | Path, head_inputs: str | Path, layer: int, head: int,
+                out_path: str | Path, tokenizer_dir: str | Path | None = None, split: str = "val") -> list[dict]:
+    """Score every candidate of one head on `split`; write one row per program to out_path (Parquet)."""
     manifest = read_manifest(candidates_dir)
-    examples = pd.read_parquet(examples_path)
-    examples = examples[examples["split"] == split].sort_values("example_id")
-    if examples.empty:
-        raise ValueError(f"rerank: no examples in split '{split}' in {examples_path}")
-    attention = read_head_attention(layer_file(attention_dir, layer), head)
-    missing = sorted(set(examples["example_id"]) - set(attention))
-    if missing:
-        raise ValueError(f"rerank: no attention for L{layer}H{head} on {split} examples {missing[:5]}")
-    real = [attention[int(e)] for e in examples["example_id"]]
-    inputs = [(list(tokens), text) for tokens, text in zip(examples["tokens"], examples["text"])]
+    examples = read_head_inputs(head_inputs, layer, head, split)
+    real = examples.matrices
+    inputs = list(zip(examples.tokens, examples.texts))
 
     rows = []
     for candidate in manifest["candidates"]:
@@ -71,14 +64,15 @@ def rerank_head(candidates_dir: str | Path, attention_dir: str | Path, examples_
         runs = run_programs(programs, inputs, tokenizer_dir=tokenizer_dir)
         for program in programs:
             run = runs[program.name]
-            if run.status == "ok":
-                iou, jsd = mean_iou(run.matrices, real), mean_jsd(run.matrices, real)
-            else:
-                iou, jsd = 0.0, 1.0
+            ok = run.status == "ok"
             rows.append({**base, "name": program.name, "status": run.status, "error": run.error,
-                         "val_iou": iou, "val_jsd": jsd})
-    table = pd.DataFrame(rows, columns=COLUMNS).rename(columns={"val_iou": f"{split}_iou",
-                                                                "val_jsd": f"{split}_jsd"})
-    table = table.astype({"layer": "int32", "head": "int32"})
-    write_parquet(table, out_path)
-    return table
+                         "val_iou": mean_iou(run.matrices, real) if ok else 0.0,
+                         "val_jsd": mean_jsd(run.matrices, real) if ok else 1.0})
+    columns = {c: [r[c] for r in rows] for c in COLUMNS}
+    types = {"layer": pa.int32(), "head": pa.int32(), "val_iou": pa.float64(), "val_jsd": pa.float64(),
+             "synth_jsd": pa.float64()}
+    table = pa.table({c.replace("val_", f"{split}_"): pa.array(v, type=types.get(c, pa.string()))
+                      for c, v in columns.items()})
+    with atomic_path(out_path) as tmp:  # pyarrow alone: pandas would double this job's start-up time
+        pq.write_table(table, tmp)
+    return rows

@@ -13,7 +13,6 @@ Matrices are compared on their lower triangle (entries above the diagonal are ze
 runner's causal normalisation); `lower_triangle` flattens one row by row, as the attention Parquet does.
 """
 import numpy as np
-from scipy.spatial.distance import cdist
 
 BASELINES = ("random_token", "random_column", "uniform", "first_token")
 
@@ -69,6 +68,8 @@ def iou_table(predicted: list[np.ndarray], actual: list[np.ndarray]) -> np.ndarr
     """
     if len(predicted) != len(actual) or not actual:
         raise ValueError(f"iou_table: need two equally long non-empty lists, got {len(predicted)} and {len(actual)}")
+    from scipy.spatial.distance import cdist  # here, so per-head jobs that never need it start faster
+
     total = None
     for p, a in zip(predicted, actual):
         p, a = np.asarray(p, dtype=float), np.asarray(a, dtype=float)

@@ -8,21 +8,23 @@ attention is the softmax of that score over j <= i:
 Each primitive is one expression over `attnprog.helpers` (FEATURES below), causal by construction. The
 weights are fitted to the head's synth-split attention by minimising the row cross-entropy between the
 head's rows and the program's rows: soft-label multinomial logistic regression, which is convex, solved
-with L-BFGS. Primitives are chosen by greedy forward selection (each step adds the primitive whose weight
+with Newton's method. Primitives are chosen by greedy forward selection (each step adds the primitive whose weight
 the loss gradient pulls on hardest, then refits), so the candidates for one head come in increasing sizes
 (1, 2, 4, 8 primitives by default): short programs and accurate ones. Rerank and library choose on val.
 
-The primitives are computed once per model for every example (`compute_features`, the `synth_features`
-rule), so a head's job only loads arrays and fits.
+Per-head jobs are kept light (a model has hundreds of heads, and each job is a new process): once per
+model, `write_head_inputs` (rule `head_inputs`) gathers every head's synth and val attention with the
+examples' tokens into one .npz, and `compute_features` (rule `synth_features`) computes every primitive on
+every example, so a head's job imports numpy and loads two arrays.
 """
 from __future__ import annotations
 
+import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from . import helpers
 from .atomic import atomic_dir, atomic_path, write_json
@@ -88,9 +90,11 @@ FEATURES = [
 ]
 
 
-def word_features(examples: pd.DataFrame, count: int) -> list[Feature]:
+def word_features(examples, count: int) -> list[Feature]:
     """One primitive "token j is <word>" for each of the `count` most frequent token texts of the synth
     split: heads often park attention on particular tokens ('the', ',', '.')."""
+    import pandas as pd
+
     synth = examples[examples["split"] == "synth"]
     counts = pd.Series([helpers.normalise(t) for tokens in synth["tokens"] for t in tokens]).value_counts()
     counts = counts[counts.index != ""]
@@ -107,7 +111,7 @@ def feature_matrix(feature: Feature, tokens: list[str]) -> np.ndarray:
 
 # ---- per model: every primitive on every example, flattened to the lower triangle ----
 
-def compute_features(examples: pd.DataFrame, out_path: str | Path, n_words: int = 24,
+def compute_features(examples, out_path: str | Path, n_words: int = 24,
                      splits: tuple[str, ...] = SPLITS_USED) -> None:
     """Write an .npz with the primitives (FEATURES plus `word_features`: names, expressions, descriptions)
     and, per split: X_{split} (entries x features, float32, the lower triangles of all examples stacked row
@@ -131,6 +135,78 @@ def compute_features(examples: pd.DataFrame, out_path: str | Path, n_words: int 
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+# ---- per model: every head's synth and val attention, for the per-head jobs ----
+
+def write_head_inputs(attention_dir: str | Path, examples_path: str | Path, out_path: str | Path,
+                      splits: tuple[str, ...] = SPLITS_USED) -> None:
+    """One .npz with, per split: example_ids_{split}, lengths_{split}, tokens_{split} and texts_{split}
+    (JSON), and for every head L{layer}H{head}_{split}: its attention on those examples, lower triangles
+    row by row, concatenated (float32). Loading one head reads only its own arrays."""
+    import pandas as pd
+
+    from .extract import read_layer_attention
+
+    examples = pd.read_parquet(examples_path)
+    layers = sorted(int(p.stem[len("layer"):]) for p in Path(attention_dir).glob("layer*.parquet"))
+    if not layers:
+        raise ValueError(f"no layer*.parquet files in {attention_dir}")
+    arrays = {}
+    parts = {s: examples[examples["split"] == s].sort_values("example_id") for s in splits}
+    for split, part in parts.items():
+        if part.empty:
+            raise ValueError(f"no examples in split '{split}' in {examples_path}")
+        arrays[f"example_ids_{split}"] = part["example_id"].to_numpy(dtype=np.int64)
+        arrays[f"lengths_{split}"] = part["tokens"].map(len).to_numpy(dtype=np.int64)
+        arrays[f"tokens_{split}"] = np.array(json.dumps([list(t) for t in part["tokens"]]))
+        arrays[f"texts_{split}"] = np.array(json.dumps(list(part["text"])))
+    for layer in layers:
+        matrices = read_layer_attention(Path(attention_dir) / f"layer{layer}.parquet")
+        for head in sorted({h for h, _ in matrices}):
+            for split, part in parts.items():
+                flat = []
+                for example_id, n in zip(part["example_id"], part["tokens"].map(len)):
+                    matrix = matrices.get((head, int(example_id)))
+                    if matrix is None or matrix.shape != (n, n):
+                        raise ValueError(f"L{layer}H{head}: attention for example {int(example_id)} is missing "
+                                         f"or not {n} x {n}")
+                    flat.append(matrix[np.tril_indices(n)])
+                arrays[f"L{layer}H{head}_{split}"] = np.concatenate(flat).astype(np.float32)
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+@dataclass
+class HeadExamples:
+    """One head on one split: the examples (ids, tokens, texts) and the head's n x n matrices."""
+    example_ids: list[int]
+    tokens: list[list[str]]
+    texts: list[str]
+    matrices: list[np.ndarray]
+
+    def attention(self) -> dict[int, np.ndarray]:
+        return dict(zip(self.example_ids, self.matrices))
+
+
+def read_head_inputs(path: str | Path, layer: int, head: int, split: str) -> HeadExamples:
+    """One head's examples and attention on `split` from the file `write_head_inputs` wrote."""
+    with np.load(path) as z:
+        key = f"L{layer}H{head}_{split}"
+        if key not in z.files:
+            raise ValueError(f"{path} has no attention for layer {layer} head {head} on split '{split}'")
+        flat, lengths = z[key], z[f"lengths_{split}"]
+        ids, tokens, texts = z[f"example_ids_{split}"], json.loads(str(z[f"tokens_{split}"])), \
+            json.loads(str(z[f"texts_{split}"]))
+    matrices, start = [], 0
+    for n in lengths:
+        m = np.zeros((n, n), dtype=np.float32)
+        size = n * (n + 1) // 2
+        m[np.tril_indices(n)] = flat[start:start + size]
+        matrices.append(m)
+        start += size
+    return HeadExamples([int(e) for e in ids], tokens, list(texts), matrices)
 
 
 @dataclass
@@ -253,28 +329,35 @@ def greedy_fit(data: SplitData, sizes: list[int], l2: float = 1e-3) -> list[tupl
     return out
 
 
-def refine_for_iou(X: np.ndarray, w: np.ndarray, data: SplitData, max_iter: int = 30) -> np.ndarray:
-    """Polish weights to minimise the summed L1 distance between predicted and real rows, which is what
-    soft IoU measures (IoU = (S - L1) / (S + L1) for row-stochastic matrices). Cross-entropy hedges where
-    a head is unpredictable; L1 prefers committing, so this lifts IoU. Starts from the cross-entropy fit
-    and keeps it when polishing does not help."""
-    from scipy.optimize import minimize
-
+def refine_for_iou(X: np.ndarray, w: np.ndarray, data: SplitData, steps: int = 30,
+                   learning_rate: float = 0.05) -> np.ndarray:
+    """Polish weights to lower the L1 distance between predicted and real rows, which is what soft IoU
+    measures (IoU = (S - L1) / (S + L1) for row-stochastic matrices). Cross-entropy hedges where a head is
+    unpredictable; L1 prefers committing, so this lifts IoU. A few Adam steps (on columns rescaled to unit
+    size) from the cross-entropy fit; returns the weights with the lowest L1 seen, the start included."""
+    scale = np.sqrt(np.mean(X ** 2, axis=0))
+    scale = np.where(scale > 0, scale, 1.0)
+    Xs, u = X / scale, w * scale
     sizes = np.diff(np.append(data.example_starts, len(data.y)))
-
-    def l1_and_grad(w):
-        p = row_softmax(X @ w, data.row_starts)
+    weight = np.repeat(1.0 / _rows_per_example(sizes), sizes)  # each example counts once, as in the IoU mean
+    row_lengths = np.diff(np.append(data.row_starts, len(data.y)))
+    best_u, best_l1 = u, np.inf
+    m, v = np.zeros_like(u), np.zeros_like(u)
+    for t in range(1, steps + 2):
+        p = row_softmax(Xs @ u, data.row_starts)
         diff = p - data.y
-        # weight each example like the IoU average does: by 1 / its number of rows
-        weight = np.repeat(1.0 / _rows_per_example(sizes), sizes)
+        l1 = float(np.abs(diff) @ weight)
+        if l1 < best_l1:
+            best_u, best_l1 = u, l1
+        if t > steps:
+            break
         g = np.sign(diff) * weight
-        row_lengths = np.diff(np.append(data.row_starts, len(p)))
         g_bar = np.repeat(np.add.reduceat(p * g, data.row_starts), row_lengths)
-        return float(np.abs(diff) @ weight), X.T @ (p * (g - g_bar))
-
-    start = l1_and_grad(w)[0]
-    result = minimize(l1_and_grad, w, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
-    return result.x if result.fun < start else w
+        grad = Xs.T @ (p * (g - g_bar))
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad ** 2
+        u = u - learning_rate * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    return best_u / scale
 
 
 def _rows_per_example(sizes: np.ndarray) -> np.ndarray:
@@ -334,7 +417,7 @@ def synthesize_offline(features_path: str | Path, attention: dict[int, np.ndarra
         for columns, weights in fits:
             X = data.X[:, columns]
             if settings.get("polish", True):
-                weights = refine_for_iou(X, weights, data, max_iter=settings.get("polish_iterations", 15))
+                weights = refine_for_iou(X, weights, data, steps=settings.get("polish_steps", 30))
             weights = np.array([float(f"{w:.6g}") for w in weights])  # exactly what the file will say
             key = tuple(sorted(zip(names[columns], np.round(weights, 3))))
             if key in seen:
@@ -367,26 +450,25 @@ def _flat_jsd(p: np.ndarray, data: SplitData, lengths: np.ndarray) -> float:
                           for a, b, n in zip(data.example_starts, ends, lengths)]))
 
 
-def synthesize_head(settings: dict, model: str, layer: int, head: int, attention_dir: str | Path,
-                    examples_path: str | Path, out_dir: str | Path, features_path: str | Path | None = None) -> dict:
+def synthesize_head(settings: dict, model: str, layer: int, head: int, head_inputs: str | Path,
+                    out_dir: str | Path, features_path: str | Path | None = None) -> dict:
     """The `synthesize` rule: dispatch on settings["backend"] (the config's `synthesis` section)."""
-    from .extract import layer_file, read_head_attention
-
-    attention = read_head_attention(layer_file(attention_dir, layer), head)
-    if not attention:
-        raise ValueError(f"no attention recorded for layer {layer} head {head} in {attention_dir}")
+    synth = read_head_inputs(head_inputs, layer, head, "synth")
     backend = settings.get("backend", "offline")
     if backend == "offline":
         if features_path is None:
             raise ValueError("synthesis backend 'offline' needs the per-model features file")
-        return synthesize_offline(features_path, attention, out_dir, model, layer, head, settings.get("offline", {}))
+        return synthesize_offline(features_path, synth.attention(), out_dir, model, layer, head,
+                                  settings.get("offline", {}))
     if backend in ("claude", "open_weights"):
         try:
             from .explainers import synthesize_head_with_llm
         except ImportError as e:
-            raise RuntimeError(f"synthesis backend '{backend}' needs attnprog.explainers, which failed to import: {e}") from e
-        examples = pd.read_parquet(examples_path)
-        synth = examples[examples["split"] == "synth"]
-        synth_attention = {e: m for e, m in attention.items() if e in set(synth["example_id"])}
-        return synthesize_head_with_llm(synth_attention, synth, settings, out_dir, model, layer, head)
+            raise RuntimeError(f"synthesis backend '{backend}' needs attnprog.explainers, which failed to "
+                               f"import: {e}") from e
+        import pandas as pd
+
+        examples = pd.DataFrame({"example_id": synth.example_ids, "split": "synth", "text": synth.texts,
+                                 "tokens": synth.tokens})
+        return synthesize_head_with_llm(synth.attention(), examples, settings, out_dir, model, layer, head)
     raise ValueError(f"unknown synthesis backend '{backend}' (expected offline, claude or open_weights)")

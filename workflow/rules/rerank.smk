@@ -4,8 +4,7 @@
 rule rerank:
     input:
         candidates="results/{model}/synthesis/L{layer}H{head}",
-        attention="results/{model}/attention",
-        examples="results/{model}/data/examples.parquet",
+        head_inputs="results/{model}/synthesis/head_inputs.npz",
         info="results/{model}/model/info.json",
     output:
         "results/{model}/rerank/L{layer}H{head}.parquet",

@@ -1,6 +1,21 @@
 # Synthesis: candidate programs per head. The offline synthesizer (default) fits readable log-linear
 # programs to a head's synth-split attention from primitives computed once per model; the LLM backends
-# (claude, open_weights) write their candidates in the same format.
+# (claude, open_weights) write their candidates in the same format. Per-model rules gather what the
+# per-head jobs need into two .npz files, so each of the hundreds of per-head jobs starts and loads fast.
+
+
+rule head_inputs:
+    input:
+        attention="results/{model}/attention",
+        examples="results/{model}/data/examples.parquet",
+    output:
+        "results/{model}/synthesis/head_inputs.npz",
+    log:
+        "logs/{model}/head_inputs.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/head_inputs.py"
 
 
 rule synth_features:
@@ -19,10 +34,7 @@ rule synth_features:
 
 
 def synthesize_input(wildcards):
-    inputs = {
-        "attention": f"results/{wildcards.model}/attention",
-        "examples": f"results/{wildcards.model}/data/examples.parquet",
-    }
+    inputs = {"head_inputs": rules.head_inputs.output[0].format(model=wildcards.model)}
     if config["synthesis"]["backend"] == "offline":
         inputs["features"] = rules.synth_features.output[0].format(model=wildcards.model)
     return inputs

@@ -3,5 +3,5 @@ from attnprog.synthesize import synthesize_head
 
 log_to(snakemake.log)
 w = snakemake.wildcards
-synthesize_head(snakemake.params.settings, w.model, int(w.layer), int(w.head), snakemake.input.attention,
-                snakemake.input.examples, snakemake.output[0], snakemake.input.get("features"))
+synthesize_head(snakemake.params.settings, w.model, int(w.layer), int(w.head), snakemake.input.head_inputs,
+                snakemake.output[0], snakemake.input.get("features"))
