@@ -4,30 +4,21 @@
 report: "../report/workflow.rst"
 
 
-def report_model_inputs(wildcards):
-    results = f"results/{wildcards.model}"
-    inputs = {
-        "info": f"{results}/model/info.json",
-        "examples": f"{results}/data/examples.parquet",
-        "attention": f"{results}/attention",
-        "programs": f"{results}/library/programs",
-        "table": f"{results}/library/programs.parquet",
-        "scores": f"{results}/library/scores.parquet",
-        "best": f"{results}/library/best.parquet",
-        "baselines": f"{results}/library/baselines.parquet",
-        "library": f"{results}/library/summary.json",
-        "sweep": f"{results}/substitution/sweep.parquet",
-        "single": f"{results}/substitution/single_heads.parquet",
-        "substitution": f"{results}/substitution/summary.json",
-    }
-    if config["qa"]["tasks"]:
-        inputs["qa"] = f"{results}/qa/summary.json"
-    return inputs
-
-
 rule report_model:
     input:
-        unpack(report_model_inputs),
+        info="results/{model}/model/info.json",
+        examples="results/{model}/data/examples.parquet",
+        attention="results/{model}/attention",
+        programs="results/{model}/library/programs",
+        table="results/{model}/library/programs.parquet",
+        scores="results/{model}/library/scores.parquet",
+        best="results/{model}/library/best.parquet",
+        baselines="results/{model}/library/baselines.parquet",
+        library="results/{model}/library/summary.json",
+        sweep="results/{model}/substitution/sweep.parquet",
+        single="results/{model}/substitution/single_heads.parquet",
+        substitution="results/{model}/substitution/summary.json",
+        qa=["results/{model}/qa/summary.json"] if config["qa"]["tasks"] else [],
     output:
         overview=report(
             "results/report/{model}/index.html",
@@ -37,8 +28,6 @@ rule report_model:
         ),
         heads=directory("results/report/{model}/heads"),
     params:
-        results="results/{model}",
-        out_dir="results/report/{model}",
         options=config["report"],
     log:
         "logs/{model}/report.log",
@@ -60,7 +49,6 @@ rule report:
             labels={"page": "all models"},
         ),
     params:
-        results={model: f"results/{model}" for model in MODELS},
         options=config["report"],
     log:
         "logs/report.log",
