@@ -2,20 +2,13 @@
 # head's best program chosen on val (causal programs only) and reported on test, plus the baselines.
 
 
-def library_input(wildcards):
-    heads = heads_of(wildcards.model)
-    return {
-        "synthesis": [f"results/{wildcards.model}/synthesis/L{l}H{h}" for l, h in heads],
-        "rerank": [f"results/{wildcards.model}/rerank/L{l}H{h}.parquet" for l, h in heads],
-        "attention": f"results/{wildcards.model}/attention",
-        "examples": f"results/{wildcards.model}/data/examples.parquet",
-        "info": f"results/{wildcards.model}/model/info.json",
-    }
-
-
 rule library:
     input:
-        unpack(library_input),
+        synthesis=lambda w: [f"results/{w.model}/synthesis/L{l}H{h}" for l, h in heads_of(w.model)],
+        rerank=lambda w: [f"results/{w.model}/rerank/L{l}H{h}.parquet" for l, h in heads_of(w.model)],
+        attention="results/{model}/attention",
+        examples="results/{model}/data/examples.parquet",
+        info="results/{model}/model/info.json",
     output:
         programs=directory("results/{model}/library/programs"),
         table="results/{model}/library/programs.parquet",

@@ -33,16 +33,15 @@ rule synth_features:
         "../scripts/synth_features.py"
 
 
-def synthesize_input(wildcards):
-    inputs = {"head_inputs": rules.head_inputs.output[0].format(model=wildcards.model)}
-    if config["synthesis"]["backend"] == "offline":
-        inputs["features"] = rules.synth_features.output[0].format(model=wildcards.model)
-    return inputs
-
-
 rule synthesize:
     input:
-        unpack(synthesize_input),
+        head_inputs="results/{model}/synthesis/head_inputs.npz",
+        # the offline synthesizer's primitives; the LLM backends need none
+        features=lambda w: (
+            f"results/{w.model}/synthesis/features.npz"
+            if config["synthesis"]["backend"] == "offline"
+            else []
+        ),
     output:
         directory("results/{model}/synthesis/L{layer}H{head}"),
     params:

@@ -3,5 +3,6 @@ from attnprog.synthesize import synthesize_head
 
 log_to(snakemake.log)
 w = snakemake.wildcards
+features = snakemake.input.get("features")  # absent (empty) for the LLM backends
 synthesize_head(snakemake.params.settings, w.model, int(w.layer), int(w.head), snakemake.input.head_inputs,
-                snakemake.output[0], snakemake.input.get("features"))
+                snakemake.output[0], features if isinstance(features, str) and features else None)
