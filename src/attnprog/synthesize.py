@@ -8,9 +8,10 @@ attention is the softmax of that score over j <= i:
 Each primitive is one expression over `attnprog.helpers` (FEATURES below), causal by construction. The
 weights are fitted to the head's synth-split attention by minimising the row cross-entropy between the
 head's rows and the program's rows: soft-label multinomial logistic regression, which is convex, solved
-with Newton's method. Primitives are chosen by greedy forward selection (each step adds the primitive whose weight
-the loss gradient pulls on hardest, then refits), so the candidates for one head come in increasing sizes
-(1, 2, 4, 8 primitives by default): short programs and accurate ones. Rerank and library choose on val.
+with Newton's method, then polished for IoU. Primitives are chosen by greedy forward selection (each step
+adds the primitive whose weight the loss gradient pulls on hardest, then refits), so the candidates for one
+head come in increasing sizes (1, 2, 4, 8, 16 primitives by default): short programs and accurate ones.
+Rerank and library choose among them on val.
 
 Per-head jobs are kept light (a model has hundreds of heads, and each job is a new process): once per
 model, `write_head_inputs` (rule `head_inputs`) gathers every head's synth and val attention with the
@@ -409,7 +410,7 @@ def synthesize_offline(features_path: str | Path, attention: dict[int, np.ndarra
     settings: the config's `synthesis.offline` section (sizes, l2, polish). Returns the manifest."""
     features = dict(np.load(features_path))
     data = split_data(features, "synth", attention)
-    sizes = sorted(set(settings.get("sizes", [1, 2, 4, 8])))
+    sizes = sorted(set(settings.get("sizes", [1, 2, 4, 8, 16])))
     fits = greedy_fit(data, sizes, l2=settings.get("l2", 1e-3))
     names, expressions, descriptions = features["names"], features["expressions"], features["descriptions"]
     candidates, seen = [], set()
