@@ -99,10 +99,12 @@ CATEGORY_RULES = [  # (pattern in the strongest positive term or the docstring, 
 
 def category_of(program: Program) -> str:
     """A short label for the report: the kind of cue of the strongest positive term (offline programs) or
-    the first matching cue in the docstring (other programs)."""
+    the first matching cue in the docstring (other programs). Nearly every head parks attention on the
+    first token, so that cue names the category only when a program has no other positive one."""
     terms = re.findall(r"score \+= ([0-9.eE+-]+) \* (.*)", program.source)
     positive = [(float(w), text) for w, text in terms if float(w) > 0]
-    text = max(positive)[1] if positive else program.docstring
+    other = [(w, text) for w, text in positive if "first_token" not in text]
+    text = max(other or positive)[1] if positive else program.docstring
     for pattern, category in CATEGORY_RULES:
         if re.search(pattern, text, flags=re.IGNORECASE):
             return category
