@@ -704,7 +704,7 @@ def write_index(models: dict[str, str | Path], out_path: str | Path, options: di
     rows = [model_row(root, name, fraction) for name, root in models.items()]
     page = _environment().get_template("index.html").render(
         models=rows, fraction_label=f"{fraction:.0%}", figure=models_figure(models),
-        note="Perplexity on the first held-out evaluation set, programs replacing heads in order of val IoU, "
-             "with the relative increase and its 95% bootstrap interval.")
+        note="Perplexity on the substitution summary's evaluation set (held-out text when there is some), programs "
+             "replacing heads in order of val IoU, with the relative increase and its 95% bootstrap interval.")
     write_text(out_path, page)
     return Path(out_path)
