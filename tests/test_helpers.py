@@ -94,3 +94,10 @@ def test_empty_and_whitespace_tokens():
     assert h.sentence_index([]).shape == (0,)
     assert h.is_word_start([" ", "1"]).tolist() == [False, True]
     assert h.same_token([" ", " "]).sum() == 0  # whitespace never matches itself
+
+
+def test_cached_token_facts_are_copies():
+    first = h.is_punctuation(TOKENS)
+    first[:] = True  # a program scribbling on a helper's result...
+    assert h.is_punctuation(TOKENS).sum() == 3  # ...does not change what the next caller gets
+    assert h.is_token(TOKENS, "cat").sum() == 2 and h.is_token(TOKENS, "dog").sum() == 1

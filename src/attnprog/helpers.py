@@ -19,6 +19,7 @@ lower-cases them before comparing. A word is a run of tokens with no whitespace 
 Every helper is causal: the value for token i, or row i of a matrix, depends only on `tokens[:i+1]`.
 Matrices are float arrays with zeros above the diagonal.
 """
+import functools
 import string
 import unicodedata
 
@@ -40,6 +41,24 @@ s t 're 've 'll 'd 's 'm n't
 SENTENCE_END_CHARS = ".!?"
 
 
+def _per_token_sequence(fn):
+    """Remember a token fact per token sequence: the library runs hundreds of programs on the same examples,
+    and these per-token Python loops are most of their cost. Callers get a copy, so changing the result in
+    place cannot corrupt what the next program sees."""
+    cache = {}
+
+    @functools.wraps(fn)
+    def cached(tokens, *args):
+        key = (tuple(tokens), args)
+        if key not in cache:
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = fn(tokens, *args)
+        return cache[key].copy()
+
+    return cached
+
+
 def normalise(token: str) -> str:
     """The token without surrounding whitespace, lower-cased: `' The'` -> `'the'`."""
     return token.strip().lower()
@@ -57,11 +76,13 @@ def _is_punctuation_text(text: str) -> bool:
         c in string.punctuation or unicodedata.category(c)[0] in "PS" for c in text)
 
 
+@_per_token_sequence
 def is_punctuation(tokens: list[str]) -> np.ndarray:
     """True where the token is only punctuation or symbols (`','`, `'."'`, `' ('`)."""
     return np.array([_is_punctuation_text(t.strip()) for t in tokens], dtype=bool)
 
 
+@_per_token_sequence
 def is_sentence_end(tokens: list[str]) -> np.ndarray:
     """True where the token is punctuation that ends a sentence (`.`, `!`, `?`, possibly with a quote),
     or a line break."""
@@ -72,11 +93,13 @@ def is_sentence_end(tokens: list[str]) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
+@_per_token_sequence
 def is_newline(tokens: list[str]) -> np.ndarray:
     """True where the token holds a line break."""
     return np.array(["\n" in t for t in tokens], dtype=bool)
 
 
+@_per_token_sequence
 def is_word_start(tokens: list[str]) -> np.ndarray:
     """True where a new word begins: the first token, a token starting with whitespace, or a token right
     after one ending with whitespace. Whitespace-only tokens start nothing."""
@@ -91,21 +114,25 @@ def is_word_start(tokens: list[str]) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
+@_per_token_sequence
 def is_stopword(tokens: list[str]) -> np.ndarray:
     """True where the token is a common English function word (`the`, `and`, `of`, `she`, ...)."""
     return np.array([normalise(t) in STOPWORDS for t in tokens], dtype=bool)
 
 
+@_per_token_sequence
 def is_capitalized(tokens: list[str]) -> np.ndarray:
     """True where the token's first non-space character is an upper-case letter."""
     return np.array([t.strip()[:1].isupper() for t in tokens], dtype=bool)
 
 
+@_per_token_sequence
 def is_number(tokens: list[str]) -> np.ndarray:
     """True where the token is digits only."""
     return np.array([t.strip().isdigit() for t in tokens], dtype=bool)
 
 
+@_per_token_sequence
 def is_token(tokens: list[str], *words: str) -> np.ndarray:
     """True where the normalised token is one of `words`: `is_token(tokens, "and", "or")`."""
     wanted = {normalise(w) for w in words}
@@ -138,11 +165,13 @@ def token_class(tokens: list[str]) -> list[str]:
     return labels
 
 
+@_per_token_sequence
 def word_index(tokens: list[str]) -> np.ndarray:
     """The number of the word each token belongs to (0 for the first word)."""
     return np.maximum(np.cumsum(is_word_start(tokens)) - 1, 0)
 
 
+@_per_token_sequence
 def sentence_index(tokens: list[str]) -> np.ndarray:
     """The number of the sentence each token belongs to; a sentence's closing punctuation belongs to it."""
     ends = is_sentence_end(tokens).astype(int)
@@ -172,6 +201,7 @@ def is_first_occurrence(tokens: list[str]) -> np.ndarray:
     return previous_occurrence(tokens) < 0
 
 
+@_per_token_sequence
 def previous_occurrence(tokens: list[str]) -> np.ndarray:
     """For each token, the position of the most recent earlier token with the same normalised text,
     or -1 when there is none (looks back only)."""
