@@ -141,7 +141,8 @@ def test_library_from_synthesized_candidates(tmp_path):
                                                 "category", "causal", "trusted"]
     assert list(tables["best"].columns) == ["layer", "head", "program", "val_iou", "test_iou", "synth_iou", "causal"]
     assert set(tables["scores"]["split"]) == {"synth", "val", "test"}
-    assert len(tables["scores"]) == 3 * 4 * summary["library_size"]
+    # val and test: every program on every head; synth: each head's chosen program
+    assert len(tables["scores"]) == 2 * 4 * summary["library_size"] + 4
     assert (tables["best"]["val_iou"] > 0.9).all() and (tables["best"]["test_iou"] > 0.9).all()
     assert summary["mean_test_iou"] == pytest.approx(tables["best"]["test_iou"].mean())
     assert set(summary["baselines"]) == {"random_token", "random_column", "uniform", "first_token"}
@@ -151,6 +152,8 @@ def test_library_from_synthesized_candidates(tmp_path):
     best = tables["best"].iloc[0]
     scores = tables["scores"].set_index(["program", "layer", "head", "split"])["iou"]
     assert scores[(best["program"], best["layer"], best["head"], "val")] == pytest.approx(best["val_iou"])
+    assert scores[(best["program"], best["layer"], best["head"], "synth")] == pytest.approx(best["synth_iou"])
+    assert best["synth_iou"] > 0.9
     assert tables["programs"]["category"].notna().all()
 
 

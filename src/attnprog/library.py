@@ -158,15 +158,14 @@ def build_library(model: str, heads: list[tuple[int, int]], synthesis_dirs: dict
     candidates = [candidates[i] for i in keep]
     programs = [c["program"] for c in candidates]
     outputs = {"val": [f[keep] for f in flat_val]}
-    for split in ("synth", "test"):
-        outputs[split], _ = run_on_split(programs, split_examples[split], tokenizer_dir)
+    outputs["test"], _ = run_on_split(programs, split_examples["test"], tokenizer_dir)
 
     check_examples = [(list(t), x) for t, x in zip(split_examples["val"]["tokens"], split_examples["val"]["text"])]
-    causal = [bool(check_causal(p, check_examples, max_examples=settings.get("causal_check_examples", 4),
+    causal = [bool(check_causal(p, check_examples, max_examples=settings.get("causal_check_examples", 2),
                                 tokenizer_dir=tokenizer_dir)) if is_causal else True for p in programs]
 
     real = {s: head_matrices(attention_dir, heads, split_examples[s]) for s in SPLITS}
-    iou = {s: iou_table(outputs[s], real[s]) for s in SPLITS}  # (programs, heads)
+    iou = {s: iou_table(outputs[s], real[s]) for s in ("val", "test")}  # (programs, heads)
 
     # Best per head: highest val IoU among programs usable for substitution (causal ones).
     eligible = np.array(causal)
@@ -174,32 +173,44 @@ def build_library(model: str, heads: list[tuple[int, int]], synthesis_dirs: dict
         raise ValueError(f"library: no program of {model} passed the causality check")
     val_masked = np.where(eligible[:, None], iou["val"], -np.inf)
     best_index = val_masked.argmax(axis=0)
+    heads_idx = np.arange(len(heads))
 
-    # JS distance for each head's top programs on val (all pairs would cost a log per entry per pair).
+    # On synth only the chosen programs are scored (how well a head's best program fits its fitting data).
+    chosen_once, position = np.unique(best_index, return_inverse=True)
+    outputs["synth"], _ = run_on_split([programs[i] for i in chosen_once], split_examples["synth"], tokenizer_dir)
+    synth_iou = iou_table(outputs["synth"], real["synth"])[position, heads_idx]
+
+    # JS distance for each head's top programs by val IoU (all pairs would cost a log per entry per pair).
     top_k = settings.get("jsd_top_k", 5)
-    jsd = {s: np.full(iou[s].shape, np.nan) for s in SPLITS}
+    jsd = {s: np.full(iou[s].shape, np.nan) for s in ("val", "test")}
+    synth_jsd = np.zeros(len(heads))
     lengths = {s: [len(t) for t in split_examples[s]["tokens"]] for s in SPLITS}
+
+    def mean_jsd_of(split, rows, h):
+        return np.mean([jsd_rows_flat(outputs[split][e][rows].astype(np.float64),
+                                      real[split][e][h].astype(np.float64)[None, :], n)
+                        for e, n in enumerate(lengths[split])], axis=0)
+
     for h in range(len(heads)):
-        chosen = np.unique(np.append(np.argsort(-iou["val"][:, h])[:top_k], best_index[h]))
-        for s in SPLITS:
-            values = [jsd_rows_flat(outputs[s][e][chosen].astype(np.float64),
-                                    real[s][e][h].astype(np.float64)[None, :], n)
-                      for e, n in enumerate(lengths[s])]
-            jsd[s][chosen, h] = np.mean(values, axis=0)
+        top = np.unique(np.append(np.argsort(-iou["val"][:, h])[:top_k], best_index[h]))
+        for split in ("val", "test"):
+            jsd[split][top, h] = mean_jsd_of(split, top, h)
+        synth_jsd[h] = mean_jsd_of("synth", [position[h]], h)[0]
 
     names = [p.name for p in programs]
+    layers_of = np.array([l for l, _ in heads], dtype="int32")
+    head_numbers = np.array([h for _, h in heads], dtype="int32")
     scores = pd.concat([pd.DataFrame({
-        "program": np.repeat(names, len(heads)),
-        "layer": np.tile([l for l, _ in heads], len(names)).astype("int32"),
-        "head": np.tile([h for _, h in heads], len(names)).astype("int32"),
-        "split": s, "iou": iou[s].ravel(), "jsd": jsd[s].ravel()}) for s in SPLITS], ignore_index=True)
+        "program": np.repeat(names, len(heads)), "layer": np.tile(layers_of, len(names)),
+        "head": np.tile(head_numbers, len(names)), "split": s, "iou": iou[s].ravel(), "jsd": jsd[s].ravel()})
+        for s in ("val", "test")] + [pd.DataFrame({
+            "program": [names[i] for i in best_index], "layer": layers_of, "head": head_numbers, "split": "synth",
+            "iou": synth_iou, "jsd": synth_jsd})], ignore_index=True)
 
-    heads_idx = np.arange(len(heads))
     best = pd.DataFrame({
-        "layer": np.array([l for l, _ in heads], dtype="int32"), "head": np.array([h for _, h in heads], dtype="int32"),
-        "program": [names[i] for i in best_index],
+        "layer": layers_of, "head": head_numbers, "program": [names[i] for i in best_index],
         "val_iou": iou["val"][best_index, heads_idx], "test_iou": iou["test"][best_index, heads_idx],
-        "synth_iou": iou["synth"][best_index, heads_idx], "causal": [causal[i] for i in best_index]})
+        "synth_iou": synth_iou, "causal": [causal[i] for i in best_index]})
 
     baselines = baseline_table(heads, split_examples, real)
 
