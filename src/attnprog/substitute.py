@@ -127,8 +127,8 @@ def mask_and_normalise(matrix: torch.Tensor, visible: torch.Tensor) -> torch.Ten
     """Clip negatives, drop what the query may not see, row-normalise; an empty row attends to its first visible key."""
     matrix = matrix.clamp(min=0) * visible
     total = matrix.sum(-1, keepdim=True)
-    first_visible = torch.nn.functional.one_hot(visible.to(torch.int8).argmax(-1), matrix.shape[-1]).to(matrix.dtype)
-    return torch.where(total > 0, matrix / total.clamp(min=1e-30), first_visible)
+    first_visible = visible & (visible.cumsum(-1) == 1)
+    return torch.where(total > 0, matrix / total.clamp(min=1e-30), first_visible.to(matrix.dtype))
 
 
 def substituted_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
