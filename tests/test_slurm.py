@@ -1,17 +1,17 @@
 """The tiny workflow, to its final target, through profiles/slurm on a real single-node SLURM cluster
 (started by tests/slurmfixture.py): every job is an sbatch job, per-head jobs go in groups, GPU rules ask
 SLURM for a GPU."""
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from slurmfixture import slurm_cluster  # noqa: F401  (the session fixture)
+from slurmfixture import REGISTRY, slurm_cluster, stop_leftover_clusters  # noqa: F401  (a session fixture)
 from tinyworld import REPO, tiny_config
 from workflowrun import assert_results_valid, snakemake_cmd
-
-pytestmark = pytest.mark.slow
 
 # Rules that ask for a GPU in profiles/slurm/config.yaml.
 GPU_RULES = {"extract", "substitute", "qa"}
@@ -21,6 +21,7 @@ def rules_in(log: str) -> set[str]:
     return set(re.findall(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$", log, re.M))
 
 
+@pytest.mark.slow
 def test_tiny_workflow_runs_to_the_end_through_the_slurm_profile(slurm_cluster, tiny_models, tmp_path):  # noqa: F811
     config = tiny_config({"tiny-llama": tiny_models["llama"]})
     cmd = snakemake_cmd(
@@ -49,3 +50,23 @@ def test_tiny_workflow_runs_to_the_end_through_the_slurm_profile(slurm_cluster, 
     dry = subprocess.run(cmd + ["-n"], env=slurm_cluster.env, capture_output=True, text=True)
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
     assert_results_valid(tmp_path)
+
+
+def test_the_processes_of_a_cluster_left_by_a_killed_session_are_stopped():
+    folder = REGISTRY / "leftover-test"
+    folder.mkdir(parents=True, exist_ok=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (folder / "owner").write_text(str(gone.pid))  # its session is gone
+    # A process of that cluster: SLURM daemons and jobs carry its SLURM_CONF in their environment.
+    daemon = subprocess.Popen(["sleep", "60"], env={**os.environ, "SLURM_CONF": str(folder / "slurm.conf")})
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        stop_leftover_clusters()
+        assert daemon.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert not folder.exists()
+    finally:
+        for proc in (daemon, bystander):
+            proc.kill()
+            proc.wait()
