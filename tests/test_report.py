@@ -128,9 +128,16 @@ def write_sweep(base: Path, rng) -> None:
 
 
 def write_qa(base: Path, rng) -> None:
-    rows = [{"task": task, "method": method, "fraction": f, "acc": 0.7 - f * (0.2 if method == "programs" else 0.4)
-             + 0.02 * rng.random(), "acc_stderr": 0.03}
-            for task in ("piqa", "sciq", "copa") for method in ("programs", "uniform") for f in FRACTIONS]
+    """qa/summary.json's flat `results` rows, as attnprog.qa.summarise_qa writes them (copa without acc_norm)."""
+    rows = []
+    for task in ("piqa", "sciq", "copa"):
+        for method in ("programs", "uniform"):
+            for f in FRACTIONS:
+                acc = 0.7 - f * (0.2 if method == "programs" else 0.4) + 0.02 * rng.random()
+                row = {"task": task, "method": method, "fraction": f, "acc": acc, "acc_stderr": 0.03}
+                if task != "copa":
+                    row.update(acc_norm=acc + 0.1 * rng.random(), acc_norm_stderr=0.03)
+                rows.append(row)
     write_json(base / "qa" / "summary.json", {"results": rows})
 
 
@@ -237,6 +244,11 @@ def test_index_compares_models_and_links_to_each(tmp_path):
     assert f"{at['ppl']:.2f} ({at['rel_increase']:+.1%}" in page
     summary = json.loads((roots["tiny"] / "library" / "summary.json").read_text())
     assert f"{summary['mean_test_iou']:.3f}" in page
+    qa = pd.DataFrame(json.loads((roots["tiny"] / "qa" / "summary.json").read_text())["results"])
+    qa = qa[qa["method"] == "programs"]
+    scored = qa["acc_norm"].fillna(qa["acc"])  # the paper's length-normalised accuracy where the task has it
+    before, after = (scored[qa["fraction"] == f].mean() for f in (0.0, 0.25))
+    assert f"{before:.3f} → {after:.3f}" in page
 
 
 # ---- the Snakemake rules: build the report from a finished results tree, then `snakemake --report` ----

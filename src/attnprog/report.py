@@ -345,11 +345,22 @@ def single_head_figure(single: pd.DataFrame, heads: pd.DataFrame, substitution: 
 
 
 def qa_table(qa: dict) -> pd.DataFrame:
-    """QA results as rows of task, method, fraction, acc, lo, hi (a 95% interval) from qa/summary.json."""
-    rows = pd.DataFrame(qa.get("results", []), columns=["task", "method", "fraction", "acc", "acc_stderr"])
-    rows = rows.astype({"fraction": float, "acc": float, "acc_stderr": float})  # a missing stderr is NaN
-    rows["lo"], rows["hi"] = rows["acc"] - 1.96 * rows["acc_stderr"], rows["acc"] + 1.96 * rows["acc_stderr"]
-    return rows
+    """QA results from qa/summary.json as rows of task, metric, method, fraction, acc, lo, hi (a 95% interval).
+    Per task the metric is acc_norm (length-normalised log-likelihood, the paper's scoring) when every row has
+    it, else acc."""
+    columns = ["task", "metric", "method", "fraction", "acc", "lo", "hi"]
+    rows = pd.DataFrame(qa.get("results", []))
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    parts = []
+    for task, group in rows.groupby("task", sort=True):
+        metric = "acc_norm" if "acc_norm" in group and group["acc_norm"].notna().all() else "acc"
+        acc = group[metric].astype(float)
+        stderr = pd.to_numeric(group.get(f"{metric}_stderr", pd.Series(np.nan, index=group.index)), errors="coerce")
+        parts.append(pd.DataFrame({"task": task, "metric": metric, "method": group["method"],
+                                   "fraction": group["fraction"].astype(float), "acc": acc,
+                                   "lo": acc - 1.96 * stderr, "hi": acc + 1.96 * stderr}))
+    return pd.concat(parts, ignore_index=True)[columns]
 
 
 def qa_figure(qa: dict) -> tuple[str, str]:
@@ -369,12 +380,13 @@ def qa_figure(qa: dict) -> tuple[str, str]:
             label, colour = _method_style(method, i)
             ax.plot(curve.index, curve["acc"], "o-", ms=3, color=colour, label=label)
             ax.fill_between(curve.index, curve["lo"], curve["hi"], color=colour, alpha=.15, lw=0)
-        ax.set(title=task, ylim=(0, 1), xlabel="heads replaced", ylabel="accuracy")
+        ax.set(title=task, ylim=(0, 1), xlabel="heads replaced", ylabel=rows["metric"].iloc[0])
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
         ax.grid(alpha=.3)
     figure.axes[0].legend(fontsize=7)
     figure.tight_layout()
-    return _svg_of(figure), "Bands: ±1.96 standard errors (lm-eval's acc_stderr)."
+    return _svg_of(figure), ("Accuracy as lm-eval scores it: acc_norm (length-normalised log-likelihood) where the "
+                             "task reports it, else acc. Bands: ±1.96 standard errors (lm-eval's stderr).")
 
 
 def qa_cell(qa: dict | None, fraction: float) -> str:
