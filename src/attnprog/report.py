@@ -288,6 +288,13 @@ def _plain_log_labels(axis) -> None:
     axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(label))
 
 
+def _legend_above(figure: Figure) -> None:
+    """One legend for every panel, above them, so it never hides a curve."""
+    handles, labels = figure.axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(labels), 3),
+                  fontsize=8, frameon=False)
+
+
 def sweep_curves(sweep: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     """{(eval split, method): perplexity per fraction with its 95% interval}. Runs of several seeds (random
     order) are averaged, and their band spans every seed's interval."""
@@ -321,7 +328,8 @@ def perplexity_figure(sweep: pd.DataFrame, first_split: str) -> tuple[str, str]:
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
         _plain_log_labels(ax.yaxis)
         ax.grid(alpha=.3, which="both")
-        ax.legend(fontsize=8)
+    figure.tight_layout()
+    _legend_above(figure)
     note = ("Bands: 95% bootstrap intervals over the evaluation sequences. Heads are replaced in order of their "
             "best program's val IoU; the uniform baseline replaces the same heads with uniform causal attention.")
     return _svg_of(figure), note
@@ -381,10 +389,10 @@ def qa_figure(qa: dict) -> tuple[str, str]:
             ax.plot(curve.index, curve["acc"], "o-", ms=3, color=colour, label=label)
             ax.fill_between(curve.index, curve["lo"], curve["hi"], color=colour, alpha=.15, lw=0)
         ax.set(title=task, ylim=(0, 1), xlabel="heads replaced", ylabel=rows["metric"].iloc[0])
-        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
         ax.grid(alpha=.3)
-    figure.axes[0].legend(fontsize=7)
     figure.tight_layout()
+    _legend_above(figure)
     return _svg_of(figure), ("Accuracy as lm-eval scores it: acc_norm (length-normalised log-likelihood) where the "
                              "task reports it, else acc. Bands: ±1.96 standard errors (lm-eval's stderr).")
 
@@ -691,15 +699,18 @@ def models_figure(models: dict[str, Path]) -> Markup:
             split = main_split(sweep, _read_json(summary_path) if summary_path.is_file() else None)
             rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == split)]
             rows = rows.sort_values("fraction")
-            right.plot(rows["fraction"], 100 * rows["rel_increase"], "o-", ms=3, color=f"C{i}", label=name)
-            right.fill_between(rows["fraction"], 100 * rows["rel_lo"], 100 * rows["rel_hi"], color=f"C{i}",
+            right.plot(rows["fraction"], 1 + rows["rel_increase"], "o-", ms=3, color=f"C{i}", label=name)
+            right.fill_between(rows["fraction"], 1 + rows["rel_lo"], 1 + rows["rel_hi"], color=f"C{i}",
                                alpha=.15, lw=0)
     left.set(xlabel="test IoU of the best program", ylabel="fraction of heads at least this good", xlim=(0, 1),
              ylim=(0, 1), title="How many heads a program explains")
-    right.set(xlabel="fraction of heads replaced", ylabel="perplexity increase (%)",
+    right.set(xlabel="fraction of heads replaced", ylabel="perplexity ÷ unmodified perplexity",
               title="Cost of replacing heads by programs")
     right.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    if not right.lines:
+    if right.lines:  # a ratio on a log scale: +20% and x10 both stay readable
+        right.set_yscale("log")
+        _plain_log_labels(right.yaxis)
+    else:
         right.text(.5, .5, "substitution not run", transform=right.transAxes, ha="center", color="#777")
     for ax in (left, right):
         ax.grid(alpha=.3)
