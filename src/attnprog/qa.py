@@ -99,7 +99,9 @@ def evaluate_task(lm, task: str, limit: int | None, manager) -> dict:
 
     out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False)
     results = out["results"][task]
-    row = {"n_questions": int(out["n-samples"][task]["effective"])}
+    samples = out["n-samples"]  # a group (e.g. mmlu) reports its subtasks here and its aggregate in results
+    row = {"n_questions": int(samples[task]["effective"] if task in samples else
+                              sum(s["effective"] for s in samples.values()))}
     for metric in METRICS:
         if f"{metric},none" in results:
             row[metric] = float(results[f"{metric},none"])
