@@ -146,7 +146,7 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
 
     from attnprog import data, extract, models
     from attnprog.rerank import rerank_head
-    from attnprog.synthesize import synthesize_head
+    from attnprog.synthesize import synthesize_head, write_head_inputs
     from tinyworld import tiny_config
 
     config = validate_config(tiny_config({"tiny": tiny_models["gpt2"]}, synthesis={
@@ -160,9 +160,10 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
     extract.extract_attention(models.load_model(info, "cpu"), examples, tmp_path / "attention", batch_size=4,
                               pad_id=tokenizer.pad_token_id, progress=False)
 
+    head_inputs = tmp_path / "head_inputs.npz"
+    write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", head_inputs)
     out = tmp_path / "synthesis" / "L1H2"
-    manifest = synthesize_head(config["synthesis"], "tiny", 1, 2, tmp_path / "attention",
-                               tmp_path / "examples.parquet", out)
+    manifest = synthesize_head(config["synthesis"], "tiny", 1, 2, head_inputs, out)
     assert manifest["backend"] == "open_weights" and json.loads((out / "manifest.json").read_text()) == manifest
     record = json.loads(next((tmp_path / "cache" / "replies").glob("*/*.json")).read_text())
     first_turn = record["request"]["messages"][1]["content"]  # [0] is the system prompt
@@ -174,6 +175,6 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
 
     assert shown(True) == 2 and shown(False) == 0
 
-    table = rerank_head(out, tmp_path / "attention", tmp_path / "examples.parquet", 1, 2, tmp_path / "L1H2.parquet")
-    assert list(table["name"]) == [c["name"] for c in manifest["candidates"]]
-    assert (table.loc[table["status"] != "ok", "val_iou"] == 0).all()
+    rows = rerank_head(out, head_inputs, 1, 2, tmp_path / "L1H2.parquet")
+    assert [row["name"] for row in rows] == [c["name"] for c in manifest["candidates"]]
+    assert all(row["val_iou"] == 0 for row in rows if row["status"] != "ok")
