@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +271,7 @@ def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
     (tmp_path / "config.yaml").write_text(
         "models:\n  tiny: {local_dir: /nowhere/tiny}\ncorpus:\n  source: {files: [corpus.txt]}\n"
         "qa: {tasks: [piqa]}\nreport: {examples_per_head: 2}\n")
-    snakemake = [str(Path(shutil.which("snakemake") or "snakemake")), "--cores", "1", "--directory", str(tmp_path),
+    snakemake = [str(Path(sys.executable).with_name("snakemake")), "--cores", "1", "--directory", str(tmp_path),
                  "--snakefile", str(tmp_path / "Snakefile")]
     done = subprocess.run(snakemake, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
