@@ -348,3 +348,33 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     assert summary["single_head"]["n_heads"] == 4 and -1 <= summary["single_head"]["spearman_rho"] <= 1
     assert len(pd.read_parquet(out / "single_heads.parquet")) == 4
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+@pytest.mark.slow
+def test_real_smollm2_every_head_replaced_by_its_own_attention_keeps_its_logits(smollm2_dir):
+    """SmolLM2-135M (30 layers x 9 heads sharing 3 key/value heads): all 270 heads replaced by their own
+    recorded attention, in a padded batch of two texts, give the model's own logits."""
+    from functools import partial
+
+    from attnprog import data, models
+
+    info = models.describe_model("smollm2", {"local_dir": str(smollm2_dir)})
+    tokenizer, model = models.load_tokenizer(info), models.load_model(info, "cpu")
+    texts = ["The cat sat on the mat because it was warm.", "Tracy didn't go home that evening."]
+    examples = [tokenizer(text)["input_ids"] for text in texts]
+    expected = [logits(model, torch.tensor([ids]))[0] for ids in examples]
+    recorded = {}
+    for ids in examples:
+        recorded.update(record_attention(model, torch.tensor([ids])))
+    by_tokens = {tuple(data.token_strings(tokenizer, ids)): tuple(ids) for ids in examples}
+    replacer = substitute.install(model, partial(data.token_strings, tokenizer))
+    replacer.set_heads({(layer, head): (lambda tokens, l=layer, h=head: recorded[(l, h, by_tokens[tuple(tokens)])])
+                        for layer, head in all_heads(model)})
+    length = max(map(len, examples))
+    ids = torch.full((2, length), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for b, seq in enumerate(examples):
+        ids[b, : len(seq)], mask[b, : len(seq)] = torch.tensor(seq), 1
+    batched = logits(model, ids, attention_mask=mask)
+    for b, seq in enumerate(examples):
+        torch.testing.assert_close(batched[b, : len(seq)], expected[b], atol=2e-4, rtol=1e-4)
