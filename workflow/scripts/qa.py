@@ -6,5 +6,5 @@ from attnprog.qa import qa_task
 
 log_to(snakemake.log)
 qa_task(read_info(snakemake.input.info), snakemake.wildcards.task, Path(snakemake.input.best).parent,
-        snakemake.input.get("data"), snakemake.params.settings, snakemake.params.noncausal, snakemake.output[0],
+        snakemake.input.data or None, snakemake.params.settings, snakemake.params.noncausal, snakemake.output[0],
         snakemake.params.device)
