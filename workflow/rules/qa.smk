@@ -1,6 +1,8 @@
 # QA with lm-evaluation-harness at several replacement fractions: one job per (model, task).
 
 QA_TASKS = config["qa"]["tasks"]
+# What a QA job depends on: the task list and the data seed are left out, so adding a task runs only that task.
+QA_SETTINGS = {key: value for key, value in config["qa"].items() if key not in ("tasks", "seed")}
 
 
 rule qa_data:
@@ -31,7 +33,7 @@ rule qa:
     wildcard_constraints:
         task="|".join(re.escape(t) for t in QA_TASKS) or "(?!)",
     params:
-        settings=config["qa"],
+        settings=QA_SETTINGS,
         noncausal=config["substitution"]["noncausal"],
         device=config["device"],
     log:
