@@ -11,7 +11,8 @@ import dataclasses
 import random
 import time
 
-from attnprog.programs import ProgramRunner, check_causal, programs_from_source, run_prefixwise, run_programs
+from attnprog.programs import programs_from_source
+from attnprog.runner import ProgramRunner, check_causal, run_prefixwise, run_programs
 from attnprog.sandbox import Sandbox
 
 WORDS = [" the", " cat", " sat", " on", " a", " mat", ".", " She", " said", ",", " and", " then", " it",

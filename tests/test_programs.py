@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnprog.programs import (Program, ProgramError, ProgramRunner, check_causal, load_programs,
-                               normalise_attention, programs_from_source, run_prefixwise, run_programs)
+from attnprog.matrices import normalise as normalise_attention
+from attnprog.programs import Program, ProgramError, load_programs, programs_from_source
+from attnprog.runner import ProgramRunner, check_causal, run_prefixwise, run_programs
 from attnprog.sandbox import Limits, Policy, Sandbox
 
 FIXTURES = Path(__file__).parent / "fixtures" / "programs"

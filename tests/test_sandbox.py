@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 import pytest
 
-from attnprog.programs import programs_from_source, run_programs
+from attnprog.programs import programs_from_source
+from attnprog.runner import run_programs
 from attnprog.sandbox import (ALLOWED_IMPORTS, DENIED_ATTRIBUTES, Limits, Policy, ProgramError, Sandbox,
                               module_table, validate_source)
 

@@ -7,7 +7,8 @@ import pytest
 
 from attnprog import helpers as h
 from attnprog import synthesize as S
-from attnprog.programs import check_causal, load_programs, run_programs
+from attnprog.programs import load_programs
+from attnprog.runner import check_causal, run_programs
 from attnprog.scoring import mean_iou
 
 WORDS = [" the", " cat", " dog", " sat", " on", " a", " mat", " and", " ran", " home", ",", ".", " big", " red"]

@@ -20,7 +20,8 @@ import pandas as pd
 
 from .atomic import atomic_dir, write_json, write_parquet
 from .extract import layer_file, read_layer_attention
-from .programs import Program, check_causal, run_programs
+from .programs import Program
+from .runner import check_causal, run_programs
 from .rerank import load_candidate, read_manifest
 from .scoring import BASELINES, baseline_matrices, iou_table, jsd_rows_flat, lower_triangle
 

@@ -38,7 +38,8 @@ from pygments.lexers import PythonLexer
 from . import __version__
 from .atomic import atomic_dir, write_text
 from .extract import dense, layer_file
-from .programs import load_programs, run_programs
+from .programs import load_programs
+from .runner import run_programs
 from .scoring import soft_iou
 
 DEFAULTS = {"examples_per_head": 3, "alternatives_per_head": 5, "fraction": 0.25}

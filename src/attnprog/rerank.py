@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
-from .programs import ProgramError, load_programs, run_programs
+from .programs import ProgramError, load_programs
+from .runner import run_programs
 from .scoring import mean_iou, mean_jsd
 from .synthesize import read_head_inputs
 

@@ -50,6 +50,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .contracts import PROGRAM_STATUSES
+from .matrices import tril_indices
+from .programs import ProgramError, call_program, describe_exception
+
 # Modules a program may import. Each is handed out as a view (see `_module_view`).
 ALLOWED_IMPORTS = ("numpy", "math", "re", "collections", "itertools", "functools", "typing", "__future__",
                    "attnprog.helpers", "transformers")
@@ -82,15 +86,7 @@ MAX_SOURCE_CHARS = 100_000
 MAX_TOKENS = 4096          # longest token list a sandboxed program is called on
 MAX_ERROR_BYTES = 2000     # longest error message a child may send
 
-STATUSES = ("ok", "syntax_error", "rejected", "runtime_error", "timeout", "memory", "bad_output")
-
-
-class ProgramError(ValueError):
-    """A program that cannot be loaded or run; `status` is one of STATUSES."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
+STATUSES = PROGRAM_STATUSES  # the frame codes: index into this tuple
 
 
 @dataclass(frozen=True)
@@ -474,7 +470,6 @@ def _child_main(job: Job, result_fd: int, workdir: str, limits: Limits, policy: 
                 tokenizer, read_dirs, syscall_filter) -> None:
     """Run one job in a freshly forked child and write one frame per call to RESULT_FD. Never returns."""
     try:
-        from attnprog.programs import call_program, describe_exception
         _isolate(result_fd, workdir, limits, len(job.calls))
         if syscall_filter is not None:
             syscall_filter.load()
@@ -508,7 +503,7 @@ def _child_main(job: Job, result_fd: int, workdir: str, limits: Limits, policy: 
                                            last_row=job.last_row, filename=job.filename, source=job.source,
                                            trusted_section=trusted_section)
             if status == "ok" and job.causal and not job.last_row:
-                payload = payload[lower_triangle_indices(len(tokens))]  # the upper triangle is zero: not sent
+                payload = payload[tril_indices(len(tokens))]  # the upper triangle is zero: not sent
             _send_frame(i, status, payload)
     except BaseException:
         pass
@@ -525,18 +520,13 @@ def _payload_size(n: int, causal: bool, last_row: bool) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def lower_triangle_indices(n: int):
-    return np.tril_indices(n)
-
-
-@functools.lru_cache(maxsize=None)
 def _row_starts(n: int) -> np.ndarray:
     return np.cumsum(np.arange(n)) if n else np.zeros(0, dtype=int)  # row i starts at i(i+1)/2
 
 
 def _unpack_matrix(data: bytes, n: int, causal: bool, last_row: bool) -> np.ndarray | None:
     """The matrix (or row) a child sent, or None unless every row is a distribution (non-negative, finite,
-    summing to 1): what `normalise_attention` makes, so nothing else gets through."""
+    summing to 1): what `matrices.normalise` makes, so nothing else gets through."""
     values = np.frombuffer(data, dtype=np.float32)
     if n and not (np.isfinite(values).all() and values.min() >= 0):
         return None
@@ -552,7 +542,7 @@ def _unpack_matrix(data: bytes, n: int, causal: bool, last_row: bool) -> np.ndar
         return values.copy()
     if causal:
         out = np.zeros((n, n), dtype=np.float32)
-        out[lower_triangle_indices(n)] = values
+        out[tril_indices(n)] = values
         return out
     return values.reshape(n, n).copy()
 
@@ -708,7 +698,6 @@ def serve() -> None:
         tokenizer = load_reference_tokenizer(tokenizer_dir) if tokenizer_dir else None
         table = module_table(policy.allowed_imports)
         syscall_filter = build_syscall_filter() if policy.seccomp else None
-        import attnprog.programs  # noqa: F401  (the child's runner; imported before any fork)
     except Exception as e:
         _write_message(proto_out, {"ready": False, "error": f"{type(e).__name__}: {e}"})
         return

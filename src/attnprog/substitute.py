@@ -412,6 +412,7 @@ def program_replacements(library_dir, best: "pd.DataFrame", tokenizer_dir=None, 
     import pandas as pd
 
     from . import programs as progs
+    from . import runner
 
     library_dir = Path(library_dir)
     table = pd.read_parquet(library_dir / "programs.parquet").set_index("name")
@@ -427,10 +428,10 @@ def program_replacements(library_dir, best: "pd.DataFrame", tokenizer_dir=None, 
             continue
         if row.program not in runners:
             program = dataclasses.replace(loaded[row.program], trusted=bool(table.loc[row.program, "trusted"]))
-            runners[row.program] = UniformOnFailure(progs.ProgramRunner(program, prefixwise=not causal,
+            runners[row.program] = UniformOnFailure(runner.ProgramRunner(program, prefixwise=not causal,
                                                                         tokenizer_dir=tokenizer_dir))
         out[(int(row.layer), int(row.head))] = runners[row.program]
-    n_prefixwise = sum(isinstance(r.runner, progs.ProgramRunner) and r.runner.prefixwise for r in runners.values())
+    n_prefixwise = sum(isinstance(r.runner, runner.ProgramRunner) and r.runner.prefixwise for r in runners.values())
     log(f"substitution: {len(runners)} programs for {len(out)} heads; {n_prefixwise} non-causal programs run "
         f"prefix by prefix; {skipped} heads skipped as non-causal")
     return out

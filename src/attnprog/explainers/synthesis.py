@@ -27,7 +27,8 @@ from attnprog.explainers.claude import ClaudeExplainer
 from attnprog.explainers.open_weights import OpenWeightsExplainer
 from attnprog.explainers.prompts import FitExample, extract_programs, head_prompt, refinement_prompt, system_prompt
 from attnprog.explainers.reply import Conversation, Reply
-from attnprog.programs import ProgramError, programs_from_source, run_programs
+from attnprog.programs import ProgramError, programs_from_source
+from attnprog.runner import run_programs
 from attnprog.scoring import row_jsd
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")

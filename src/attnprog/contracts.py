@@ -1,0 +1,404 @@
+"""What passes between the workflow's rules, written once: typed records and table schemas.
+
+Every writer and reader of a file that crosses a rule boundary goes through this module, and so do the
+tests' fixtures, so the two sides cannot drift apart. Tables are checked when written (columns, types,
+allowed values) and when read (columns and types). docs/ARCHITECTURE.md lists which rule writes which file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_path, write_json
+
+
+class ContractError(ValueError):
+    """A file that does not hold what its contract says, named in one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vocabulary
+
+Split = Literal["synth", "val", "test"]
+SPLITS: tuple[Split, ...] = get_args(Split)
+# What a program run can end in; the sandbox and the in-process runner report the same statuses.
+ProgramStatus = Literal["ok", "syntax_error", "rejected", "runtime_error", "timeout", "memory", "bad_output"]
+PROGRAM_STATUSES: tuple[str, ...] = get_args(ProgramStatus)
+# A candidate can also fail before it is a program: an LLM reply without code, cut off, refused, too long;
+# or its file went missing.
+CandidateStatus = Literal[ProgramStatus, "no_program", "truncated", "api_error", "prompt_too_long", "missing"]
+CANDIDATE_STATUSES: tuple[str, ...] = PROGRAM_STATUSES + ("no_program", "truncated", "api_error",
+                                                          "prompt_too_long", "missing")
+# Who wrote a program. Only the project's own offline synthesizer is trusted to run outside the sandbox.
+Origin = Literal["offline", "claude", "open_weights", "user"]
+ORIGINS: tuple[str, ...] = get_args(Origin)
+TRUSTED_ORIGINS = ("offline",)
+
+
+@dataclass(frozen=True, order=True)
+class HeadId:
+    """One attention head of a model."""
+    layer: int
+    head: int
+
+    @property
+    def name(self) -> str:
+        """`L{layer}H{head}`: the head's folder and file names (never parsed back)."""
+        return f"L{self.layer}H{self.head}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def all_heads(n_layers: int, n_heads: int) -> list[HeadId]:
+    return [HeadId(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON records
+
+def _from_dict(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ContractError(f"{where}: missing field(s) {', '.join(missing)}")
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _read_json(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ContractError(f"missing file {path}") from None
+    except json.JSONDecodeError as e:
+        raise ContractError(f"{path} is not valid JSON ({e})") from None
+
+
+@dataclass
+class ModelInfo:
+    """results/{model}/model/info.json: what later stages need to know about a model (no weights)."""
+    model: str
+    load_path: str                 # what `from_pretrained` loads: a Hub id or a local folder
+    architecture: str
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    is_causal: bool
+    dtype: str = "float32"
+    revision: str | None = None
+
+    @property
+    def heads(self) -> list[HeadId]:
+        return all_heads(self.n_layers, self.n_heads)
+
+    @property
+    def n_heads_total(self) -> int:
+        return self.n_layers * self.n_heads
+
+    @property
+    def tokenizer_dir(self) -> str | None:
+        """The model's local folder (reference-signature programs tokenise with it), if it has one."""
+        return self.load_path if Path(self.load_path).is_dir() else None
+
+    def write(self, path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def read(cls, path) -> "ModelInfo":
+        return _from_dict(cls, _read_json(path), str(path))
+
+
+USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+@dataclass
+class Candidate:
+    """One candidate program of a head, as synthesis recorded it (an entry of manifest.json)."""
+    name: str                      # L{l}H{h}_c{i} (first turn or offline size i), L{l}H{h}_r0 (refined)
+    file: str | None               # its file in the head's synthesis folder (None: the reply held no program)
+    origin: Origin
+    status: CandidateStatus = "ok"
+    error: str | None = None
+    synth_jsd: float | None = None
+    synth_iou: float | None = None
+    n_terms: int | None = None     # offline programs: how many weighted cues
+    refined_from: str | None = None
+    prompt_hash: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+    from_cache: bool = False
+
+    def __post_init__(self):
+        if self.origin not in ORIGINS:
+            raise ContractError(f"candidate {self.name}: origin {self.origin!r} is not one of {ORIGINS}")
+        if self.status not in CANDIDATE_STATUSES:
+            raise ContractError(f"candidate {self.name}: status {self.status!r} is not one of {CANDIDATE_STATUSES}")
+
+    @property
+    def trusted(self) -> bool:
+        return self.origin in TRUSTED_ORIGINS
+
+
+@dataclass
+class Manifest:
+    """results/{model}/synthesis/L{l}H{h}/manifest.json: one head's candidates and what they cost."""
+    model: str
+    layer: int
+    head: int
+    backend: str
+    candidates: list[Candidate]
+    totals: dict = field(default_factory=dict)
+    explainer_model: str | None = None
+    replies: list[dict] = field(default_factory=list)
+
+    FILE = "manifest.json"
+
+    @property
+    def head_id(self) -> HeadId:
+        return HeadId(self.layer, self.head)
+
+    def write(self, folder) -> None:
+        data = asdict(self)
+        write_json(Path(folder) / self.FILE, data)
+
+    @classmethod
+    def read(cls, folder) -> "Manifest":
+        path = Path(folder) / cls.FILE
+        data = _read_json(path)
+        data["candidates"] = [_from_dict(Candidate, c, f"{path}: candidate") for c in data.get("candidates", [])]
+        return _from_dict(cls, data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parquet tables
+
+@dataclass(frozen=True)
+class Table:
+    """A Parquet file's contract: its schema, and the values some string columns may take."""
+    name: str
+    schema: pa.Schema
+    allowed: dict = field(default_factory=dict)   # column -> allowed values
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+    def conform(self, data) -> pa.Table:
+        """A DataFrame or Arrow table as exactly this schema (columns in order, types cast); raises
+        ContractError for a missing or extra column, an uncastable value or a value not allowed."""
+        table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+        missing = [c for c in self.columns if c not in table.column_names]
+        extra = [c for c in table.column_names if c not in self.columns]
+        if missing or extra:
+            raise ContractError(f"{self.name}: columns differ from the contract (missing {missing}, extra {extra})")
+        try:
+            table = table.select(self.columns).cast(self.schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise ContractError(f"{self.name}: {e}") from None
+        for column, values in self.allowed.items():
+            seen = set(table[column].drop_null().unique().to_pylist())
+            bad = sorted(seen - set(values))
+            if bad:
+                raise ContractError(f"{self.name}: column {column} has value(s) {bad[:3]} (allowed: {values})")
+        return table
+
+    def write(self, data, path) -> None:
+        """Check `data` against the contract and write it atomically."""
+        table = self.conform(data)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+
+    def read_arrow(self, path, columns: list[str] | None = None, filters=None) -> pa.Table:
+        if not Path(path).is_file():
+            raise ContractError(f"{self.name}: missing file {path}")
+        found = pq.read_schema(path)
+        for name in columns or self.columns:
+            if name not in found.names:
+                raise ContractError(f"{self.name}: {path} has no column {name}")
+            if not found.field(name).type.equals(self.schema.field(name).type):
+                raise ContractError(f"{self.name}: {path} column {name} is {found.field(name).type}, "
+                                    f"expected {self.schema.field(name).type}")
+        return pq.read_table(path, columns=columns or self.columns, filters=filters)
+
+    def read(self, path, columns: list[str] | None = None, filters=None):
+        """The file as a pandas DataFrame, after checking its schema."""
+        return self.read_arrow(path, columns, filters).to_pandas()
+
+
+_str, _i32, _i64, _f32, _f64, _bool = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.bool_()
+
+# results/{model}/data/examples.parquet and heldout.parquet (split "heldout"): one row per example.
+EXAMPLES = Table("examples", pa.schema([("example_id", _i64), ("split", _str), ("text", _str),
+                                        ("input_ids", pa.list_(_i64)), ("tokens", pa.list_(_str))]),
+                 {"split": SPLITS + ("heldout",)})
+
+# results/{model}/attention/layer{L}.parquet: one row per (example, head), the lower triangle row by row.
+ATTENTION = Table("attention", pa.schema([("example_id", _i64), ("head", _i32), ("n", _i32),
+                                          ("attention", pa.list_(_f32))]))
+
+# results/{model}/rerank/L{l}H{h}.parquet: one row per program of one head's candidates, scored on that
+# head on every split (a candidate that failed scores IoU 0 and JS distance 1).
+RERANK = Table("rerank", pa.schema([
+    ("layer", _i32), ("head", _i32), ("name", _str), ("file", _str), ("origin", _str), ("status", _str),
+    ("error", _str), ("causal", _bool), ("n_terms", _i32), ("source_chars", _i64),
+    ("synth_iou", _f64), ("val_iou", _f64), ("test_iou", _f64),
+    ("synth_jsd", _f64), ("val_jsd", _f64), ("test_jsd", _f64)]),
+    {"origin": ORIGINS, "status": CANDIDATE_STATUSES})
+
+# results/{model}/library/programs.parquet: the deduplicated programs.
+PROGRAMS = Table("programs", pa.schema([
+    ("name", _str), ("origin", _str), ("source_layer", _i32), ("source_head", _i32), ("description", _str),
+    ("category", _str), ("causal", _bool), ("trusted", _bool), ("n_terms", _i32)]), {"origin": ORIGINS})
+
+# results/{model}/library/scores.parquet: every program on every head, per split.
+SCORES = Table("scores", pa.schema([("program", _str), ("layer", _i32), ("head", _i32), ("split", _str),
+                                    ("iou", _f64), ("jsd", _f64)]), {"split": SPLITS})
+
+# results/{model}/library/best.parquet: each head's best program (val IoU chose it, test IoU reports it).
+BEST = Table("best", pa.schema([("layer", _i32), ("head", _i32), ("program", _str), ("val_iou", _f64),
+                                ("test_iou", _f64), ("synth_iou", _f64), ("causal", _bool)]))
+
+# results/{model}/library/baselines.parquet
+BASELINES = Table("baselines", pa.schema([("baseline", _str), ("layer", _i32), ("head", _i32), ("split", _str),
+                                          ("iou", _f64)]), {"split": SPLITS})
+
+# results/{model}/substitution/sweep.parquet: one row per (run, evaluation set).
+SWEEP = Table("sweep", pa.schema([
+    ("method", _str), ("seed", _i64), ("fraction", _f64), ("n_replaced", _i64), ("split", _str),
+    ("n_tokens", _i64), ("ppl", _f64), ("ppl_lo", _f64), ("ppl_hi", _f64), ("rel_increase", _f64),
+    ("rel_lo", _f64), ("rel_hi", _f64)]))
+
+# results/{model}/substitution/single_heads.parquet: each measured head replaced alone.
+SINGLE_HEADS = Table("single_heads", pa.schema([("layer", _i32), ("head", _i32), ("ppl", _f64),
+                                                ("rel_increase", _f64)]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arrays for the per-head jobs and what they leave behind (.npz: numpy alone reads them, fast)
+
+def _write_npz(path, arrays: dict) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+@dataclass
+class SplitExamples:
+    """The examples of one split, in example_id order: what a per-head job runs programs on."""
+    example_ids: list[int]
+    tokens: list[list[str]]
+    texts: list[str]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+    def calls(self) -> list[tuple[list[str], str]]:
+        """(tokens, text) pairs, as the program runner takes them."""
+        return list(zip(self.tokens, self.texts))
+
+
+class HeadInputs:
+    """results/{model}/synthesis/head_inputs.npz: the examples of every split and every head's attention on
+    them (packed lower triangles, concatenated), so a per-head job reads one file and imports only numpy.
+
+    Keys: `example_ids_{split}`, `lengths_{split}`, `tokens_{split}` and `texts_{split}` (JSON), and
+    `{head.name}_{split}` per head."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ContractError(f"head inputs: missing file {path}")
+
+    @staticmethod
+    def write(path, examples: dict[str, SplitExamples], attention: dict[tuple[HeadId, str], np.ndarray]) -> None:
+        """examples: {split: SplitExamples}; attention: {(head, split): packed triangles concatenated}."""
+        arrays = {}
+        for split, part in examples.items():
+            arrays[f"example_ids_{split}"] = np.asarray(part.example_ids, dtype=np.int64)
+            arrays[f"lengths_{split}"] = np.asarray(part.lengths, dtype=np.int64)
+            arrays[f"tokens_{split}"] = np.array(json.dumps(part.tokens))
+            arrays[f"texts_{split}"] = np.array(json.dumps(part.texts))
+        for (head, split), flat in attention.items():
+            expected = sum(n * (n + 1) // 2 for n in examples[split].lengths)
+            if len(flat) != expected:
+                raise ContractError(f"head inputs: {head} on {split} has {len(flat)} values, expected {expected}")
+            arrays[f"{head.name}_{split}"] = np.asarray(flat, dtype=np.float32)
+        _write_npz(path, arrays)
+
+    def examples(self, split: str) -> SplitExamples:
+        with np.load(self.path) as z:
+            if f"example_ids_{split}" not in z.files:
+                raise ContractError(f"head inputs: {self.path} has no split '{split}'")
+            return SplitExamples([int(e) for e in z[f"example_ids_{split}"]], json.loads(str(z[f"tokens_{split}"])),
+                                 json.loads(str(z[f"texts_{split}"])))
+
+    def attention(self, head: HeadId, split: str) -> np.ndarray:
+        """One head's packed attention on one split (triangles concatenated in example order)."""
+        with np.load(self.path) as z:
+            key = f"{head.name}_{split}"
+            if key not in z.files:
+                raise ContractError(f"head inputs: {self.path} has no attention for {head} on split '{split}'")
+            return z[key]
+
+
+class ProgramOutputs:
+    """results/{model}/rerank/L{l}H{h}.npz: what each of one head's candidate programs output on every
+    split, so no later stage runs a program again. Outputs are packed lower triangles concatenated over the
+    split's examples (float16: attention weights need no more), one row per program; a program that failed
+    on an example has zeros there (it scores IoU 0) and `failed_{split}` marks it.
+
+    Keys: `names` (P,), per split `example_ids_{split}`, `lengths_{split}`, `outputs_{split}` (P, D) and
+    `failed_{split}` (P, E)."""
+
+    def __init__(self, names: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
+        self.names = list(names)
+        self.splits = splits   # split -> (example_ids (E,), lengths (E,), outputs (P, D), failed (P, E))
+        for split, (ids, lengths, outputs, failed) in splits.items():
+            width = int(sum(n * (n + 1) // 2 for n in lengths))
+            if outputs.shape != (len(self.names), width) or failed.shape != (len(self.names), len(ids)):
+                raise ContractError(f"program outputs: {split} arrays have shapes {outputs.shape} and {failed.shape},"
+                                    f" expected ({len(self.names)}, {width}) and ({len(self.names)}, {len(ids)})")
+
+    def write(self, path) -> None:
+        arrays = {"names": np.array(self.names, dtype=str)}
+        for split, (ids, lengths, outputs, failed) in self.splits.items():
+            arrays[f"example_ids_{split}"] = np.asarray(ids, dtype=np.int64)
+            arrays[f"lengths_{split}"] = np.asarray(lengths, dtype=np.int64)
+            arrays[f"outputs_{split}"] = np.asarray(outputs, dtype=np.float16)
+            arrays[f"failed_{split}"] = np.asarray(failed, dtype=bool)
+        _write_npz(path, arrays)
+
+    @classmethod
+    def read(cls, path, splits=SPLITS) -> "ProgramOutputs":
+        if not Path(path).is_file():
+            raise ContractError(f"program outputs: missing file {path}")
+        with np.load(path) as z:
+            names = [str(n) for n in z["names"]]
+            try:
+                parts = {s: (z[f"example_ids_{s}"], z[f"lengths_{s}"], z[f"outputs_{s}"], z[f"failed_{s}"])
+                         for s in splits}
+            except KeyError as e:
+                raise ContractError(f"program outputs: {path} lacks {e}") from None
+        return cls(names, parts)
+
+    def matrices(self, name: str, split: str) -> list[np.ndarray | None]:
+        """One program's n x n float32 matrices on a split's examples (None where it failed)."""
+        from .matrices import unpack_many
+
+        ids, lengths, outputs, failed = self.splits[split]
+        row = outputs[self.names.index(name)].astype(np.float32)
+        matrices = unpack_many(row, lengths)
+        return [None if bad else m for m, bad in zip(matrices, failed[self.names.index(name)])]
