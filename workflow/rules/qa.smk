@@ -44,8 +44,8 @@ rule qa:
         settings=QA_SETTINGS,
         noncausal=config["substitution"]["noncausal"],
         device=config["device"],
-    # torch runs on these threads (attnprog.models.use_threads); more jobs side by side beat more threads
-    # per job on a few cores: the programs computing attention matrices are single-threaded Python.
+    # torch runs on exactly these threads (attnprog.models.use_threads). One per job: jobs side by side use the
+    # cores fully, while a second thread per job on a busy 2-core machine made one job 7x slower (bench/qa.py).
     threads: 1
     log:
         "logs/{model}/qa/{task}.log",
