@@ -13,7 +13,8 @@ import pytest
 from attnprog import report
 from attnprog.atomic import write_json
 from attnprog.extract import SCHEMA, layer_file
-from attnprog.scoring import lower_triangle, soft_iou
+from attnprog.matrices import pack as lower_triangle
+from attnprog.scoring import soft_iou
 
 N_LAYERS, N_HEADS = 2, 3
 WORDS = "the cat sat on a mat and then the dog ran to the big red house by the old tree".split()

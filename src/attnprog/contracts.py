@@ -196,8 +196,12 @@ class Table:
         return self.schema.names
 
     def conform(self, data) -> pa.Table:
-        """A DataFrame or Arrow table as exactly this schema (columns in order, types cast); raises
+        """A DataFrame, Arrow table or list of row dicts as exactly this schema (columns in order, types cast); raises
         ContractError for a missing or extra column, an uncastable value or a value not allowed."""
+        if isinstance(data, list):  # rows as dicts
+            data = pa.table({c: [row.get(c) for row in data] for c in
+                             dict.fromkeys(k for row in data for k in row)} if data else
+                            {c: [] for c in self.columns})
         table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
         missing = [c for c in self.columns if c not in table.column_names]
         extra = [c for c in table.column_names if c not in self.columns]
@@ -258,9 +262,12 @@ RERANK = Table("rerank", pa.schema([
     {"origin": ORIGINS, "status": CANDIDATE_STATUSES})
 
 # results/{model}/library/programs.parquet: the deduplicated programs.
+# `in_library`: chosen for the library (its file is in library/programs/); `library_rank`: its place in the
+# greedy order that chose the library (null past the end of that order).
 PROGRAMS = Table("programs", pa.schema([
     ("name", _str), ("origin", _str), ("source_layer", _i32), ("source_head", _i32), ("description", _str),
-    ("category", _str), ("causal", _bool), ("trusted", _bool), ("n_terms", _i32)]), {"origin": ORIGINS})
+    ("category", _str), ("causal", _bool), ("trusted", _bool), ("n_terms", _i32), ("source_chars", _i64),
+    ("in_library", _bool), ("library_rank", _i32)]), {"origin": ORIGINS})
 
 # results/{model}/library/scores.parquet: every program on every head, per split.
 SCORES = Table("scores", pa.schema([("program", _str), ("layer", _i32), ("head", _i32), ("split", _str),

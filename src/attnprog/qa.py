@@ -110,7 +110,7 @@ def evaluate_task(lm, task: str, limit: int | None, manager) -> dict:
     return row
 
 
-def qa_task(info: dict, task: str, library_dir, data_file, settings: dict, noncausal: str, out_path,
+def qa_task(info, task: str, library, data_file, settings: dict, noncausal: str, out_path,
             device: str = "auto", log=print) -> dict:
     """The `qa` rule: one task at each replacement fraction (and method); writes {task}.json with one row per
     (method, fraction): n_replaced, n_questions, acc, acc_stderr, acc_norm, acc_norm_stderr."""
@@ -122,16 +122,16 @@ def qa_task(info: dict, task: str, library_dir, data_file, settings: dict, nonca
     from .atomic import write_json
     from .data import token_strings
     from .models import load_model, load_tokenizer
-    from .rerank import tokenizer_dir_of
 
     if is_offline(task) and data_file is None:
         raise QAError(f"qa: offline task {task} needs its JSONL file")
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     replacer = substitute.install(model, partial(token_strings, tokenizer))
-    best = substitute.read_best(library_dir)
-    programs = substitute.program_replacements(library_dir, best, tokenizer_dir_of(info), noncausal, log)
+    best = substitute.read_best(library.best)
+    programs = substitute.program_replacements(library.program_dir, library.programs, best, info.tokenizer_dir,
+                                               noncausal, log)
     ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
-    n_total = info["n_layers"] * info["n_heads"]
+    n_total = info.n_heads_total
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"])
 
     rows, done = [], {}
@@ -154,7 +154,7 @@ def qa_task(info: dict, task: str, library_dir, data_file, settings: dict, nonca
                 rows.append(row)
                 log(f"qa: {task} {method} fraction={fraction:g} ({len(heads)} heads): acc={row.get('acc')}")
     replacer.set_heads({})
-    result = {"model": info["model"], "task": task, "rows": rows}
+    result = {"model": info.model, "task": task, "rows": rows}
     write_json(out_path, result)
     return result
 

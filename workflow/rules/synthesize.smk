@@ -4,20 +4,6 @@
 # per-head jobs need into two .npz files, so each of the hundreds of per-head jobs starts and loads fast.
 
 
-rule head_inputs:
-    input:
-        attention="results/{model}/attention",
-        examples="results/{model}/data/examples.parquet",
-    output:
-        "results/{model}/synthesis/head_inputs.npz",
-    log:
-        "logs/{model}/head_inputs.log",
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/head_inputs.py"
-
-
 rule synth_features:
     input:
         examples="results/{model}/data/examples.parquet",

@@ -1,11 +1,10 @@
-import json
-
+from attnprog.contracts import HeadId, ModelInfo
 from attnprog.joblog import log_to
-from attnprog.rerank import rerank_head, tokenizer_dir_of
+from attnprog.rerank import rerank_head
 
 log_to(snakemake.log)
-w = snakemake.wildcards
-with open(snakemake.input.info) as f:  # json, not attnprog.models: that would import torch into every job
-    info = json.load(f)
-rerank_head(snakemake.input.candidates, snakemake.input.head_inputs, int(w.layer), int(w.head), snakemake.output[0],
-            tokenizer_dir=tokenizer_dir_of(info))
+info = ModelInfo.read(snakemake.input.info)
+rerank_head(snakemake.input.candidates, snakemake.input.head_inputs,
+            HeadId(int(snakemake.wildcards.layer), int(snakemake.wildcards.head)), snakemake.output.table,
+            snakemake.output.outputs, tokenizer_dir=info.tokenizer_dir, is_causal=info.is_causal,
+            causal_check_examples=snakemake.params.causal_check_examples)
