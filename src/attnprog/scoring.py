@@ -98,7 +98,7 @@ def baseline_matrices(n: int, seed: int) -> dict[str, np.ndarray]:
     j0 = int(rng.integers(0, n))
     random_column = np.zeros((n, n))
     random_column[rows, np.where(rows >= j0, j0, rows)] = 1.0
-    uniform = matrices.uniform(n)
+    uniform = matrices.uniform(n).astype(np.float64)
     first = np.zeros((n, n))
     first[:, 0] = 1.0
     return {"random_token": random_token, "random_column": random_column, "uniform": uniform,

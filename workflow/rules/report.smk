@@ -50,6 +50,7 @@ rule report_model:
 
 rule report:
     input:
+        pages=expand("results/report/{model}/index.html", model=MODELS),  # the overviews the index links to
         **{
             kind: expand(f"results/{{model}}/{path}", model=MODELS)
             for kind, path in MODEL_SUMMARY_FILES.items()

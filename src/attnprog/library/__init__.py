@@ -45,15 +45,14 @@ def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_
     if not eligible.any():
         raise ValueError(f"library: no program of {model} passed the causality check")
     length = table["n_terms"].fillna(table["source_chars"]).to_numpy(dtype=float)  # program size, for ties
-    order, cover = choice.greedy_order(iou["val"], eligible, settings["tolerance"], length,
-                                       min_steps=max(choice.CURVE_SIZES))
-    members = order[:cover]
+    members = choice.cover(iou["val"], eligible, settings["tolerance"], length)
     chosen = choice.assign_heads(iou["val"], members, length, settings["prefer_shorter"])
     unrestricted = choice.assign_heads(iou["val"], list(np.flatnonzero(eligible)), length, settings["prefer_shorter"])
     table["in_library"] = False
     table.loc[members, "in_library"] = True
     table["library_rank"] = pd.array([None] * len(table), dtype="Int32")
-    table.loc[order, "library_rank"] = np.arange(len(order))
+    table.loc[members, "library_rank"] = np.arange(len(members))
+    curve_order = choice.facility_order(iou["val"], eligible, length, max(choice.CURVE_SIZES))
 
     columns = np.arange(len(heads))
     best = pd.DataFrame({"layer": [h.layer for h in heads], "head": [h.head for h in heads],
@@ -62,7 +61,7 @@ def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_
                          "causal": eligible[chosen]})
     scores = score_rows(pool, real, iou, table, heads, chosen, settings["jsd_top_k"])
     baselines = baseline_table(heads, inputs, real)
-    curve = choice.size_curve(iou["val"], iou["test"], order, eligible, length, settings["prefer_shorter"])
+    curve = choice.size_curve(iou["val"], iou["test"], curve_order, eligible, length, settings["prefer_shorter"])
     summary = summarise(model, heads, gathered, table, best, baselines, curve, iou, unrestricted, inputs, settings)
     write_library(Path(out_dir), table, scores, best, baselines, summary)
     return summary
@@ -136,7 +135,7 @@ def summarise(model, heads, gathered, table, best, baselines, curve, iou, unrest
         "per_layer_test_iou": {str(int(l)): float(v) for l, v in best.groupby("layer")["test_iou"].mean().items()},
         "n_causal_programs": int(table["causal"].sum()),
         "splits": {s: len(inputs.examples(s).example_ids) for s in SPLITS},
-        "selection": (f"library: greedy set cover over causal programs until every head is within "
+        "selection": (f"library: greedy set cover of the causal programs until every head is within "
                       f"{settings['tolerance']} val IoU of the pool's best; each head takes the library program "
                       f"with the fewest terms within {settings['prefer_shorter']} of the library's best on val; "
                       f"test IoU is reported"),

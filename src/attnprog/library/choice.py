@@ -1,13 +1,13 @@
 """Choosing the library: the fewest programs that explain every head almost as well as the whole pool.
 
 The paper's claim is that a small library (< 1,000 programs) explains every head of a model. Given the val
-IoU of every pooled program on every head, the library is chosen as a submodular set cover: greedily add
-the program that raises  F(S) = sum_h min(best IoU of S on h, best IoU of the pool on h - tolerance)  the
-most (truncated facility location; ties go to the plain facility-location gain, then to the shorter
-program), until every head is within `tolerance` of its best. Greedy is the classic algorithm for this
-problem (Wolsey 1982: within a logarithmic factor of the smallest cover). Continuing the same greedy
-order past the cover, with the untruncated objective, gives nested libraries of every size: the curve of
-mean IoU against library size.
+IoU of every pooled program on every head, two classic greedy algorithms answer two questions:
+- `cover`: the smallest library in which every head has a program within `tolerance` of the pool's best for
+  it (set cover; greedy adds the program that brings the most heads within tolerance, which is within a
+  logarithmic factor of the optimum; ties go to the larger gain in summed IoU, then to the shorter program).
+- `facility_order`: the best library of each size k, for the curve of mean IoU against library size
+  (facility location, sum over heads of the best IoU in the library: monotone submodular, so greedy is
+  within 1 - 1/e of the optimum for every k).
 
 Within a library each head takes the program with the fewest terms among those within `prefer_shorter`
 of the library's best on that head (on val), so the library favours programs a person can hold in mind.
@@ -17,39 +17,50 @@ from __future__ import annotations
 
 import numpy as np
 
+CURVE_SIZES = (1, 5, 10, 20, 50, 100)
 
-def greedy_order(val: np.ndarray, eligible: np.ndarray, tolerance: float, length: np.ndarray,
-                 min_steps: int = 0) -> tuple[list[int], int]:
-    """Programs in greedy order and how many of them make the cover.
 
-    val: (P, H) val IoU; eligible: (P,) programs that may be chosen; length: (P,) size of each program
-    (fewer terms first on ties). The order runs until the cover is complete and at least `min_steps` long.
-    Returns (order, cover size)."""
-    candidates = np.flatnonzero(eligible)
-    if not len(candidates):
-        raise ValueError("no eligible program to choose a library from")
+def cover(val: np.ndarray, eligible: np.ndarray, tolerance: float, length: np.ndarray) -> list[int]:
+    """The library: eligible programs in the order greedy set cover adds them, until every head has one
+    within `tolerance` of the best eligible program for it. val: (P, H); length: (P,) program sizes."""
+    candidates = _eligible(eligible)
     scores = val[candidates]
-    target = scores.max(axis=0) - tolerance          # each head is covered once some program reaches this
-    current = np.zeros(val.shape[1])                  # best IoU of the chosen programs per head (0: none yet)
-    order, chosen, cover = [], np.zeros(len(candidates), dtype=bool), None
-    for step in range(len(candidates)):
-        if cover is not None and step >= min_steps:
-            break
-        if cover is None:
-            capped = np.minimum(scores, target)
-            gain = np.maximum(capped - np.minimum(current, target), 0).sum(axis=1)
-        else:
-            gain = np.zeros(len(candidates))
+    covers = scores >= scores.max(axis=0) - tolerance     # (C, H): program c is good enough for head h
+    covered = np.zeros(val.shape[1], dtype=bool)
+    current = np.zeros(val.shape[1])
+    order = []
+    while not covered.all():
+        new = (covers & ~covered).sum(axis=1)
         plain = np.maximum(scores - current, 0).sum(axis=1)
-        # lexicographic: truncated gain, then plain gain, then shorter; np.lexsort sorts by the last key first
-        rank = np.lexsort((length[candidates], -plain, -gain) if cover is None else (length[candidates], -plain))
-        pick = next(k for k in rank if not chosen[k])
+        pick = np.lexsort((length[candidates], -plain, -new))[0]  # most new heads, then IoU gain, then shorter
+        order.append(int(candidates[pick]))
+        covered |= covers[pick]
+        current = np.maximum(current, scores[pick])
+    return order
+
+
+def facility_order(val: np.ndarray, eligible: np.ndarray, length: np.ndarray, steps: int) -> list[int]:
+    """The first `steps` eligible programs in greedy facility-location order: each adds the most summed val
+    IoU over heads (each head counting its best program so far); ties go to the shorter program."""
+    candidates = _eligible(eligible)
+    scores = val[candidates]
+    current = np.zeros(val.shape[1])
+    chosen = np.zeros(len(candidates), dtype=bool)
+    order = []
+    for _ in range(min(steps, len(candidates))):
+        gain = np.where(chosen, -np.inf, np.maximum(scores - current, 0).sum(axis=1))
+        pick = np.lexsort((length[candidates], -gain))[0]
         chosen[pick] = True
         order.append(int(candidates[pick]))
         current = np.maximum(current, scores[pick])
-        if cover is None and np.all(current >= target - 1e-12):
-            cover = step + 1
-    return order, cover if cover is not None else len(order)
+    return order
+
+
+def _eligible(eligible: np.ndarray) -> np.ndarray:
+    candidates = np.flatnonzero(eligible)
+    if not len(candidates):
+        raise ValueError("no eligible program to choose a library from")
+    return candidates
 
 
 def assign_heads(val: np.ndarray, members: list[int], length: np.ndarray, prefer_shorter: float) -> np.ndarray:
@@ -64,13 +75,10 @@ def assign_heads(val: np.ndarray, members: list[int], length: np.ndarray, prefer
     return members[np.argmin(key, axis=0)]
 
 
-CURVE_SIZES = (1, 5, 10, 20, 50, 100)
-
-
 def size_curve(val: np.ndarray, test: np.ndarray, order: list[int], eligible: np.ndarray, length: np.ndarray,
                prefer_shorter: float, sizes=CURVE_SIZES) -> list[dict]:
-    """Mean val and test IoU over heads of the nested libraries order[:k] for each k in `sizes` that the
-    order reaches, and of the whole eligible pool (the unrestricted choice)."""
+    """Mean val and test IoU over heads of the nested libraries order[:k] (a `facility_order`) for each k in
+    `sizes` that the order reaches, and of the whole eligible pool (the unrestricted choice)."""
     heads = np.arange(val.shape[1])
     pool = list(np.flatnonzero(eligible))
     libraries = [(k, order[:k]) for k in sizes if k <= len(order) and k < len(pool)] + [(len(pool), pool)]
