@@ -148,7 +148,7 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
     import json
 
     from attnprog import data, extract, models
-    from attnprog.contracts import EXAMPLES, RERANK, HeadId
+    from attnprog.contracts import EXAMPLES, HeadId, RerankResult
     from attnprog.rerank import rerank_head
     from attnprog.synthesize import synthesize_head
     from tinyworld import tiny_config
@@ -179,7 +179,6 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
 
     assert shown(True) == 2 and shown(False) == 0
 
-    rerank_head(out, head_inputs, HeadId(1, 2), tmp_path / "L1H2.parquet", tmp_path / "L1H2.npz")
-    rows = RERANK.read(tmp_path / "L1H2.parquet")
-    assert list(rows["name"]) == [c["name"] for c in manifest["candidates"]]
-    assert (rows.loc[rows["status"] != "ok", "val_iou"] == 0).all()
+    scores = rerank_head(out, head_inputs, HeadId(1, 2), tmp_path / "L1H2.npz").scores
+    assert [s.name for s in scores] == [c["name"] for c in manifest["candidates"]]
+    assert all(s.val_iou == 0 for s in scores if s.status != "ok")

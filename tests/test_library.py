@@ -7,8 +7,8 @@ import pytest
 from attnprog import helpers as h
 from attnprog import library, rerank, runner
 from attnprog import synthesize as S
-from attnprog.contracts import (BEST, PROGRAMS, RERANK, SCORES, SPLITS, Candidate, HeadId, HeadInputs, Manifest,
-                                ProgramOutputs, SplitExamples)
+from attnprog.contracts import (BEST, PROGRAMS, SCORES, SPLITS, Candidate, HeadId, HeadInputs, Manifest,
+                                RerankResult, SplitExamples)
 from attnprog.library import choice
 from attnprog.matrices import pack, unpack_many
 from attnprog.programs import load_programs
@@ -102,16 +102,16 @@ def attention(tokens):
 
 def run_library(root, heads: list[HeadId], candidate_dirs: dict, settings=None, monkeypatch=None):
     for head, folder in candidate_dirs.items():
-        rerank.rerank_head(folder, root / "head_inputs.npz", head, root / "rerank" / f"{head.name}.parquet",
-                           root / "rerank" / f"{head.name}.npz", causal_check_examples=3)
+        rerank.rerank_head(folder, root / "head_inputs.npz", head, root / "rerank" / f"{head.name}.npz",
+                           causal_check_examples=3)
     if monkeypatch is not None:  # the library must run no program: any attempt fails the test
         def refuse(*args, **kwargs):
             raise AssertionError("the library ran a program")
         monkeypatch.setattr(runner, "run_programs", refuse)
         monkeypatch.setattr(rerank, "run_programs", refuse)
     summary = library.build_library(
-        "tiny", heads, [candidate_dirs[h] for h in heads], [root / "rerank" / f"{h.name}.parquet" for h in heads],
-        [root / "rerank" / f"{h.name}.npz" for h in heads], root / "head_inputs.npz", root / "library", settings)
+        "tiny", heads, [candidate_dirs[h] for h in heads], [root / "rerank" / f"{h.name}.npz" for h in heads],
+        root / "head_inputs.npz", root / "library", settings)
     return summary, {"programs": PROGRAMS.read(root / "library/programs.parquet"),
                      "scores": SCORES.read(root / "library/scores.parquet"),
                      "best": BEST.read(root / "library/best.parquet")}
@@ -175,11 +175,11 @@ def test_rerank_stores_every_split_once(tmp_path, monkeypatch):
         return real_run(programs, examples_, **kwargs)
 
     monkeypatch.setattr(rerank, "run_programs", counting)
-    rerank.rerank_head(folder, tmp_path / "head_inputs.npz", head, tmp_path / "L0H0.parquet", tmp_path / "L0H0.npz")
+    rerank.rerank_head(folder, tmp_path / "head_inputs.npz", head, tmp_path / "L0H0.npz")
     assert calls == [(("prev", "first"), 18)]  # one call: both programs, every example of the three splits
-    table = RERANK.read(tmp_path / "L0H0.parquet").set_index("name")
-    assert table.loc["prev", "val_iou"] > 0.99 and table.loc["first", "val_iou"] < 0.5
-    stored = ProgramOutputs.read(tmp_path / "L0H0.npz")
+    stored = RerankResult.read(tmp_path / "L0H0.npz")
+    scores = {s.name: s for s in stored.scores}
+    assert scores["prev"].val_iou > 0.99 and scores["first"].val_iou < 0.5 and scores["prev"].causal
     assert stored.names == ["prev", "first"]
     matrices = stored.matrices("prev", "test")
     assert len(matrices) == 6 and np.allclose(matrices[0], previous_token(examples["test"].tokens[0]), atol=1e-3)
@@ -221,10 +221,10 @@ def test_failed_candidates_score_worst_and_stay_out(tmp_path):
     folder = write_candidates(tmp_path / "synthesis" / head.name, head,
                               {"prev": PREVIOUS, "broken": '"""Divides by zero."""\ndef attention(tokens):\n    return 1 / 0\n'})
     summary, tables = run_library(tmp_path, [head], {head: folder})
-    ranked = RERANK.read(tmp_path / "rerank" / "L0H0.parquet").set_index("name")
-    assert ranked.loc["broken", "status"] == "runtime_error" and ranked.loc["broken", "val_iou"] == 0.0
-    assert "ZeroDivisionError" in ranked.loc["broken", "error"]
-    assert ranked.loc["prev", "status"] == "ok" and ranked.loc["prev", "val_iou"] > 0.99
+    ranked = {s.name: s for s in RerankResult.read(tmp_path / "rerank" / "L0H0.npz").scores}
+    assert ranked["broken"].status == "runtime_error" and ranked["broken"].val_iou == 0.0
+    assert "ZeroDivisionError" in ranked["broken"].error
+    assert ranked["prev"].status == "ok" and ranked["prev"].val_iou > 0.99
     assert list(tables["programs"]["name"]) == ["prev"]
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from attnprog import report
 from attnprog.atomic import write_json
-from attnprog.contracts import BASELINES, SCORES, SINGLE_HEADS, SWEEP, HeadId, HeadInputs, ModelInfo, ProgramOutputs
+from attnprog.contracts import BASELINES, SCORES, SINGLE_HEADS, SWEEP, HeadId, HeadInputs, ModelInfo, RerankResult
 from attnprog.contracts import BEST as BEST_TABLE
 from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
-from attnprog.contracts import SplitExamples
+from attnprog.contracts import ProgramScore, SplitExamples
 from attnprog.matrices import normalise, pack
 from attnprog.report.data import choose_examples, real_attention
 from attnprog.scoring import soft_iou
@@ -96,11 +96,12 @@ def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) 
             splits[split] = (np.array(part.example_ids), np.array(part.lengths), values,
                              np.array([[o is None for o in outputs]]))
         rerank_outputs[HeadId(0, i)] = base / "rerank" / f"L0H{i}.npz"
-        ProgramOutputs([name], splits).write(rerank_outputs[HeadId(0, i)])
+        score = ProgramScore(layer=0, head=i, name=name, file=f"{name}.py", origin="offline", status="ok", causal=True)
+        RerankResult([score], [name], splits).write(rerank_outputs[HeadId(0, i)])
     for head in heads:  # heads whose candidates all failed: their rerank jobs stored no outputs
         if head not in rerank_outputs:
             rerank_outputs[head] = base / "rerank" / f"{head.name}.npz"
-            ProgramOutputs([], {split: (np.array(part.example_ids), np.array(part.lengths),
+            RerankResult([], [], {split: (np.array(part.example_ids), np.array(part.lengths),
                                         np.zeros((0, sum(n * (n + 1) // 2 for n in part.lengths))),
                                         np.zeros((0, len(part.example_ids)), dtype=bool))
                                 for split, part in examples.items()}).write(rerank_outputs[head])
@@ -137,7 +138,7 @@ def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) 
         info=base / "model" / "info.json", head_inputs=base / "synthesis" / "head_inputs.npz",
         programs=library / "programs.parquet", program_files=library / "programs", scores=library / "scores.parquet",
         best=library / "best.parquet", baselines=library / "baselines.parquet", library=library / "summary.json",
-        rerank_outputs=rerank_outputs)
+        rerank=rerank_outputs)
     if with_downstream:
         write_sweep(base, rng)
         write_qa(base, rng)

@@ -1,11 +1,10 @@
 """Rerank: run each of one head's candidate programs once on every split, and keep what later stages need.
 
 This is the one place a candidate program runs on the corpus examples. For each program of the head's
-candidates (results/{model}/synthesis/L{l}H{h}/) it records
-- its outputs on the synth, val and test examples (`contracts.ProgramOutputs`): the library scores every
-  program on every head from these, and the report draws them, without running anything again;
-- its scores on this head per split (soft IoU, row JS distance) and whether it passed the causality
-  check (`contracts.RERANK`).
+candidates (results/{model}/synthesis/L{l}H{h}/) it records, in one `contracts.RerankResult`,
+- its outputs on the synth, val and test examples: the library scores every program on every head from
+  these, and the report draws them, without running anything again;
+- its scores on this head per split (soft IoU, row JS distance) and whether it passed the causality check.
 Offline candidates are trusted and run in-process; every other origin runs in the sandbox. A candidate that
 failed synthesis, or fails here, scores worst: IoU 0, JS distance 1.
 """
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contracts import RERANK, SPLITS, HeadId, HeadInputs, Manifest, ProgramOutputs
+from .contracts import SPLITS, HeadId, HeadInputs, Manifest, ProgramScore, RerankResult
 from .matrices import pack, split_packed, triangle_size
 from .programs import ProgramError, load_programs
 from .runner import check_causal, run_programs
@@ -27,9 +26,9 @@ def load_candidate_programs(folder, candidate) -> list:
     return load_programs(Path(folder) / candidate.file, trusted=candidate.trusted)
 
 
-def rerank_head(candidates_dir, head_inputs, head: HeadId, table_path, outputs_path, *, tokenizer_dir=None,
-                is_causal: bool = True, causal_check_examples: int = 2) -> list[dict]:
-    """Run and score every candidate of `head`; write the RERANK table and the program outputs."""
+def rerank_head(candidates_dir, head_inputs, head: HeadId, out_path, *, tokenizer_dir=None, is_causal: bool = True,
+                causal_check_examples: int = 2) -> RerankResult:
+    """Run and score every candidate of `head`; write its RerankResult to out_path."""
     manifest = Manifest.read(candidates_dir)
     inputs = HeadInputs(head_inputs)
     examples = {s: inputs.examples(s) for s in SPLITS}
@@ -69,11 +68,11 @@ def rerank_head(candidates_dir, head_inputs, head: HeadId, table_path, outputs_p
             row[f"{split}_iou"] = float(iou_table([f[None] for f in flat], [r[None] for r in real[split]])[0, 0])
             row[f"{split}_jsd"] = float(np.mean([jsd_rows_flat(f.astype(np.float64), r.astype(np.float64), n)
                                                  for f, r, n in zip(flat, real[split], examples[split].lengths)]))
-    RERANK.write(rows, table_path)
-    ProgramOutputs([p.name for p in programs],
-                   {s: (np.asarray(examples[s].example_ids), np.asarray(examples[s].lengths), outputs[s][0],
-                        outputs[s][1]) for s in SPLITS}).write(outputs_path)
-    return rows
+    result = RerankResult([ProgramScore(**row) for row in rows], [p.name for p in programs],
+                          {s: (np.asarray(examples[s].example_ids), np.asarray(examples[s].lengths), outputs[s][0],
+                               outputs[s][1]) for s in SPLITS})
+    result.write(out_path)
+    return result
 
 
 def _worst_scores() -> dict:

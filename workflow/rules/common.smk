@@ -1,4 +1,5 @@
 # Config validation and the helper functions every rule file uses.
+import json
 import re
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ onstart:
 
 MODELS = list(config["models"])
 CONDA_ENV = str(Path(workflow.basedir) / "envs/attnprog.yaml")
+# Per-head rules run their script as a plain command: a `script:` job first imports Snakemake to unpickle
+# its `snakemake` object (0.2 s), and a model has hundreds of per-head jobs.
+SCRIPTS = Path(workflow.basedir) / "workflow/scripts"
 
 
 wildcard_constraints:

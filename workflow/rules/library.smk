@@ -6,8 +6,7 @@
 rule library:
     input:
         synthesis=per_head("results/{model}/synthesis/{head}"),
-        rerank=per_head("results/{model}/rerank/{head}.parquet"),
-        outputs=per_head("results/{model}/rerank/{head}.npz"),
+        rerank=per_head("results/{model}/rerank/{head}.npz"),
         head_inputs="results/{model}/synthesis/head_inputs.npz",
     output:
         programs=directory("results/{model}/library/programs"),

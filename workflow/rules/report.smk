@@ -28,7 +28,7 @@ rule report_model:
         scores="results/{model}/library/scores.parquet",
         baselines="results/{model}/library/baselines.parquet",
         single="results/{model}/substitution/single_heads.parquet",
-        rerank_outputs=per_head("results/{model}/rerank/{head}.npz"),
+        rerank=per_head("results/{model}/rerank/{head}.npz"),
     output:
         overview=report(
             "results/report/{model}/index.html",

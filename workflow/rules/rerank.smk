@@ -1,5 +1,5 @@
 # Rerank: every candidate of one head run once on every split; its scores on that head and its outputs
-# (which the library and the report read instead of running programs again).
+# (which the library and the report read instead of running programs again), in one file.
 
 
 rule rerank:
@@ -8,13 +8,15 @@ rule rerank:
         head_inputs="results/{model}/synthesis/head_inputs.npz",
         info="results/{model}/model/info.json",
     output:
-        table="results/{model}/rerank/L{layer}H{head}.parquet",
-        outputs="results/{model}/rerank/L{layer}H{head}.npz",
+        "results/{model}/rerank/L{layer}H{head}.npz",
     params:
         causal_check_examples=config["rerank"]["causal_check_examples"],
+        script=SCRIPTS / "rerank.py",
     log:
         "logs/{model}/rerank/L{layer}H{head}.log",
     conda:
         CONDA_ENV
-    script:
-        "../scripts/rerank.py"
+    shell:
+        "python {params.script} --layer {wildcards.layer} --head {wildcards.head} --candidates {input.candidates}"
+        " --head-inputs {input.head_inputs} --info {input.info}"
+        " --causal-check-examples {params.causal_check_examples} --out {output} --log {log}"

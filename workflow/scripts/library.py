@@ -6,5 +6,5 @@ from attnprog.library import build_library
 
 log_to(snakemake.log)
 build_library(snakemake.wildcards.model, [HeadId(*h) for h in snakemake.params.heads], snakemake.input.synthesis,
-              snakemake.input.rerank, snakemake.input.outputs, snakemake.input.head_inputs,
+              snakemake.input.rerank, snakemake.input.head_inputs,
               Path(snakemake.output.summary).parent, snakemake.params.settings)

@@ -11,7 +11,7 @@ heads = [HeadId(*h) for h in snakemake.params.heads]
 inputs = ModelInputs(info=Path(i.info), head_inputs=Path(i.head_inputs), programs=Path(i.programs),
                      program_files=Path(i.program_files), scores=Path(i.scores), best=Path(i.best),
                      baselines=Path(i.baselines), library=Path(i.library),
-                     rerank_outputs=dict(zip(heads, map(Path, i.rerank_outputs))), sweep=Path(i.sweep),
+                     rerank=dict(zip(heads, map(Path, i.rerank))), sweep=Path(i.sweep),
                      single=Path(i.single), substitution=Path(i.substitution),
                      qa=Path(i.qa) if "qa" in i.keys() else None)
 write_model_report(inputs, Path(snakemake.output.overview).parent, snakemake.params.options,

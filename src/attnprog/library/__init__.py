@@ -28,14 +28,14 @@ from . import choice, pool as pooling
 DEFAULTS = {"dedup_decimals": 3, "jsd_top_k": 5, "tolerance": 0.01, "prefer_shorter": 0.005}
 
 
-def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_tables: list, rerank_outputs: list,
-                  head_inputs, out_dir, settings: dict | None = None) -> dict:
+def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_results: list, head_inputs, out_dir,
+                  settings: dict | None = None) -> dict:
     """The `library` rule: write results/{model}/library/ (programs/, programs.parquet, scores.parquet,
     best.parquet, baselines.parquet, summary.json; see docs/ARCHITECTURE.md). Returns the summary.
-    The i-th synthesis folder, rerank table and outputs file belong to heads[i]."""
+    The i-th synthesis folder and rerank result belong to heads[i]."""
     settings = {**DEFAULTS, **(settings or {})}
     inputs = HeadInputs(head_inputs)
-    gathered = pooling.gather(rerank_tables, rerank_outputs)
+    gathered = pooling.gather(rerank_results)
     pool = pooling.deduplicate(gathered, settings["dedup_decimals"])
     real = pooling.real_attention(inputs, heads)
     iou = pooling.iou_tables(pool, real)                           # split -> (programs, heads)

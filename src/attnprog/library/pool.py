@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-from ..contracts import RERANK, SPLITS, HeadId, HeadInputs, ProgramOutputs
+from ..contracts import SPLITS, HeadId, HeadInputs, RerankResult
 from ..matrices import split_packed
 from ..scoring import iou_table, jsd_rows_flat
 
@@ -34,26 +34,25 @@ class Pool:
                                                                   for s, outs in self.outputs.items()})
 
 
-def gather(rerank_tables: list, rerank_outputs: list) -> Pool:
+def gather(rerank_results: list) -> Pool:
     """Every program that ran (status ok) on its own head, with its stored outputs."""
     rows, outputs, lengths = [], {s: [] for s in SPLITS}, {}
-    for table_path, outputs_path in zip(rerank_tables, rerank_outputs):
-        table = RERANK.read(table_path)
-        ok = table[table["status"] == "ok"]
-        if ok.empty:
+    for path in rerank_results:
+        result = RerankResult.read(path)
+        ok = [asdict(score) for score in result.scores if score.status == "ok"]
+        if not ok:
             continue
-        stored = ProgramOutputs.read(outputs_path)
-        index = [stored.names.index(name) for name in ok["name"]]
+        index = [result.names.index(row["name"]) for row in ok]
         for split in SPLITS:
-            _, split_lengths, values, _ = stored.splits[split]
+            _, split_lengths, values, _ = result.splits[split]
             if split in lengths and list(lengths[split]) != list(split_lengths):
-                raise ValueError(f"{outputs_path}: {split} examples differ from the other heads'")
+                raise ValueError(f"{path}: {split} examples differ from the other heads'")
             lengths[split] = split_lengths
             outputs[split].append(values[index])
-        rows.append(ok)
+        rows += ok
     if not rows:
         raise ValueError("no candidate program ran successfully on its head")
-    table = pd.concat(rows, ignore_index=True)
+    table = pd.DataFrame(rows)
     duplicates = table["name"][table["name"].duplicated()].tolist()
     if duplicates:
         raise ValueError(f"program names occur for two heads: {duplicates[:3]}")

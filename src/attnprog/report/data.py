@@ -2,7 +2,7 @@
 
 The report runs no program and reads no raw attention file: real attention comes from the per-head bundle
 (`contracts.HeadInputs`) and each program's matrices from the outputs its rerank job stored
-(`contracts.ProgramOutputs`).
+(`contracts.RerankResult`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..contracts import (BASELINES, BEST, PROGRAMS, SCORES, SINGLE_HEADS, SWEEP, ContractError, HeadId, HeadInputs,
-                         ModelInfo, ProgramOutputs)
+                         ModelInfo, RerankResult)
 from ..matrices import split_packed, unpack
 
 
@@ -32,7 +32,7 @@ class ModelInputs:
     best: Path
     baselines: Path
     library: Path                   # library/summary.json
-    rerank_outputs: dict[HeadId, Path] = field(default_factory=dict)
+    rerank: dict[HeadId, Path] = field(default_factory=dict)   # rerank/L{l}H{h}.npz
     sweep: Path | None = None
     single: Path | None = None
     substitution: Path | None = None
@@ -127,10 +127,10 @@ def program_attention(results: ModelResults, names: list[str], examples: list[di
         row = results.programs.loc[name]
         by_head.setdefault(HeadId(int(row["source_layer"]), int(row["source_head"])), []).append(name)
     for head, head_names in by_head.items():
-        path = results.inputs.rerank_outputs.get(head)
+        path = results.inputs.rerank.get(head)
         if path is None:
-            raise ReportError(f"report: no rerank outputs given for {head}")
-        stored = ProgramOutputs.read(path, splits=("test",))
+            raise ReportError(f"report: no rerank result given for {head}")
+        stored = RerankResult.read(path, splits=("test",))
         for name in head_names:
             if name not in stored.names:
                 raise ReportError(f"report: {path} holds no outputs of program {name}")
