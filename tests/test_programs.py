@@ -137,16 +137,16 @@ def test_failing_programs_score_worst_without_crashing(box):
         "raises": "def attention(tokens):\n    raise KeyError('boom')\n",
         "shape": "import numpy as np\ndef attention(tokens):\n    return np.ones((2, 3))\n",
         "loops": "def attention(tokens):\n    while True:\n        pass\n",
-        "spacy": "import spacy\ndef attention(tokens):\n    return None\n",
+        "imports_os": "import os\ndef attention(tokens):\n    return None\n",
     }
     programs = [good] + [program(source, name) for name, source in bad.items()]
     broken = Program("syntax", None, "def attention(tokens)\n", "", "", "tokens", "attention")
     runs = run_programs(programs + [broken], EXAMPLES, sandbox=box, limits=Limits(0.5, 256))
     assert runs["good"].status == "ok" and runs["good"].n_failed == 0
     assert {name: runs[name].status for name in bad} == {"raises": "runtime_error", "shape": "bad_output",
-                                                          "loops": "timeout", "spacy": "rejected"}
+                                                          "loops": "timeout", "imports_os": "rejected"}
     assert runs["syntax"].status == "syntax_error"
-    assert "KeyError: 'boom'" in runs["raises"].error and "spacy" in runs["spacy"].error
+    assert "KeyError: 'boom'" in runs["raises"].error and "'os'" in runs["imports_os"].error
     for name in list(bad) + ["syntax"]:
         assert runs[name].matrices == [None] * len(EXAMPLES)  # nothing to score: the worst score
     # the same failures in-process, for trusted programs
