@@ -9,7 +9,7 @@ import pytest
 from attnprog.matrices import normalise as normalise_attention
 from attnprog.programs import Program, ProgramError, load_programs, programs_from_source
 from attnprog.runner import ProgramRunner, check_causal, run_prefixwise, run_programs
-from attnprog.sandbox import Limits, Policy, Sandbox
+from attnprog.sandbox import UNGUARDED, Limits, Sandbox
 
 FIXTURES = Path(__file__).parent / "fixtures" / "programs"
 EXAMPLES = [[" The", " cat", " sat", " on", " the", " mat", "."],
@@ -298,19 +298,44 @@ def test_reference_programs_cannot_use_the_tokenizer_to_touch_files(tokenizer_di
     attacks = {
         "save_pretrained": f"tokenizer.save_pretrained({str(target)!r})",   # Python file writes
         "rust_save": f"tokenizer._tokenizer.backend_tokenizer.save({str(target)!r})",  # the Rust core
-        "rust_read": "tokenizer._tokenizer.backend_tokenizer.from_file('/etc/passwd')",
+        "backend": "tokenizer.backend_tokenizer.to_str()",                  # not part of the narrow interface
     }
     programs = [programs_from_source(
         f"import numpy as np\ndef f(sentence, tokenizer):\n    {code}\n    return 'x', np.eye(3)\n", name)[0]
         for name, code in attacks.items()]
     runs = run_programs(programs, examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
-    assert runs["save_pretrained.f"].status == "runtime_error"
-    assert "has no attribute 'save_pretrained'" in runs["save_pretrained.f"].error
-    assert runs["rust_save.f"].status == runs["rust_read.f"].status == "rejected"  # private attribute
-    # Even with the validator and the audit hook off, the system-call filter keeps the Rust code off files.
-    with Sandbox(tokenizer_dir, workers=1, policy=Policy(validate=False, audit=False)) as weak:
-        if weak.seccomp:
-            runs = run_programs(programs[1:], examples, tokenizer_dir=tokenizer_dir, sandbox=weak)
-            assert runs["rust_save.f"].status == runs["rust_read.f"].status == "runtime_error"
-            assert "root:" not in runs["rust_read.f"].error
+    assert runs["save_pretrained.f"].status == runs["rust_save.f"].status == "rejected"
+    assert runs["backend.f"].status == "runtime_error" and "no attribute 'backend_tokenizer'" in runs["backend.f"].error
+    # With the Python-level guards off, the Rust core can be reached, and the jail keeps it off host files.
+    with Sandbox(tokenizer_dir, workers=1, policy=UNGUARDED) as weak:
+        runs = run_programs(programs[1:2], examples, tokenizer_dir=tokenizer_dir, sandbox=weak)
+    assert runs["rust_save.f"].status == "runtime_error"
     assert not target.exists()
+
+
+def test_reference_library_programs_are_told_from_helpers():
+    source = '''
+import numpy as np
+
+def tokenize_words(sentence, tokenizer):
+    return tokenizer(sentence).input_ids, [0]
+
+def spans(text, tok):
+    return [(0, 1)]
+
+def prog_a(sentence, tokenizer):
+    ids, _ = tokenize_words(sentence, tokenizer)
+    return np.eye(len(ids))
+
+def prog_b(sentence, tokenizer):
+    label, m = "b", prog_c(sentence, tokenizer)[1]
+    return "B", m
+
+def prog_c(sentence, tokenizer):
+    return f"C{len(spans(sentence, tokenizer))}", np.eye(2)
+
+PROGRAMS = [prog_a, prog_b, prog_c]
+'''
+    names = [p.function for p in programs_from_source(source, "lib")]
+    # helpers: called by another function and not returning a labelled pair; programs: the rest
+    assert names == ["prog_a", "prog_b", "prog_c"]
