@@ -339,3 +339,28 @@ PROGRAMS = [prog_a, prog_b, prog_c]
     names = [p.function for p in programs_from_source(source, "lib")]
     # helpers: called by another function and not returning a labelled pair; programs: the rest
     assert names == ["prog_a", "prog_b", "prog_c"]
+
+
+def test_a_generated_reference_library_loads_and_runs(tokenizer_dir, tokenizer_box, tmp_path):
+    from fixtures.reference_library import make_library
+
+    from attnprog.scoring import mean_iou
+    path = tmp_path / "library.py"
+    path.write_text(make_library(60))
+    programs = load_programs(path)
+    assert len(programs) == 60 and all(p.function.startswith("prog_") for p in programs)
+    examples = reference_examples(tokenizer_dir)
+    runs = run_programs(programs, examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box,
+                        limits=Limits(seconds_per_call=5, memory_mb=1024))
+    failed = {name: run for name, run in runs.items() if run.status != "ok"}
+    assert len(failed) <= 3, {name: run.error for name, run in failed.items()}
+    assert failed and all(run.status == "runtime_error" and "NameError: name 'get_word_ids'" in run.error
+                          for run in failed.values())
+    uniform = [np.tril(np.ones((len(t), len(t)))) / np.arange(1, len(t) + 1)[:, None] for t, _ in examples]
+    spacy_programs = [p.name for p in programs if "word_of_token" in p.source.split(f"def {p.function}(")[1][:200]]
+    assert len(spacy_programs) >= 10
+    for name in spacy_programs:  # the spaCy programs run and score
+        assert runs[name].status == "ok" and 0 < mean_iou(runs[name].matrices, uniform) <= 1
+    noisy = [p for p in programs if "np.random.rand" in p.source.split(f"def {p.function}(")[1][:300]]
+    again = run_programs(noisy[:1], examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
+    assert all(np.array_equal(a, b) for a, b in zip(again[noisy[0].name].matrices, runs[noisy[0].name].matrices))
