@@ -5,6 +5,7 @@ from outside, at the host, for the effect the attack wanted.
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -380,3 +381,26 @@ def test_a_worker_that_dies_is_replaced(jail):
     run = escape(jail, "def attention(tokens):\n    return np.eye(len(tokens))\n")
     assert run.status == "ok" or still_serves(jail)
     assert still_serves(jail) and worker_pid(jail) != pid
+
+
+def test_the_jail_dies_with_its_parent(tmp_path):
+    script = ("import os, sys, time\nfrom attnprog.sandbox import Sandbox\nbox = Sandbox(workers=1)\n"
+              "print(' '.join(map(str, box.host_pids())), flush=True)\ntime.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) >= 3 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    parent.kill()
+    parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "zombie" not in f.read()
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not [pid for pid in pids if alive(pid)]

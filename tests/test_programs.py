@@ -364,3 +364,17 @@ def test_a_generated_reference_library_loads_and_runs(tokenizer_dir, tokenizer_b
     noisy = [p for p in programs if "np.random.rand" in p.source.split(f"def {p.function}(")[1][:300]]
     again = run_programs(noisy[:1], examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
     assert all(np.array_equal(a, b) for a, b in zip(again[noisy[0].name].matrices, runs[noisy[0].name].matrices))
+
+
+def test_an_ok_status_without_a_matrix_is_not_ok():
+    """Whatever a sandbox reports, a run is "ok" only with every matrix present (consumers rely on it)."""
+    from attnprog.sandbox import JobResult
+
+    class LyingSandbox:
+        def run_many(self, jobs, limits):
+            return [JobResult("ok", None, [None] * len(job.calls), ["ok"] * len(job.calls), [None] * len(job.calls))
+                    for job in jobs]
+
+    (p,) = load_programs(FIXTURES / "previous_token.py")
+    run = run_programs([p], EXAMPLES, sandbox=LyingSandbox())["previous_token"]
+    assert run.status == "bad_output" and run.matrices == [None] * len(EXAMPLES)

@@ -121,7 +121,7 @@ def test_match_pattern_attribute_walk_is_rejected(strict):
 
 
 def test_code_hidden_in_a_string_annotation_is_stopped(strict, tmp_path):
-    # The validator does not read strings; typing.get_type_hints would eval this one. The audit hook stops it.
+    # The lint does not read strings; typing.get_type_hints evals this one, and the restricted import stops it.
     marker = tmp_path / "marker"
     run = attack(strict, f"""
         import typing
