@@ -112,6 +112,7 @@ class _Worker:
             if len(buffer) >= channel.HEADER.size:
                 _, index, _, nbytes = channel.HEADER.unpack_from(buffer)
                 if index == channel.END and nbytes == 0:
+                    self._remove_stage()  # bwrap has bound what it needed; nothing is left behind on the host
                     return
                 if index != channel.SETUP_FAILED or not 0 <= nbytes <= MAX_ERROR_BYTES:
                     self.kill()
