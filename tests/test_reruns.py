@@ -69,6 +69,13 @@ def test_changing_synthesis_settings_reruns_synthesis_onward_not_extraction(fini
     assert {"rerank", "library"} <= rules
 
 
+def test_changing_another_backends_settings_reruns_nothing(finished):
+    workdir, config = finished
+    synthesis = config.get("synthesis", {})
+    changed = {**config, "synthesis": {**synthesis, "claude": {"max_tokens": 123}, "prompt": {"n_examples": 2}}}
+    assert "Nothing to be done" in snakemake(workdir, changed, "-n")  # the offline backend reads neither
+
+
 def incomplete_outputs(workdir: Path) -> set[str]:
     """The outputs Snakemake marked as being written (.snakemake/incomplete/<urlsafe base64 of the path>)."""
     marks = workdir / ".snakemake/incomplete"
