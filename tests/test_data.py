@@ -8,7 +8,7 @@ from tinyworld import tiny_config
 
 @pytest.fixture
 def tokenizer(tiny_models):
-    return models.load_tokenizer({"load_path": str(tiny_models["llama"])})
+    return models.load_tokenizer(models.describe_model("llama", {"local_dir": str(tiny_models["llama"])}))
 
 
 def corpus(**changes):

@@ -4,13 +4,15 @@ Fast tests use tiny random-weight Llama models (their replies are noise, so ever
 reported way); the slow test uses the real SmolLM2-135M-Instruct with the full prompt.
 """
 import shutil
+from dataclasses import asdict
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from attnprog.config import validate_config
+from attnprog.contracts import HeadId, SplitExamples
+from attnprog.matrices import pack
 from attnprog.explainers import ExplainerError, check_backend_ready, synthesize_head_with_llm
 from attnprog.explainers.open_weights import OpenWeightsExplainer
 from attnprog.explainers.reply import Conversation
@@ -51,8 +53,8 @@ def tiny_chat_model(tmp_path_factory):
 def test_a_chat_model_answers_both_turns_and_its_junk_is_reported(tiny_chat_model, tmp_path):
     attention, examples = head_data()
     settings = synthesis_settings(tiny_chat_model)
-    manifest = synthesize_head_with_llm(attention, examples, settings, tmp_path / "L0H1", "m", 0, 1,
-                                        cache_dir=tmp_path / "cache")
+    manifest = asdict(synthesize_head_with_llm(examples, attention, settings, tmp_path / "L0H1", "m", HeadId(0, 1),
+                                               cache_dir=tmp_path / "cache"))
     assert [r["turn"] for r in manifest["replies"]] == ["first", "refinement"]
     for reply in manifest["replies"]:
         assert reply["input_tokens"] > 1000 and 0 < reply["output_tokens"] <= 16 and reply["cost_usd"] == 0
@@ -62,8 +64,8 @@ def test_a_chat_model_answers_both_turns_and_its_junk_is_reported(tiny_chat_mode
 
     # A rerun is answered from the cache without loading the model.
     explainer = OpenWeightsExplainer(settings["open_weights"], tmp_path / "cache")
-    again = synthesize_head_with_llm(attention, examples, settings, tmp_path / "L0H1", "m", 0, 1,
-                                     explainer=explainer)
+    again = asdict(synthesize_head_with_llm(examples, attention, settings, tmp_path / "L0H1", "m", HeadId(0, 1),
+                                            explainer=explainer))
     assert explainer._model is None
     assert [r["prompt_hash"] for r in again["replies"]] == [r["prompt_hash"] for r in manifest["replies"]]
     assert all(r["from_cache"] for r in again["replies"])
@@ -74,8 +76,8 @@ def test_a_prompt_longer_than_the_model_is_a_failed_candidate_not_a_crash(tiny_m
     shutil.copytree(tiny_models["llama"], model_dir)  # 256 positions: far too few for the prompt
     (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     attention, examples = head_data()
-    manifest = synthesize_head_with_llm(attention, examples, synthesis_settings(model_dir), tmp_path / "out",
-                                        "m", 0, 0, cache_dir=tmp_path / "cache")
+    manifest = asdict(synthesize_head_with_llm(examples, attention, synthesis_settings(model_dir), tmp_path / "out",
+                                               "m", HeadId(0, 0), cache_dir=tmp_path / "cache"))
     (candidate,) = manifest["candidates"]
     assert candidate["status"] == "prompt_too_long" and "256 positions" in candidate["error"]
     assert not (tmp_path / "cache" / "replies").exists()  # failures are not cached: a bigger model retries
@@ -120,15 +122,16 @@ def test_smollm2_explains_a_real_head_end_to_end(smollm2_dir, tmp_path):
     info = models.describe_model("smollm2-135m", {"local_dir": str(smollm2_dir)})
     tokenizer, model = models.load_tokenizer(info), models.load_model(info, "cpu")
     texts = ["The little cat sat on the warm mat and purred.", "Tom ran to the park, and then he played."]
-    rows, attention = [], {}
-    for e, text in enumerate(texts):
+    tokens, attention = [], []
+    for text in texts:
         ids = tokenizer(text)["input_ids"]
         with torch.inference_mode():
-            attention[e] = model(torch.tensor([ids]), output_attentions=True).attentions[3][0, 5].numpy()
-        rows.append({"example_id": e, "split": "synth", "text": text, "tokens": data.token_strings(tokenizer, ids)})
+            attention.append(pack(model(torch.tensor([ids]), output_attentions=True).attentions[3][0, 5].numpy()))
+        tokens.append(data.token_strings(tokenizer, ids))
     settings = synthesis_settings(smollm2_dir, refine=False)
-    manifest = synthesize_head_with_llm(attention, pd.DataFrame(rows), settings, tmp_path / "L3H5", "smollm2-135m",
-                                        3, 5, cache_dir=tmp_path / "cache")
+    manifest = asdict(synthesize_head_with_llm(SplitExamples([0, 1], tokens, texts), np.concatenate(attention),
+                                               settings, tmp_path / "L3H5", "smollm2-135m", HeadId(3, 5),
+                                               cache_dir=tmp_path / "cache"))
     (reply,) = manifest["replies"]
     assert reply["error"] is None and reply["input_tokens"] > 2000 and 0 < reply["output_tokens"] <= 16
     for candidate in manifest["candidates"]:
@@ -145,8 +148,9 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
     import json
 
     from attnprog import data, extract, models
+    from attnprog.contracts import EXAMPLES, HeadId, RerankResult
     from attnprog.rerank import rerank_head
-    from attnprog.synthesize import synthesize_head, write_head_inputs
+    from attnprog.synthesize import synthesize_head
     from tinyworld import tiny_config
 
     config = validate_config(tiny_config({"tiny": tiny_models["gpt2"]}, synthesis={
@@ -156,14 +160,14 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
     info = models.describe_model("tiny", config["models"]["tiny"])
     tokenizer = models.load_tokenizer(info)
     examples, _ = data.build_corpus(config["corpus"], tokenizer)
-    examples.to_parquet(tmp_path / "examples.parquet")
+    EXAMPLES.write(examples, tmp_path / "examples.parquet")
     extract.extract_attention(models.load_model(info, "cpu"), examples, tmp_path / "attention", batch_size=4,
                               pad_id=tokenizer.pad_token_id, progress=False)
 
     head_inputs = tmp_path / "head_inputs.npz"
-    write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", head_inputs)
+    extract.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", head_inputs)
     out = tmp_path / "synthesis" / "L1H2"
-    manifest = synthesize_head(config["synthesis"], "tiny", 1, 2, head_inputs, out)
+    manifest = asdict(synthesize_head(config["synthesis"], "tiny", HeadId(1, 2), head_inputs, out))
     assert manifest["backend"] == "open_weights" and json.loads((out / "manifest.json").read_text()) == manifest
     record = json.loads(next((tmp_path / "cache" / "replies").glob("*/*.json")).read_text())
     first_turn = record["request"]["messages"][1]["content"]  # [0] is the system prompt
@@ -175,6 +179,6 @@ def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_
 
     assert shown(True) == 2 and shown(False) == 0
 
-    rows = rerank_head(out, head_inputs, 1, 2, tmp_path / "L1H2.parquet")
-    assert [row["name"] for row in rows] == [c["name"] for c in manifest["candidates"]]
-    assert all(row["val_iou"] == 0 for row in rows if row["status"] != "ok")
+    scores = rerank_head(out, head_inputs, HeadId(1, 2), tmp_path / "L1H2.npz").scores
+    assert [s.name for s in scores] == [c["name"] for c in manifest["candidates"]]
+    assert all(s.val_iou == 0 for s in scores if s.status != "ok")

@@ -2,11 +2,14 @@
 good and bad replies, the sandbox verdicts, the manifest, and a second run that asks nothing."""
 import json
 
+from dataclasses import asdict
+
 import numpy as np
-import pandas as pd
 import pytest
 
 from attnprog.config import validate_config
+from attnprog.contracts import HeadId, SplitExamples
+from attnprog.matrices import pack
 from attnprog.explainers import synthesize_head_with_llm
 from attnprog.explainers.claude import ClaudeExplainer
 from test_explainers_claude import MINIMAL, FakeAPI, message
@@ -41,15 +44,15 @@ def fenced(*programs):
 
 def head_data():
     tokens = [["<s>"] + [(" " if k else "") + w for k, w in enumerate(t.split())] for t in TEXTS]
-    examples = pd.DataFrame({"example_id": range(len(TEXTS)), "split": "synth", "text": TEXTS, "tokens": tokens})
-    attention = {}
-    for e, t in enumerate(tokens):  # a previous-token head, with a little attention on the first token
+    examples = SplitExamples(list(range(len(TEXTS))), tokens, TEXTS)
+    attention = []
+    for t in tokens:  # a previous-token head, with a little attention on the first token
         n = len(t)
         a = 0.9 * np.eye(n, k=-1)
         a[:, 0] += 0.1
         a[0, 0] = 1.0
-        attention[e] = (a / a.sum(axis=1, keepdims=True)).astype(np.float32)
-    return attention, examples
+        attention.append(pack(a / a.sum(axis=1, keepdims=True)))
+    return np.concatenate(attention).astype(np.float32), examples
 
 
 def settings(**prompt):
@@ -63,8 +66,8 @@ def run(tmp_path, api, cache="cache", **prompt):
     s = settings(**prompt)
     explainer = ClaudeExplainer(s["claude"], tmp_path / cache, client=api.client())
     out = tmp_path / "results" / "L3H5"
-    manifest = synthesize_head_with_llm(attention, examples, s, out, "m", 3, 5, explainer=explainer)
-    return manifest, out
+    manifest = synthesize_head_with_llm(examples, attention, s, out, "m", HeadId(3, 5), explainer=explainer)
+    return asdict(manifest), out
 
 
 def test_candidates_are_run_ranked_refined_and_recorded(tmp_path):

@@ -1,16 +1,18 @@
-"""Extraction stores exactly the attention the model returns, for MHA (GPT-2), GQA (Llama) and Gemma-3."""
+"""Extraction stores exactly the attention the model returns, for MHA (GPT-2), GQA (Llama) and Gemma-3, and
+the per-head bundle holds the same numbers."""
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from attnprog import data, extract, models
+from attnprog.contracts import ATTENTION, EXAMPLES, SPLITS, HeadId, HeadInputs
+from attnprog.matrices import split_packed, unpack
 from tinyworld import tiny_config
 
 
 def _examples(folder, n=6):
-    info = {"load_path": str(folder), "dtype": "float32"}
+    info = models.describe_model("tiny", {"local_dir": str(folder)})
     tokenizer = models.load_tokenizer(info)
     corpus = tiny_config({})["corpus"] | {"n_synth": n // 3, "n_val": n // 3, "n_test": n - 2 * (n // 3)}
     examples, _ = data.build_corpus(corpus, tokenizer)
@@ -25,43 +27,73 @@ def test_stored_attention_equals_model_output(kind, tiny_models, tmp_path):
     files = extract.extract_attention(model, examples, tmp_path, batch_size=4, pad_id=tokenizer.pad_token_id,
                                       progress=False)
     assert [f.name for f in files] == ["layer0.parquet", "layer1.parquet"]
+    stored = [extract.read_attention(path) for path in files]
     for row in examples.itertuples():
         with torch.no_grad():
             out = model(torch.tensor([row.input_ids]), output_attentions=True)
-        for layer, path in enumerate(files):
+        for layer in range(2):
             for head in range(4):
-                stored = extract.read_head_attention(path, head)[row.example_id]
+                matrix = unpack(stored[layer][head, row.example_id], len(row.input_ids))
                 expected = out.attentions[layer][0, head].numpy()
-                np.testing.assert_allclose(stored, expected, atol=1e-5)
-                np.testing.assert_allclose(stored.sum(axis=1), 1.0, atol=1e-5)
-                assert np.all(np.triu(stored, k=1) == 0)
+                np.testing.assert_allclose(matrix, expected, atol=1e-5)
+                np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_layer_file_layout(tiny_models, tmp_path):
+def test_layer_file_layout_and_head_inputs(tiny_models, tmp_path):
     info, tokenizer, examples = _examples(tiny_models["llama"])
     model = models.load_model(info, "cpu")
-    extract.extract_attention(model, examples, tmp_path, batch_size=3, pad_id=tokenizer.pad_token_id,
+    extract.extract_attention(model, examples, tmp_path / "attention", batch_size=3, pad_id=tokenizer.pad_token_id,
                               progress=False)
-    table = pq.read_table(tmp_path / "layer1.parquet").to_pandas()
+    table = ATTENTION.read(tmp_path / "attention" / "layer1.parquet")
     assert len(table) == len(examples) * 4  # one row per (example, head)
     lengths = dict(zip(examples.example_id, examples.input_ids.map(len)))
     for row in table.itertuples():
         assert row.n == lengths[row.example_id]
         assert len(row.attention) == row.n * (row.n + 1) // 2
-    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+    assert not list((tmp_path / "attention").glob(".*tmp"))  # no temporary files left behind
+
+    EXAMPLES.write(examples, tmp_path / "examples.parquet")
+    extract.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "head_inputs.npz")
+    bundle = HeadInputs(tmp_path / "head_inputs.npz")
+    one_head = extract.read_attention(tmp_path / "attention" / "layer1.parquet", heads=[2])
+    for split in SPLITS:
+        part = bundle.examples(split)
+        assert part.example_ids == sorted(examples.loc[examples.split == split, "example_id"])
+        for e, triangle in zip(part.example_ids, split_packed(bundle.attention(HeadId(1, 2), split), part.lengths)):
+            np.testing.assert_array_equal(triangle, one_head[2, e])
 
 
-def test_killed_extraction_leaves_no_layer_file(tiny_models, tmp_path):
+def test_extraction_killed_after_a_written_batch_leaves_no_layer_file(tiny_models, tmp_path, monkeypatch):
     info, tokenizer, examples = _examples(tiny_models["gpt2"])
     model = models.load_model(info, "cpu")
     broken = examples.copy()
-    broken.loc[len(broken)] = {"example_id": 99, "split": "test", "text": "x", "input_ids": [10**6],
-                               "tokens": ["x"]}  # an id outside the vocabulary fails mid-run
+    longest = max(map(len, examples["input_ids"])) + 5  # sorts into the last batch, after others were written
+    broken.loc[len(broken)] = {"example_id": 99, "split": "test", "text": "x", "input_ids": [10**6] * longest,
+                               "tokens": ["x"] * longest}  # an id outside the vocabulary fails there
+    written = []
+    real_writer = extract.pq.ParquetWriter
+
+    class CountingWriter(real_writer):
+        def write_batch(self, batch, *args, **kwargs):
+            written.append(batch.num_rows)
+            return super().write_batch(batch, *args, **kwargs)
+
+    monkeypatch.setattr(extract.pq, "ParquetWriter", CountingWriter)
     with pytest.raises(Exception):
         extract.extract_attention(model, broken, tmp_path, batch_size=2, pad_id=0, progress=False)
+    assert written, "the failure came before any batch was written"
     assert list(tmp_path.iterdir()) == []
 
 
-def test_dense_roundtrip():
-    matrix = np.tril(np.random.default_rng(0).random((5, 5))).astype(np.float32)
-    np.testing.assert_array_equal(extract.dense(matrix[np.tril_indices(5)], 5), matrix)
+def test_read_attention_filters_heads_and_examples(tiny_models, tmp_path):
+    info, tokenizer, examples = _examples(tiny_models["llama"])
+    model = models.load_model(info, "cpu")
+    files = extract.extract_attention(model, examples, tmp_path, batch_size=4, pad_id=tokenizer.pad_token_id,
+                                      progress=False)
+    ids = examples["example_id"].tolist()[:2]
+    some = extract.read_attention(files[0], heads=[1, 3], example_ids=ids)
+    assert sorted(some) == sorted((h, e) for h in (1, 3) for e in ids)
+    everything = extract.read_attention(files[0])
+    for key, triangle in some.items():
+        np.testing.assert_array_equal(triangle, everything[key])
+    assert pq.read_schema(files[0]).equals(ATTENTION.schema, check_metadata=False)

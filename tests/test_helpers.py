@@ -63,6 +63,13 @@ MATRIX_HELPERS = {
     "word_distance": h.word_distance,
     "most_recent": lambda t: h.most_recent(h.is_sentence_end(t)),
     "first_occurrence": lambda t: h.key_is(h.is_first_occurrence(t)),
+    # from spaCy parses of each prefix
+    "syntactic_head": h.syntactic_head,
+    "syntactic_dependents": h.syntactic_dependents,
+    "same_noun_phrase": h.same_noun_phrase,
+    "key_pos_is": lambda t: h.key_pos_is(t, "NOUN", "PROPN"),
+    "query_pos_is": lambda t: h.query_pos_is(t, "VERB"),
+    "pos": lambda t: h.key_is(h.pos(t) == "DET") + 2 * h.query_is(h.pos(t) == "NOUN"),
 }
 
 
@@ -101,3 +108,29 @@ def test_cached_token_facts_are_copies():
     first[:] = True  # a program scribbling on a helper's result...
     assert h.is_punctuation(TOKENS).sum() == 3  # ...does not change what the next caller gets
     assert h.is_token(TOKENS, "cat").sum() == 2 and h.is_token(TOKENS, "dog").sum() == 1
+
+
+SENTENCE = ["The", " big", " dog", " chased", " the", " small", " cat", " up", " the", " tree", "."]
+
+
+def test_linguistic_helpers_read_the_parse_of_each_prefix():
+    docs = h.prefix_docs(SENTENCE)
+    assert [doc.text for doc in docs] == ["".join(SENTENCE[:i + 1]) for i in range(len(SENTENCE))]
+    tags = h.pos(SENTENCE)
+    assert tags.dtype.kind == "U" and tags[3] == "VERB" and tags[6] == "NOUN" and tags[10] == "PUNCT"
+    # row 6 (' cat') reads "The big dog chased the small cat": its noun chunk is "the small cat"
+    assert np.flatnonzero(h.same_noun_phrase(SENTENCE)[6]).tolist() == [4, 5, 6]
+    assert np.flatnonzero(h.syntactic_head(SENTENCE)[10]).tolist() == [3]     # '.' hangs on 'chased'
+    assert 2 in np.flatnonzero(h.syntactic_dependents(SENTENCE)[3])          # 'dog' is a dependent of 'chased'
+    assert h.key_pos_is(SENTENCE, "NOUN")[9, [2, 6, 9]].all()
+    assert h.query_pos_is(SENTENCE, "VERB")[3, :4].all() and not h.query_pos_is(SENTENCE, "VERB")[2].any()
+
+
+def test_linguistic_helpers_align_tokens_inside_words_and_whitespace():
+    tokens = ["<|endoftext|>", "He", " ran", "'s", "\n", " home", "."]
+    head = h.syntactic_head(tokens)
+    assert head.shape == (7, 7) and not np.triu(head, 1).any()
+    assert h.pos(tokens)[4] == "SPACE" and not head[4].any()   # a whitespace-only token has no word
+    first = h.syntactic_head(tokens)
+    first[:] = 5
+    assert h.syntactic_head(tokens).max() <= 1  # results are copies

@@ -1,29 +1,34 @@
-"""The library: pooled candidates, dedup by behaviour, selection on val among causal programs only."""
-import json
-
+"""Rerank and the library: each program runs once per split, the library pools and deduplicates them,
+chooses a small set cover on val among causal programs only, and runs nothing itself."""
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from attnprog import helpers as h
-from attnprog import library, rerank
+from attnprog import library, rerank, runner
 from attnprog import synthesize as S
-from attnprog.extract import SCHEMA
+from attnprog.contracts import (BEST, PROGRAMS, SCORES, SPLITS, Candidate, HeadId, HeadInputs, Manifest,
+                                RerankResult, SplitExamples)
+from attnprog.library import choice
+from attnprog.matrices import pack, unpack_many
+from attnprog.programs import load_programs
+from attnprog.scoring import mean_iou
 
 WORDS = [" the", " cat", " dog", " sat", " on", " a", " mat", " and", " ran", " home", ",", " big"]
 
 
-def make_examples(per_split=6, seed=0):
+def make_examples(per_split=6, seed=0) -> dict[str, SplitExamples]:
     rng = np.random.default_rng(seed)
-    rows = []
-    for k, split in enumerate(["synth"] * per_split + ["val"] * per_split + ["test"] * per_split):
-        n = int(rng.integers(8, 16))
-        tokens = ["The"] + [WORDS[i] for i in rng.integers(0, len(WORDS), n - 2)] + ["."]
-        rows.append({"example_id": k, "split": split, "text": "".join(tokens), "input_ids": list(range(n)),
-                     "tokens": tokens})
-    return pd.DataFrame(rows)
+    out, example_id = {}, 0
+    for split in SPLITS:
+        tokens = []
+        for _ in range(per_split):
+            n = int(rng.integers(8, 16))
+            tokens.append(["The"] + [WORDS[i] for i in rng.integers(0, len(WORDS), n - 2)] + ["."])
+        out[split] = SplitExamples(list(range(example_id, example_id + per_split)), tokens,
+                                   ["".join(t) for t in tokens])
+        example_id += per_split
+    return out
 
 
 def previous_token(tokens):
@@ -40,33 +45,24 @@ def first_and_same(tokens):
     return h.causal_softmax(3.0 * h.first_token(len(tokens)) + 4.0 * h.same_token(tokens))
 
 
-def write_attention(root, examples, heads_by_layer):
-    """heads_by_layer: {layer: [fn or {split: fn}]}; writes results-like layer files."""
-    folder = root / "attention"
-    folder.mkdir(parents=True)
-    for layer, fns in heads_by_layer.items():
-        rows = {"example_id": [], "head": [], "n": [], "attention": []}
-        for e, split, tokens in zip(examples["example_id"], examples["split"], examples["tokens"]):
-            for head, fn in enumerate(fns):
-                fn = fn[split] if isinstance(fn, dict) else fn
-                m = fn(list(tokens))
-                rows["example_id"].append(int(e))
-                rows["head"].append(head)
-                rows["n"].append(len(tokens))
-                rows["attention"].append(m[np.tril_indices(len(tokens))].astype(np.float32).tolist())
-        pq.write_table(pa.table(rows, schema=SCHEMA), folder / f"layer{layer}.parquet")
-    return folder
+def write_head_inputs(path, examples, heads: dict[HeadId, object]):
+    """heads: {head: fn or {split: fn}} giving each head's attention matrix on a token list."""
+    attention = {}
+    for head, fn in heads.items():
+        for split, part in examples.items():
+            f = fn[split] if isinstance(fn, dict) else fn
+            attention[head, split] = np.concatenate([pack(f(t)) for t in part.tokens]).astype(np.float32)
+    HeadInputs.write(path, examples, attention)
+    return path
 
 
-def write_candidates(folder, sources: dict[str, str]):
+def write_candidates(folder, head: HeadId, sources: dict[str, str]):
     folder.mkdir(parents=True)
-    candidates = []
     for name, source in sources.items():
         (folder / f"{name}.py").write_text(source)
-        candidates.append({"name": name, "file": f"{name}.py", "origin": "offline", "status": "ok", "error": None,
-                           "synth_jsd": None, "refined_from": None, "prompt_hash": None, "input_tokens": 0,
-                           "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0, "cost_usd": 0.0})
-    (folder / "manifest.json").write_text(json.dumps({"backend": "offline", "candidates": candidates}))
+    Manifest(model="tiny", layer=head.layer, head=head.head, backend="offline",
+             candidates=[Candidate(name=name, file=f"{name}.py", origin="offline") for name in sources]).write(folder)
+    return folder
 
 
 PREVIOUS = '''"""Attends to the previous token."""
@@ -104,65 +100,99 @@ def attention(tokens):
 '''
 
 
-def run_library(root, examples, heads, candidate_dirs):
-    examples_path = root / "examples.parquet"
-    examples.to_parquet(examples_path)
-    if not (root / "head_inputs.npz").exists():
-        S.write_head_inputs(root / "attention", examples_path, root / "head_inputs.npz")
-    tables = {}
-    for (layer, head), folder in candidate_dirs.items():
-        tables[(layer, head)] = root / "rerank" / f"L{layer}H{head}.parquet"
-        rerank.rerank_head(folder, root / "head_inputs.npz", layer, head, tables[(layer, head)])
-    summary = library.build_library("tiny", heads, candidate_dirs, tables, root / "attention", examples_path,
-                                    root / "library", {"causal_check_examples": 3})
-    return summary, {name: pd.read_parquet(root / "library" / f"{name}.parquet")
-                     for name in ("programs", "scores", "best", "baselines")}
+def run_library(root, heads: list[HeadId], candidate_dirs: dict, settings=None, monkeypatch=None):
+    for head, folder in candidate_dirs.items():
+        rerank.rerank_head(folder, root / "head_inputs.npz", head, root / "rerank" / f"{head.name}.npz",
+                           causal_check_examples=3)
+    if monkeypatch is not None:  # the library must run no program: any attempt fails the test
+        def refuse(*args, **kwargs):
+            raise AssertionError("the library ran a program")
+        monkeypatch.setattr(runner, "run_programs", refuse)
+        monkeypatch.setattr(rerank, "run_programs", refuse)
+    summary = library.build_library(
+        "tiny", heads, [candidate_dirs[h] for h in heads], [root / "rerank" / f"{h.name}.npz" for h in heads],
+        root / "head_inputs.npz", root / "library", settings)
+    return summary, {"programs": PROGRAMS.read(root / "library/programs.parquet"),
+                     "scores": SCORES.read(root / "library/scores.parquet"),
+                     "best": BEST.read(root / "library/best.parquet")}
 
 
-def test_library_from_synthesized_candidates(tmp_path):
+def test_library_from_synthesized_candidates(tmp_path, monkeypatch):
     examples = make_examples()
-    write_attention(tmp_path, examples, {0: [previous_token, first_and_same], 1: [first_token, previous_token]})
-    examples.to_parquet(tmp_path / "examples.parquet")
-    S.compute_features(examples, tmp_path / "features.npz", n_words=4)
-    S.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "head_inputs.npz")
-    heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    heads = [HeadId(0, 0), HeadId(0, 1), HeadId(1, 0), HeadId(1, 1)]
+    fns = dict(zip(heads, [previous_token, first_and_same, first_token, previous_token]))
+    write_head_inputs(tmp_path / "head_inputs.npz", examples, fns)
+    frame = pd.DataFrame([{"example_id": e, "split": s, "text": x, "input_ids": list(range(len(t))), "tokens": t}
+                          for s, part in examples.items()
+                          for e, t, x in zip(part.example_ids, part.tokens, part.texts)])
+    S.compute_features(frame, tmp_path / "features.npz", n_words=4)
     dirs = {}
-    for layer, head in heads:
-        dirs[(layer, head)] = tmp_path / "synthesis" / f"L{layer}H{head}"
-        S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 2, 4]}}, "tiny", layer, head,
-                          tmp_path / "head_inputs.npz", dirs[(layer, head)], tmp_path / "features.npz")
-    summary, tables = run_library(tmp_path, examples, heads, dirs)
+    for head in heads:
+        dirs[head] = tmp_path / "synthesis" / head.name
+        S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 2, 4]}}, "tiny", head,
+                          tmp_path / "head_inputs.npz", dirs[head], tmp_path / "features.npz")
+    summary, tables = run_library(tmp_path, heads, dirs, monkeypatch=monkeypatch)
 
     assert summary["n_heads"] == 4
     # L0H0 and L1H1 are the same head: their candidates behave the same and are kept once
-    assert summary["library_size"] < summary["n_candidates"]
-    assert summary["library_size"] == len(tables["programs"]) == len(list((tmp_path / "library/programs").glob("*.py")))
-    assert list(tables["programs"].columns) == ["name", "origin", "source_layer", "source_head", "description",
-                                                "category", "causal", "trusted"]
-    assert list(tables["best"].columns) == ["layer", "head", "program", "val_iou", "test_iou", "synth_iou", "causal"]
-    assert set(tables["scores"]["split"]) == {"synth", "val", "test"}
-    # val and test: every program on every head; synth: each head's chosen program
-    assert len(tables["scores"]) == 2 * 4 * summary["library_size"] + 4
+    assert summary["pool_size"] < summary["n_candidates"]
+    assert summary["pool_size"] == len(tables["programs"])
+    library_names = set(tables["programs"].loc[tables["programs"]["in_library"], "name"])
+    assert summary["library_size"] == len(library_names) == len(list((tmp_path / "library/programs").glob("*.py")))
+    assert set(tables["best"]["program"]) <= library_names  # heads take programs from the library
+    assert len(tables["scores"]) == 3 * 4 * summary["pool_size"]  # every program on every head on every split
     assert (tables["best"]["val_iou"] > 0.9).all() and (tables["best"]["test_iou"] > 0.9).all()
     assert summary["mean_test_iou"] == pytest.approx(tables["best"]["test_iou"].mean())
-    assert set(summary["baselines"]) == {"random_token", "random_column", "uniform", "first_token"}
+    assert summary["unrestricted"]["mean_val_iou"] >= summary["mean_val_iou"] - 0.01
+    assert summary["library_curve"][-1]["size"] == summary["pool_size"]
     assert summary["baselines"]["first_token"] < summary["mean_test_iou"]
     assert set(summary["per_layer_test_iou"]) == {"0", "1"}
-    # the best program's recorded scores agree with the full score table
+    assert tables["programs"]["category"].notna().all()
+    # the best program's recorded scores agree with the score table and with running the program again
     best = tables["best"].iloc[0]
     scores = tables["scores"].set_index(["program", "layer", "head", "split"])["iou"]
-    assert scores[(best["program"], best["layer"], best["head"], "val")] == pytest.approx(best["val_iou"])
-    assert scores[(best["program"], best["layer"], best["head"], "synth")] == pytest.approx(best["synth_iou"])
-    assert best["synth_iou"] > 0.9
-    assert tables["programs"]["category"].notna().all()
+    for split in SPLITS:
+        assert scores[(best["program"], best["layer"], best["head"], split)] == pytest.approx(best[f"{split}_iou"])
+    monkeypatch.undo()
+    program = next(p for p in load_programs(tmp_path / "library/programs", trusted=True) if p.name == best["program"])
+    real = HeadInputs(tmp_path / "head_inputs.npz")
+    head = HeadId(int(best["layer"]), int(best["head"]))
+    matrices = runner.run_programs([program], real.examples("test").calls())[program.name].matrices
+    again = mean_iou(matrices, unpack_many(real.attention(head, "test"), real.examples("test").lengths))
+    assert again == pytest.approx(best["test_iou"], abs=2e-3)  # outputs are stored as float16
+
+
+def test_rerank_stores_every_split_once(tmp_path, monkeypatch):
+    examples = make_examples()
+    head = HeadId(0, 0)
+    write_head_inputs(tmp_path / "head_inputs.npz", examples, {head: previous_token})
+    folder = write_candidates(tmp_path / "synthesis" / head.name, head, {"prev": PREVIOUS, "first": FIRST})
+    calls = []
+    real_run = runner.run_programs
+
+    def counting(programs, examples_, **kwargs):
+        calls.append((tuple(p.name for p in programs), len(examples_)))
+        return real_run(programs, examples_, **kwargs)
+
+    monkeypatch.setattr(rerank, "run_programs", counting)
+    rerank.rerank_head(folder, tmp_path / "head_inputs.npz", head, tmp_path / "L0H0.npz")
+    assert calls == [(("prev", "first"), 18)]  # one call: both programs, every example of the three splits
+    stored = RerankResult.read(tmp_path / "L0H0.npz")
+    scores = {s.name: s for s in stored.scores}
+    assert scores["prev"].val_iou > 0.99 and scores["first"].val_iou < 0.5 and scores["prev"].causal
+    assert stored.names == ["prev", "first"]
+    matrices = stored.matrices("prev", "test")
+    assert len(matrices) == 6 and np.allclose(matrices[0], previous_token(examples["test"].tokens[0]), atol=1e-3)
 
 
 def test_selection_uses_val_not_test(tmp_path):
     examples = make_examples()
+    head = HeadId(0, 0)
     # On val the head attends to the previous token; on synth and test to the first token.
-    write_attention(tmp_path, examples, {0: [{"synth": first_token, "val": previous_token, "test": first_token}]})
-    write_candidates(tmp_path / "synthesis" / "L0H0", {"prev": PREVIOUS, "first": FIRST})
-    summary, tables = run_library(tmp_path, examples, [(0, 0)], {(0, 0): tmp_path / "synthesis" / "L0H0"})
+    write_head_inputs(tmp_path / "head_inputs.npz", examples,
+                      {head: {"synth": first_token, "val": previous_token, "test": first_token}})
+    folder = write_candidates(tmp_path / "synthesis" / head.name, head, {"prev": PREVIOUS, "first": FIRST})
+    summary, tables = run_library(tmp_path, [head], {head: folder})
     best = tables["best"].iloc[0]
     assert best["program"] == "prev"
     assert best["val_iou"] > 0.9 and best["test_iou"] < 0.5
@@ -172,9 +202,10 @@ def test_selection_uses_val_not_test(tmp_path):
 
 def test_only_causal_programs_are_chosen(tmp_path):
     examples = make_examples()
-    write_attention(tmp_path, examples, {0: [previous_token]})
-    write_candidates(tmp_path / "synthesis" / "L0H0", {"peek": PEEKING, "mostly_prev": MOSTLY_PREVIOUS})
-    summary, tables = run_library(tmp_path, examples, [(0, 0)], {(0, 0): tmp_path / "synthesis" / "L0H0"})
+    head = HeadId(0, 0)
+    write_head_inputs(tmp_path / "head_inputs.npz", examples, {head: previous_token})
+    folder = write_candidates(tmp_path / "synthesis" / head.name, head, {"peek": PEEKING, "mostly_prev": MOSTLY_PREVIOUS})
+    summary, tables = run_library(tmp_path, [head], {head: folder})
     programs = tables["programs"].set_index("name")
     assert not programs.loc["peek", "causal"] and programs.loc["mostly_prev", "causal"]
     scores = tables["scores"].set_index(["program", "split"])["iou"]
@@ -185,11 +216,55 @@ def test_only_causal_programs_are_chosen(tmp_path):
 
 def test_failed_candidates_score_worst_and_stay_out(tmp_path):
     examples = make_examples()
-    write_attention(tmp_path, examples, {0: [previous_token]})
-    write_candidates(tmp_path / "synthesis" / "L0H0",
-                     {"prev": PREVIOUS, "broken": '"""Divides by zero."""\ndef attention(tokens):\n    return 1 / 0\n'})
-    summary, tables = run_library(tmp_path, examples, [(0, 0)], {(0, 0): tmp_path / "synthesis" / "L0H0"})
-    ranked = pd.read_parquet(tmp_path / "rerank" / "L0H0.parquet").set_index("name")
-    assert ranked.loc["broken", "status"] != "ok" and ranked.loc["broken", "val_iou"] == 0.0
-    assert ranked.loc["prev", "status"] == "ok" and ranked.loc["prev", "val_iou"] > 0.99
+    head = HeadId(0, 0)
+    write_head_inputs(tmp_path / "head_inputs.npz", examples, {head: previous_token})
+    folder = write_candidates(tmp_path / "synthesis" / head.name, head,
+                              {"prev": PREVIOUS, "broken": '"""Divides by zero."""\ndef attention(tokens):\n    return 1 / 0\n'})
+    summary, tables = run_library(tmp_path, [head], {head: folder})
+    ranked = {s.name: s for s in RerankResult.read(tmp_path / "rerank" / "L0H0.npz").scores}
+    assert ranked["broken"].status == "runtime_error" and ranked["broken"].val_iou == 0.0
+    assert "ZeroDivisionError" in ranked["broken"].error
+    assert ranked["prev"].status == "ok" and ranked["prev"].val_iou > 0.99
     assert list(tables["programs"]["name"]) == ["prev"]
+
+
+# ---- the set cover, on constructed score tables ----
+
+def test_set_cover_finds_the_known_smallest_library():
+    # 6 heads. Programs 0-2 each fit two heads best; program 3 fits every head 0.05 below the best;
+    # program 4 fits nothing. With tolerance 0.1 program 3 alone covers every head; with 0.01 the
+    # smallest cover is programs 0, 1 and 2 (facility location would take program 3 first: 4 programs).
+    val = np.full((5, 6), 0.1)
+    for p in range(3):
+        val[p, 2 * p:2 * p + 2] = 0.9
+    val[3] = 0.85
+    eligible = np.ones(5, dtype=bool)
+    length = np.ones(5)
+    assert choice.cover(val, eligible, tolerance=0.1, length=length) == [3]
+    assert sorted(choice.cover(val, eligible, tolerance=0.01, length=length)) == [0, 1, 2]
+    assert choice.facility_order(val, eligible, length, steps=1) == [3]  # the best library of one program
+    eligible[0] = False  # program 0 may not be chosen (say, it failed the causality check)
+    library = choice.cover(val, eligible, tolerance=0.01, length=length)
+    assert 0 not in library and sorted(library) == [1, 2, 3]
+
+
+def test_heads_prefer_the_shorter_program_within_tolerance():
+    val = np.array([[0.80, 0.50], [0.797, 0.70], [0.60, 0.71]])
+    length = np.array([16.0, 2.0, 1.0])
+    chosen = choice.assign_heads(val, [0, 1, 2], length, prefer_shorter=0.005)
+    assert list(chosen) == [1, 2]  # head 0: program 1 is within 0.005 of the best and shorter
+    chosen = choice.assign_heads(val, [0, 1, 2], length, prefer_shorter=0.0)
+    assert list(chosen) == [0, 2]
+
+
+def test_size_curve_is_nested_and_ends_with_the_pool():
+    rng = np.random.default_rng(0)
+    val = rng.random((40, 12))
+    test = val + rng.normal(0, 0.01, val.shape)
+    eligible = np.ones(40, dtype=bool)
+    order = choice.facility_order(val, eligible, np.ones(40), steps=20)
+    curve = choice.size_curve(val, test, order, eligible, np.ones(40), 0.0, sizes=(1, 5, 10, 20))
+    assert [p["size"] for p in curve] == [1, 5, 10, 20, 40]
+    values = [p["mean_val_iou"] for p in curve]
+    assert values == sorted(values)  # nested libraries never fit val worse
+    assert curve[-1]["mean_val_iou"] == pytest.approx(val.max(axis=0).mean())

@@ -9,7 +9,7 @@ import pytest
 from attnprog.matrices import normalise as normalise_attention
 from attnprog.programs import Program, ProgramError, load_programs, programs_from_source
 from attnprog.runner import ProgramRunner, check_causal, run_prefixwise, run_programs
-from attnprog.sandbox import Limits, Policy, Sandbox
+from attnprog.sandbox import UNGUARDED, Limits, Sandbox
 
 FIXTURES = Path(__file__).parent / "fixtures" / "programs"
 EXAMPLES = [[" The", " cat", " sat", " on", " the", " mat", "."],
@@ -137,16 +137,16 @@ def test_failing_programs_score_worst_without_crashing(box):
         "raises": "def attention(tokens):\n    raise KeyError('boom')\n",
         "shape": "import numpy as np\ndef attention(tokens):\n    return np.ones((2, 3))\n",
         "loops": "def attention(tokens):\n    while True:\n        pass\n",
-        "spacy": "import spacy\ndef attention(tokens):\n    return None\n",
+        "imports_os": "import os\ndef attention(tokens):\n    return None\n",
     }
     programs = [good] + [program(source, name) for name, source in bad.items()]
     broken = Program("syntax", None, "def attention(tokens)\n", "", "", "tokens", "attention")
     runs = run_programs(programs + [broken], EXAMPLES, sandbox=box, limits=Limits(0.5, 256))
     assert runs["good"].status == "ok" and runs["good"].n_failed == 0
     assert {name: runs[name].status for name in bad} == {"raises": "runtime_error", "shape": "bad_output",
-                                                          "loops": "timeout", "spacy": "rejected"}
+                                                          "loops": "timeout", "imports_os": "rejected"}
     assert runs["syntax"].status == "syntax_error"
-    assert "KeyError: 'boom'" in runs["raises"].error and "spacy" in runs["spacy"].error
+    assert "KeyError: 'boom'" in runs["raises"].error and "'os'" in runs["imports_os"].error
     for name in list(bad) + ["syntax"]:
         assert runs[name].matrices == [None] * len(EXAMPLES)  # nothing to score: the worst score
     # the same failures in-process, for trusted programs
@@ -298,19 +298,83 @@ def test_reference_programs_cannot_use_the_tokenizer_to_touch_files(tokenizer_di
     attacks = {
         "save_pretrained": f"tokenizer.save_pretrained({str(target)!r})",   # Python file writes
         "rust_save": f"tokenizer._tokenizer.backend_tokenizer.save({str(target)!r})",  # the Rust core
-        "rust_read": "tokenizer._tokenizer.backend_tokenizer.from_file('/etc/passwd')",
+        "backend": "tokenizer.backend_tokenizer.to_str()",                  # not part of the narrow interface
     }
     programs = [programs_from_source(
         f"import numpy as np\ndef f(sentence, tokenizer):\n    {code}\n    return 'x', np.eye(3)\n", name)[0]
         for name, code in attacks.items()]
     runs = run_programs(programs, examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
-    assert runs["save_pretrained.f"].status == "runtime_error"
-    assert "has no attribute 'save_pretrained'" in runs["save_pretrained.f"].error
-    assert runs["rust_save.f"].status == runs["rust_read.f"].status == "rejected"  # private attribute
-    # Even with the validator and the audit hook off, the system-call filter keeps the Rust code off files.
-    with Sandbox(tokenizer_dir, workers=1, policy=Policy(validate=False, audit=False)) as weak:
-        if weak.seccomp:
-            runs = run_programs(programs[1:], examples, tokenizer_dir=tokenizer_dir, sandbox=weak)
-            assert runs["rust_save.f"].status == runs["rust_read.f"].status == "runtime_error"
-            assert "root:" not in runs["rust_read.f"].error
+    assert runs["save_pretrained.f"].status == runs["rust_save.f"].status == "rejected"
+    assert runs["backend.f"].status == "runtime_error" and "no attribute 'backend_tokenizer'" in runs["backend.f"].error
+    # With the Python-level guards off, the Rust core can be reached, and the jail keeps it off host files.
+    with Sandbox(tokenizer_dir, workers=1, policy=UNGUARDED) as weak:
+        runs = run_programs(programs[1:2], examples, tokenizer_dir=tokenizer_dir, sandbox=weak)
+    assert runs["rust_save.f"].status == "runtime_error"
     assert not target.exists()
+
+
+def test_reference_library_programs_are_told_from_helpers():
+    source = '''
+import numpy as np
+
+def tokenize_words(sentence, tokenizer):
+    return tokenizer(sentence).input_ids, [0]
+
+def spans(text, tok):
+    return [(0, 1)]
+
+def prog_a(sentence, tokenizer):
+    ids, _ = tokenize_words(sentence, tokenizer)
+    return np.eye(len(ids))
+
+def prog_b(sentence, tokenizer):
+    label, m = "b", prog_c(sentence, tokenizer)[1]
+    return "B", m
+
+def prog_c(sentence, tokenizer):
+    return f"C{len(spans(sentence, tokenizer))}", np.eye(2)
+
+PROGRAMS = [prog_a, prog_b, prog_c]
+'''
+    names = [p.function for p in programs_from_source(source, "lib")]
+    # helpers: called by another function and not returning a labelled pair; programs: the rest
+    assert names == ["prog_a", "prog_b", "prog_c"]
+
+
+def test_a_generated_reference_library_loads_and_runs(tokenizer_dir, tokenizer_box, tmp_path):
+    from fixtures.reference_library import make_library
+
+    from attnprog.scoring import mean_iou
+    path = tmp_path / "library.py"
+    path.write_text(make_library(60))
+    programs = load_programs(path)
+    assert len(programs) == 60 and all(p.function.startswith("prog_") for p in programs)
+    examples = reference_examples(tokenizer_dir)
+    runs = run_programs(programs, examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box,
+                        limits=Limits(seconds_per_call=5, memory_mb=1024))
+    failed = {name: run for name, run in runs.items() if run.status != "ok"}
+    assert len(failed) <= 3, {name: run.error for name, run in failed.items()}
+    assert failed and all(run.status == "runtime_error" and "NameError: name 'get_word_ids'" in run.error
+                          for run in failed.values())
+    uniform = [np.tril(np.ones((len(t), len(t)))) / np.arange(1, len(t) + 1)[:, None] for t, _ in examples]
+    spacy_programs = [p.name for p in programs if "word_of_token" in p.source.split(f"def {p.function}(")[1][:200]]
+    assert len(spacy_programs) >= 10
+    for name in spacy_programs:  # the spaCy programs run and score
+        assert runs[name].status == "ok" and 0 < mean_iou(runs[name].matrices, uniform) <= 1
+    noisy = [p for p in programs if "np.random.rand" in p.source.split(f"def {p.function}(")[1][:300]]
+    again = run_programs(noisy[:1], examples, tokenizer_dir=tokenizer_dir, sandbox=tokenizer_box)
+    assert all(np.array_equal(a, b) for a, b in zip(again[noisy[0].name].matrices, runs[noisy[0].name].matrices))
+
+
+def test_an_ok_status_without_a_matrix_is_not_ok():
+    """Whatever a sandbox reports, a run is "ok" only with every matrix present (consumers rely on it)."""
+    from attnprog.sandbox import JobResult
+
+    class LyingSandbox:
+        def run_many(self, jobs, limits):
+            return [JobResult("ok", None, [None] * len(job.calls), ["ok"] * len(job.calls), [None] * len(job.calls))
+                    for job in jobs]
+
+    (p,) = load_programs(FIXTURES / "previous_token.py")
+    run = run_programs([p], EXAMPLES, sandbox=LyingSandbox())["previous_token"]
+    assert run.status == "bad_output" and run.matrices == [None] * len(EXAMPLES)

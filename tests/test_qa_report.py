@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from attnprog import report
+from attnprog.report import figures
 
 
 def paired_summary():
@@ -25,7 +25,7 @@ def paired_summary():
 
 
 def test_qa_table_carries_the_paired_comparison_on_each_tasks_metric():
-    table = report.qa_table(paired_summary())
+    table = figures.qa_table(paired_summary())
     piqa = table[(table.task == "piqa") & (table.method == "programs")].set_index("fraction")
     assert (piqa["metric"] == "acc_norm").all() and piqa.loc[0.5, "acc"] == pytest.approx(0.45)
     assert piqa.loc[0.5, "diff"] == pytest.approx(-0.05) and piqa.loc[0.5, "diff_hi"] == pytest.approx(-0.01)
@@ -35,7 +35,7 @@ def test_qa_table_carries_the_paired_comparison_on_each_tasks_metric():
 
 
 def test_qa_figure_plots_the_paired_difference_per_task_and_method():
-    svg, note = report.qa_figure(paired_summary())
+    svg, note = figures.qa_figure(paired_summary())
     assert svg.startswith("<svg") or "<svg" in svg[:500]
     assert "paired difference" in note and "McNemar" in note
     for text in ("piqa (acc_norm, 100 questions)", "copa (acc, 100 questions)", "accuracy change (points)",
@@ -43,14 +43,14 @@ def test_qa_figure_plots_the_paired_difference_per_task_and_method():
         assert text in svg, text
     old = {"results": [{k: v for k, v in row.items() if k in ("task", "method", "fraction", "acc", "acc_stderr")}
                        for row in paired_summary()["results"]]}
-    svg, note = report.qa_figure(old)  # a summary from before the paired comparison: accuracy with its bands
+    svg, note = figures.qa_figure(old)  # a summary from before the paired comparison: accuracy with its bands
     assert "<svg" in svg and "standard errors" in note and "accuracy change" not in svg
 
 
 def test_qa_cell_says_how_many_answers_changed():
-    cell = report.qa_cell(paired_summary(), 0.25)
+    cell = figures.qa_cell(paired_summary(), 0.25)
     before, after, changed, questions = re.match(r"([\d.]+) → ([\d.]+) \((\d+) of (\d+) answers changed\)",
                                                 cell).groups()
     assert float(before) == pytest.approx(np.mean([0.5, 0.6])) and float(after) == pytest.approx(np.mean([0.475, 0.575]))
     assert (int(changed), int(questions)) == (20, 200)
-    assert report.qa_cell(None, 0.25) == "–"
+    assert figures.qa_cell(None, 0.25) == "–"

@@ -12,8 +12,13 @@ import pytest
 
 from attnprog import report
 from attnprog.atomic import write_json
-from attnprog.extract import SCHEMA, layer_file
-from attnprog.scoring import lower_triangle, soft_iou
+from attnprog.contracts import BASELINES, SCORES, SINGLE_HEADS, SWEEP, HeadId, HeadInputs, ModelInfo, RerankResult
+from attnprog.contracts import BEST as BEST_TABLE
+from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
+from attnprog.contracts import ProgramScore, SplitExamples
+from attnprog.matrices import normalise, pack
+from attnprog.report.data import choose_examples, real_attention
+from attnprog.scoring import soft_iou
 
 N_LAYERS, N_HEADS = 2, 3
 WORDS = "the cat sat on a mat and then the dog ran to the big red house by the old tree".split()
@@ -55,54 +60,91 @@ def pattern(name: str, n: int) -> np.ndarray:
     return np.eye(n)
 
 
-def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) -> Path:
-    """results/{model}/ for a 2-layer, 3-head causal model: examples, attention, library, substitution, QA."""
+def program_output(name: str, tokens: list[str]) -> np.ndarray | None:
+    """What a program outputs on one example (normalised); self_token fails on texts over 18 tokens."""
+    if name == "self_token" and len(tokens) > 18:
+        return None
+    return normalise(pattern(name, len(tokens)))
+
+
+def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) -> report.ModelInputs:
+    """The files the report reads about a 2-layer, 3-head causal model, written through the contracts:
+    head inputs, each source head's stored program outputs, the library tables, substitution and QA."""
     rng = np.random.default_rng(0)
     base = root / model
-    write_json(base / "model" / "info.json", {
-        "model": model, "load_path": "/nowhere/tiny", "architecture": "LlamaForCausalLM",
-        "n_layers": N_LAYERS, "n_heads": N_HEADS, "n_kv_heads": 1, "is_causal": True, "dtype": "float32"})
-    splits = ["synth"] * 2 + ["val"] * 2 + ["test"] * 4
-    examples = pd.DataFrame({
-        "example_id": np.arange(len(splits), dtype=np.int64), "split": splits,
-        "tokens": [example_tokens(i) for i in range(len(splits))]})
-    examples["text"] = examples["tokens"].map("".join)
-    examples["input_ids"] = examples["tokens"].map(lambda t: list(range(len(t))))
-    (base / "data").mkdir(parents=True)
-    examples.to_parquet(base / "data" / "examples.parquet")
-    (base / "attention").mkdir()
-    for layer in range(N_LAYERS):
-        rows = [{"example_id": int(e), "head": h, "n": len(t),
-                 "attention": lower_triangle(noisy(pattern(BEST[layer, h], len(t)), rng)).tolist()}
-                for e, t in zip(examples["example_id"], examples["tokens"]) for h in range(N_HEADS)]
-        pd.DataFrame(rows).to_parquet(layer_file(base / "attention", layer), schema=SCHEMA)
+    heads = [HeadId(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)]
+    ModelInfo(model=model, load_path="/nowhere/tiny", architecture="LlamaForCausalLM", model_type="llama",
+              n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=1, is_causal=True).write(base / "model" / "info.json")
+    sizes = {"synth": 2, "val": 2, "test": 4}
+    examples, start = {}, 0
+    for split, k in sizes.items():
+        tokens = [example_tokens(i) for i in range(start, start + k)]
+        examples[split] = SplitExamples(list(range(start, start + k)), tokens, ["".join(t) for t in tokens])
+        start += k
+    attention = {(head, split): np.concatenate([pack(noisy(pattern(BEST[head.layer, head.head], len(t)), rng))
+                                                for t in part.tokens])
+                 for head in heads for split, part in examples.items()}
+    HeadInputs.write(base / "synthesis" / "head_inputs.npz", examples, attention)
+    # Each program was written for head (0, i) and its rerank job stored its outputs.
+    rerank_outputs = {}
+    for i, name in enumerate(PROGRAMS):
+        splits = {}
+        for split, part in examples.items():
+            outputs = [program_output(name, t) for t in part.tokens]
+            values = np.concatenate([pack(o) if o is not None else np.zeros(len(t) * (len(t) + 1) // 2)
+                                     for o, t in zip(outputs, part.tokens)])[None]
+            splits[split] = (np.array(part.example_ids), np.array(part.lengths), values,
+                             np.array([[o is None for o in outputs]]))
+        rerank_outputs[HeadId(0, i)] = base / "rerank" / f"L0H{i}.npz"
+        score = ProgramScore(layer=0, head=i, name=name, file=f"{name}.py", origin="offline", status="ok", causal=True)
+        RerankResult([score], [name], splits).write(rerank_outputs[HeadId(0, i)])
+    for head in heads:  # heads whose candidates all failed: their rerank jobs stored no outputs
+        if head not in rerank_outputs:
+            rerank_outputs[head] = base / "rerank" / f"{head.name}.npz"
+            RerankResult([], [], {split: (np.array(part.example_ids), np.array(part.lengths),
+                                        np.zeros((0, sum(n * (n + 1) // 2 for n in part.lengths))),
+                                        np.zeros((0, len(part.example_ids)), dtype=bool))
+                                for split, part in examples.items()}).write(rerank_outputs[head])
     library = base / "library"
     (library / "programs").mkdir(parents=True)
     for name, source in PROGRAMS.items():
         (library / "programs" / f"{name}.py").write_text(source)
-    pd.DataFrame([{"name": name, "origin": "offline", "source_layer": 0, "source_head": i,
-                   "description": source.split('"""')[1], "category": CATEGORY[name], "causal": True,
-                   "trusted": True} for i, (name, source) in enumerate(PROGRAMS.items())]
-                 ).to_parquet(library / "programs.parquet")
+    PROGRAMS_TABLE.write([{"name": name, "origin": "offline", "source_layer": 0, "source_head": i,
+                           "description": source.split('"""')[1], "category": CATEGORY[name], "causal": True,
+                           "trusted": True, "n_terms": None, "source_chars": len(source), "in_library": True,
+                           "library_rank": i} for i, (name, source) in enumerate(PROGRAMS.items())],
+                         library / "programs.parquet")
     scores = pd.DataFrame([{"program": p, "layer": l, "head": h, "split": s,
                             "iou": (0.8 if BEST[l, h] == p else 0.2) + 0.1 * rng.random(), "jsd": 0.3}
                            for p in PROGRAMS for (l, h) in BEST for s in ("synth", "val", "test")])
-    scores.to_parquet(library / "scores.parquet")
+    SCORES.write(scores, library / "scores.parquet")
     best = scores[scores["program"] == scores.apply(lambda r: BEST[r["layer"], r["head"]], axis=1)]
     best = best.pivot_table(index=["layer", "head", "program"], columns="split", values="iou").reset_index()
     best = best.rename(columns={s: f"{s}_iou" for s in ("synth", "val", "test")}).assign(causal=True)
-    best.to_parquet(library / "best.parquet")
-    pd.DataFrame([{"baseline": b, "layer": l, "head": h, "split": s, "iou": 0.3 * rng.random()}
-                  for b in ("uniform", "first_token") for (l, h) in BEST for s in ("val", "test")]
-                 ).to_parquet(library / "baselines.parquet")
+    BEST_TABLE.write(best, library / "best.parquet")
+    BASELINES.write(pd.DataFrame([{"baseline": b, "layer": l, "head": h, "split": s, "iou": 0.3 * rng.random()}
+                                  for b in ("uniform", "first_token") for (l, h) in BEST for s in ("val", "test")]),
+                    library / "baselines.parquet")
     write_json(library / "summary.json", {
-        "n_heads": len(BEST), "library_size": len(PROGRAMS), "mean_val_iou": float(best["val_iou"].mean()),
-        "mean_test_iou": float(best["test_iou"].mean()), "baselines": {"uniform": 0.15, "first_token": 0.1},
+        "n_heads": len(BEST), "library_size": len(PROGRAMS), "pool_size": 5, "n_candidates": 9,
+        "mean_val_iou": float(best["val_iou"].mean()), "mean_test_iou": float(best["test_iou"].mean()),
+        "unrestricted": {"mean_val_iou": 0.9, "mean_test_iou": 0.88, "programs_used": 4}, "mean_terms": None,
+        "library_curve": [{"size": 1, "mean_val_iou": 0.5, "mean_test_iou": 0.45},
+                          {"size": 3, "mean_val_iou": 0.85, "mean_test_iou": 0.84}],
+        "selection": "a test library",
+        "baselines": {"uniform": 0.15, "first_token": 0.1},
         "per_layer_test_iou": best.groupby("layer")["test_iou"].mean().tolist()})
+    inputs = report.ModelInputs(
+        info=base / "model" / "info.json", head_inputs=base / "synthesis" / "head_inputs.npz",
+        programs=library / "programs.parquet", program_files=library / "programs", scores=library / "scores.parquet",
+        best=library / "best.parquet", baselines=library / "baselines.parquet", library=library / "summary.json",
+        rerank=rerank_outputs)
     if with_downstream:
         write_sweep(base, rng)
         write_qa(base, rng)
-    return base
+        inputs.sweep, inputs.single = base / "substitution" / "sweep.parquet", base / "substitution" / "single_heads.parquet"
+        inputs.substitution, inputs.qa = base / "substitution" / "summary.json", base / "qa" / "summary.json"
+    return inputs
 
 
 FRACTIONS = [0.0, 0.25, 0.5, 1.0]
@@ -119,10 +161,9 @@ def write_sweep(base: Path, rng) -> None:
                 rows.append({"method": method, "seed": seed, "fraction": fraction, "n_replaced": round(6 * fraction),
                              "split": "heldout", "n_tokens": 5000, "ppl": ppl, "ppl_lo": ppl * 0.95,
                              "ppl_hi": ppl * 1.05, "rel_increase": rel, "rel_lo": rel - 0.02, "rel_hi": rel + 0.02})
-    (base / "substitution").mkdir(parents=True)
-    pd.DataFrame(rows).to_parquet(base / "substitution" / "sweep.parquet")
-    pd.DataFrame([{"layer": l, "head": h, "ppl": 20 + rng.random(), "rel_increase": 0.05 * rng.random()}
-                  for (l, h) in BEST]).to_parquet(base / "substitution" / "single_heads.parquet")
+    SWEEP.write(pd.DataFrame(rows), base / "substitution" / "sweep.parquet")
+    SINGLE_HEADS.write(pd.DataFrame([{"layer": l, "head": h, "ppl": 20 + rng.random(), "rel_increase": 0.05 * rng.random()}
+                                     for (l, h) in BEST]), base / "substitution" / "single_heads.parquet")
     write_json(base / "substitution" / "summary.json", {
         "split": "heldout", "baseline_ppl": 20.0,
         "single_head": {"n_heads": len(BEST), "iou": "test_iou", "spearman_rho": -0.5, "p_value": 0.3}})
@@ -153,7 +194,7 @@ def head_pages(out: Path) -> list[Path]:
 
 def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out)
+    report.write_model_report(results, out, name="tiny")
     overview = (out / "index.html").read_text()
     assert [p.name for p in head_pages(out)] == sorted(f"L{l}H{h}.html" for (l, h) in BEST)
     for layer, head in BEST:
@@ -167,10 +208,10 @@ def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
 
 def test_head_page_shows_source_scores_and_the_other_heads_of_its_program(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, {"examples_per_head": 2})
+    report.write_model_report(results, out, {"examples_per_head": 2}, name="tiny")
     page = (out / "heads" / "L0H0.html").read_text()
     assert "Each token attends to the token just before it." in page
-    best = pd.read_parquet(results / "library" / "best.parquet").set_index(["layer", "head"])
+    best = pd.read_parquet(results.best).set_index(["layer", "head"])
     assert f"{best.loc[(0, 0), 'test_iou']:.3f}" in page and f"{best.loc[(0, 0), 'val_iou']:.3f}" in page
     others = re.search(r'id="also">(.*?)</section>', page, re.S).group(1)
     assert sorted(re.findall(r'href="(L\dH\d)\.html"', others)) == ["L0H2", "L1H2"]
@@ -179,17 +220,17 @@ def test_head_page_shows_source_scores_and_the_other_heads_of_its_program(result
 
 def test_head_page_iou_is_the_iou_of_the_shown_matrices(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, {"examples_per_head": 1})
-    examples = report.choose_examples(pd.read_parquet(results / "data" / "examples.parquet"), 1)
-    real = report.real_attention(report.read_model_results(results), examples["example_id"].tolist())
-    tokens = examples["tokens"][0].tolist()
-    expected = soft_iou(real[1, 0, int(examples["example_id"][0])], np.eye(len(tokens)))
+    report.write_model_report(results, out, {"examples_per_head": 1}, name="tiny")
+    examples = choose_examples(results, 1)
+    real = real_attention(results, [HeadId(1, 0)], examples)
+    tokens = examples[0]["tokens"]
+    expected = soft_iou(real[1, 0, examples[0]["example_id"]], np.eye(len(tokens)))
     page = (out / "heads" / "L1H0.html").read_text()
     assert f"IoU {expected:.3f}" in page
 
 
 def test_missing_library_table_is_named(results, tmp_path):
-    (results / "library" / "best.parquet").unlink()
+    results.best.unlink()
     with pytest.raises(report.ReportError, match="best.parquet"):
         report.write_model_report(results, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
@@ -214,7 +255,7 @@ def chromium(url: str, *args: str, tmp: Path) -> str:
 @needs_chromium
 def test_chromium_renders_overview_and_head_pages(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out)
+    report.write_model_report(results, out, name="tiny")
     dom = chromium((out / "index.html").as_uri(), "--dump-dom", tmp=tmp_path)
     assert len(re.findall(r'<a href="heads/L\dH\d\.html"', dom)) >= 2 * len(BEST)  # both maps + the table
     for section in ("iou", "baselines", "perplexity", "qa"):
@@ -235,17 +276,19 @@ def plt_image(path: Path) -> np.ndarray:
 
 
 def test_index_compares_models_and_links_to_each(tmp_path):
-    roots = {"tiny": make_results(tmp_path / "results", "tiny"),
-             "tiny-no-downstream": make_results(tmp_path / "results", "tiny-no-downstream", with_downstream=False)}
-    index = report.write_index(roots, tmp_path / "report" / "index.html", {"fraction": 0.25})
+    inputs = {"tiny": make_results(tmp_path / "results", "tiny"),
+              "tiny-no-downstream": make_results(tmp_path / "results", "tiny-no-downstream", with_downstream=False)}
+    models = [report.ModelSummary.read(name, i.info, i.library, i.best, i.sweep, i.substitution, i.qa)
+              for name, i in inputs.items()]
+    index = report.write_index(models, tmp_path / "report" / "index.html", {"fraction": 0.25})
     page = index.read_text()
     assert 'href="tiny/index.html"' in page and 'href="tiny-no-downstream/index.html"' in page
-    sweep = pd.read_parquet(roots["tiny"] / "substitution" / "sweep.parquet")
+    sweep = pd.read_parquet(inputs["tiny"].sweep)
     at = sweep[(sweep["method"] == "programs") & (sweep["fraction"] == 0.25)].iloc[0]
     assert f"{at['ppl']:.2f} ({at['rel_increase']:+.1%}" in page
-    summary = json.loads((roots["tiny"] / "library" / "summary.json").read_text())
+    summary = json.loads(inputs["tiny"].library.read_text())
     assert f"{summary['mean_test_iou']:.3f}" in page
-    qa = pd.DataFrame(json.loads((roots["tiny"] / "qa" / "summary.json").read_text())["results"])
+    qa = pd.DataFrame(json.loads(inputs["tiny"].qa.read_text())["results"])
     qa = qa[qa["method"] == "programs"]
     scored = qa["acc_norm"].fillna(qa["acc"])  # the paper's length-normalised accuracy where the task has it
     before, after = (scored[qa["fraction"] == f].mean() for f in (0.0, 0.25))
@@ -266,7 +309,8 @@ def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
     for name in ("workflow", "src", "envs"):
         (tmp_path / name).symlink_to(REPO / name)
     (tmp_path / "Snakefile").write_text(
-        'configfile: "config.yaml"\ninclude: "workflow/rules/common.smk"\ninclude: "workflow/rules/report.smk"\n'
+        'configfile: "config.yaml"\ninclude: "workflow/rules/common.smk"\ninclude: "workflow/rules/data.smk"\n'
+        'include: "workflow/rules/report.smk"\n'
         'rule all:\n    input: "results/report/index.html"\n    default_target: True\n')
     (tmp_path / "config.yaml").write_text(
         "models:\n  tiny: {local_dir: /nowhere/tiny}\ncorpus:\n  source: {files: [corpus.txt]}\n"
@@ -287,13 +331,9 @@ def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
 
 
 def test_head_page_says_where_its_program_failed(results, tmp_path):
-    """A program that raises on an example is shown as failed there, not as an empty map."""
-    (results / "library" / "programs" / "self_token.py").write_text(
-        '"""Each token attends to itself (fails on long inputs)."""\nimport numpy as np\n\n\n'
-        "def attention(tokens):\n    if len(tokens) > 18:\n        raise ValueError('too long')\n"
-        "    return np.eye(len(tokens))\n")
+    """A program that failed on an example (as its rerank job recorded) is shown as failed there."""
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, {"examples_per_head": 3})  # test examples of 18, 20, 20 tokens
+    report.write_model_report(results, out, {"examples_per_head": 3}, name="tiny")  # test examples of 18, 21, 24 tokens
     page = (out / "heads" / "L1H0.html").read_text()
     assert page.count("The program failed on this example") == 2
     assert page.count("data:image/png;base64,") == 3 + 1  # every real map, the program's only where it ran

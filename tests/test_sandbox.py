@@ -1,13 +1,10 @@
-"""Escape and abuse attempts against the sandbox. Each test checks that the attack's *effect* did not happen
-(the file was not written, the secret did not come back, the server survived, no connection arrived), not
-only that the run failed.
-
-The workflow runs untrusted code with every layer on (`strict`). To show that each lower layer holds on its
-own, some attacks run again with the layers above switched off: `audit_only` (no static validation, extra
-modules importable), `seccomp_only` (no validation, no audit hook) and `limits_only` (rlimits only).
+"""The Python-level guards of the sandbox (the lint, restricted builtins, module views) and the limits,
+with every guard on, as the workflow runs untrusted code. Each attack's *effect* is checked (the file was
+not written, the secret did not come back, the worker survived), not only that the run failed. Attacks
+that get past the guards must be contained by the jail: tests/test_jail.py turns the guards off and
+checks the jail alone, from outside.
 """
 import os
-import socket
 import textwrap
 import time
 import types
@@ -18,43 +15,17 @@ import pytest
 
 from attnprog.programs import programs_from_source
 from attnprog.runner import run_programs
-from attnprog.sandbox import (ALLOWED_IMPORTS, DENIED_ATTRIBUTES, Limits, Policy, ProgramError, Sandbox,
-                              module_table, validate_source)
+from attnprog.sandbox import (ALLOWED_IMPORTS, DENIED_ATTRIBUTES, MAX_PROGRAM_CHARS, Job, Limits, ProgramError, Sandbox,
+                              check_program, module_table, validate_source)
 
 EXAMPLE = [" The", " cat", " sat", "."]
 FAST = Limits(seconds_per_call=0.5, memory_mb=256)
 ROOMY = Limits(seconds_per_call=5, memory_mb=128)  # for attacks that are slow to fill memory on a small VM
-# Modules the weakened policies let programs import, to reach the dangerous calls directly.
-EXTRA = ("os", "io", "sys", "subprocess", "ctypes", "socket", "signal", "_posixsubprocess")
-
-
-def start(**policy) -> Sandbox:
-    return Sandbox(workers=1, policy=Policy(**policy))
 
 
 @pytest.fixture(scope="module")
 def strict():
-    with start() as box:
-        yield box
-
-
-@pytest.fixture(scope="module")
-def audit_only():
-    with start(validate=False, seccomp=False, allowed_imports=ALLOWED_IMPORTS + EXTRA) as box:
-        yield box
-
-
-@pytest.fixture(scope="module")
-def seccomp_only():
-    with start(validate=False, audit=False, allowed_imports=ALLOWED_IMPORTS + EXTRA) as box:
-        if not box.seccomp:
-            pytest.skip("libseccomp (libseccomp2) is not installed: the seccomp layer is off on this system")
-        yield box
-
-
-@pytest.fixture(scope="module")
-def limits_only():
-    with start(validate=False, audit=False, seccomp=False, allowed_imports=ALLOWED_IMPORTS + EXTRA) as box:
+    with Sandbox(workers=1) as box:
         yield box
 
 
@@ -72,7 +43,7 @@ def in_attention(code: str) -> str:
 
 
 def still_serves(box) -> bool:
-    """The server answers the next program correctly (it was not killed, blocked or confused)."""
+    """The worker answers the next program correctly (it was not killed, blocked or confused)."""
     run = attack(box, in_attention("pass"))
     return run.status == "ok" and np.array_equal(run.matrices[0], np.eye(len(EXAMPLE), dtype=np.float32))
 
@@ -84,68 +55,19 @@ def secret_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def listener():
-    """A local TCP server that should never see a connection."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    yield server
-    server.close()
+# ---- the lint ------------------------------------------------------------------------------------------
 
 
-def connection_arrived(server) -> bool:
-    try:
-        conn, _ = server.accept()
-    except (socket.timeout, TimeoutError):
-        return False
-    conn.close()
-    return True
-
-
-# ---- files ---------------------------------------------------------------------------------------------
-
-
-def test_writing_a_file_is_stopped(strict, audit_only, tmp_path):
+def test_writing_and_reading_files_is_rejected(strict, tmp_path, secret_file):
     target = tmp_path / "pwned.txt"
     run = attack(strict, in_attention(f"open({str(target)!r}, 'w').write('pwned')"))
     assert run.status == "rejected" and "open" in run.error
-    run = attack(audit_only, in_attention(f"import io\nio.FileIO({str(target)!r}, 'w').write(b'pwned')"))
-    assert run.status == "runtime_error" and "'open' is not allowed" in run.error
-    assert not target.exists()
-
-
-def test_reading_a_secret_file_is_stopped(strict, audit_only, secret_file):
     run = attack(strict, in_attention(f"data = open({str(secret_file)!r}).read()"))
     assert run.status == "rejected"
-    run = attack(audit_only, f"""
-        import io
-        SECRET = io.FileIO({str(secret_file)!r}).read().decode()
-        def attention(tokens):
-            raise ValueError(SECRET)
-        """)
-    assert run.status == "runtime_error" and "'open' is not allowed" in run.error
-    assert "31415" not in run.error and run.matrices == [None]
-
-
-def test_numpy_file_io_is_stopped(strict, audit_only, secret_file, tmp_path):
-    target = tmp_path / "saved.npy"
     for code in (f"np.save({str(target)!r}, np.zeros(3))", f"secret = np.loadtxt({str(secret_file)!r})",
                  f"np.zeros(3).tofile({str(target)!r})"):
         assert attack(strict, in_attention(code)).status == "rejected"
-    # Without validation a program can reach the real numpy through sys; the audit hook refuses the file I/O.
-    for code in (f"raise ValueError(real_numpy.loadtxt({str(secret_file)!r}))",
-                 f"real_numpy.save({str(target)!r}, np.zeros(3))",
-                 f"real_numpy.zeros(3).tofile({str(target)!r})"):
-        run = attack(audit_only, "import sys\nreal_numpy = sys.modules['numpy']\n" + in_attention(code))
-        # (numpy's C code for tofile swallows the PermissionError and reports a SystemError instead)
-        assert run.status == "runtime_error" and ("is not allowed" in run.error or "SystemError" in run.error)
-        assert "31415" not in run.error
     assert not target.exists()
-
-
-# ---- processes, network, native code -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("statement", ["import os", "import subprocess", "import socket", "import ctypes",
@@ -155,20 +77,6 @@ def test_importing_dangerous_modules_is_rejected(strict, statement, tmp_path):
     marker = tmp_path / "marker"
     run = attack(strict, statement + "\n" + in_attention(f"open({str(marker)!r}, 'w')"))
     assert run.status == "rejected" and "not allowed" in run.error
-    assert not marker.exists()
-
-
-def test_dunder_walk_to_os_system_is_stopped(strict, audit_only, tmp_path):
-    marker = tmp_path / "marker"
-    walk = f"""
-        for cls in ().__class__.__base__.__subclasses__():
-            if cls.__name__ == "_wrap_close":
-                cls.__init__.__globals__["system"]("touch {marker}")
-        """
-    run = attack(strict, in_attention(walk))
-    assert run.status == "rejected" and "dunder" in run.error
-    run = attack(audit_only, in_attention(walk))  # the walk works without validation; the call does not
-    assert run.status == "runtime_error" and "'os.system' is not allowed" in run.error
     assert not marker.exists()
 
 
@@ -183,17 +91,17 @@ def test_import_and_name_tricks_are_rejected(strict):
         assert run.matrices == [None]
 
 
-def test_attribute_walks_through_allowed_modules_are_stopped(strict, audit_only, tmp_path):
+def test_attribute_walks_through_allowed_modules_are_stopped(strict, tmp_path):
     marker = tmp_path / "marker"
-    # numpy.ma.core imports builtins; typing imports sys; the helpers import string (str.format walks)
+    # numpy.ma.core imports builtins; typing imports sys; str.format walks through string.Formatter
     for code in (f"np.ma.core.builtins.open({str(marker)!r}, 'w')",
                  "import typing\ntyping.sys.modules['os'].system('true')",
-                 "from attnprog import helpers\nhelpers.string.Formatter().vformat('{0.__class__}', [1], {})"):
+                 "import string\nstring.Formatter().vformat('{0.__class__}', [1], {})"):
         assert attack(strict, in_attention(code)).status == "rejected", code
-    # Without validation the module views simply do not have those attributes.
-    run = attack(audit_only, in_attention(f"np.ma.core.builtins.open({str(marker)!r}, 'w')"))
+    # Names the lint allows that the module views do not have
+    run = attack(strict, in_attention("x = np.ma"))
     assert run.status == "runtime_error" and "has no attribute 'ma'" in run.error
-    run = attack(audit_only, in_attention("import attnprog.helpers\nattnprog.programs.load_programs('/')"))
+    run = attack(strict, in_attention("import attnprog.helpers\nattnprog.programs.load_programs('/')"))
     assert run.status == "runtime_error" and "has no attribute 'programs'" in run.error
     assert not marker.exists()
 
@@ -212,15 +120,8 @@ def test_match_pattern_attribute_walk_is_rejected(strict):
     assert run.status == "rejected" and "__class__" in run.error
 
 
-def test_frame_walks_are_stopped(strict, audit_only):
-    code = "g = (x for x in tokens)\nleak = g.gi_frame.f_back.f_globals"
-    assert attack(strict, in_attention(code)).status == "rejected"
-    run = attack(audit_only, in_attention(code))
-    assert run.status == "runtime_error" and "'object.__getattr__' is not allowed" in run.error
-
-
 def test_code_hidden_in_a_string_annotation_is_stopped(strict, tmp_path):
-    # The validator does not read strings; typing.get_type_hints would eval this one. The audit hook stops it.
+    # The lint does not read strings; typing.get_type_hints evals this one, and the restricted import stops it.
     marker = tmp_path / "marker"
     run = attack(strict, f"""
         import typing
@@ -230,97 +131,8 @@ def test_code_hidden_in_a_string_annotation_is_stopped(strict, tmp_path):
             typing.get_type_hints(helper)
             return np.eye(len(tokens))
         """)
-    assert run.status == "runtime_error" and "is not allowed" in run.error
+    assert run.status == "runtime_error" and "import of 'os' is not allowed" in run.error
     assert not marker.exists()
-
-
-def test_shell_commands_are_stopped(audit_only, tmp_path):
-    marker = tmp_path / "marker"
-    for code in (f"import os\nos.system('touch {marker}')",
-                 f"import subprocess\nsubprocess.run(['touch', '{marker}'])",
-                 f"import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])",
-                 f"import os\nos.posix_spawn('/usr/bin/touch', ['touch', '{marker}'], {{}})"):
-        run = attack(audit_only, in_attention(code))
-        assert run.status == "runtime_error" and "is not allowed" in run.error, code
-    assert not marker.exists()
-
-
-def test_fork_is_stopped(audit_only):
-    run = attack(audit_only, in_attention("import os\npid = os.fork()\nif pid == 0:\n    while True: pass"))
-    assert run.status == "runtime_error" and "'os.fork' is not allowed" in run.error
-    assert still_serves(audit_only)
-
-
-def test_killing_the_server_is_stopped(audit_only):
-    pids = audit_only.server_pids()
-    run = attack(audit_only, in_attention("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"))
-    assert run.status == "runtime_error" and "'os.kill' is not allowed" in run.error
-    assert audit_only.server_pids() == pids and still_serves(audit_only)
-
-
-def test_ctypes_is_stopped(audit_only, tmp_path):
-    marker = tmp_path / "marker"
-    run = attack(audit_only, in_attention(f"import ctypes\nctypes.CDLL(None).system(b'touch {marker}')"))
-    assert run.status == "runtime_error" and "'ctypes.dlopen' is not allowed" in run.error
-    assert not marker.exists()
-
-
-def test_network_is_stopped(audit_only, listener):
-    port = listener.getsockname()[1]
-    run = attack(audit_only, in_attention(f"import socket\nsocket.create_connection(('127.0.0.1', {port}))"))
-    assert run.status == "runtime_error" and "is not allowed" in run.error
-    assert not connection_arrived(listener)
-
-
-def test_api_keys_in_the_environment_do_not_reach_programs(monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-secret")
-    with start(validate=False, allowed_imports=ALLOWED_IMPORTS + EXTRA) as box:
-        run = attack(box, """
-            import os
-            KEY = os.environ.get("ANTHROPIC_API_KEY", "")
-            def attention(tokens):
-                if KEY:
-                    raise ValueError(KEY)
-                return np.eye(len(tokens))
-            """)
-    assert run.status == "ok"  # the program ran and found nothing to leak
-
-
-# ---- the result channel ----------------------------------------------------------------------------------
-
-
-def test_writing_into_the_servers_pipes_is_harmless(audit_only):
-    run = attack(audit_only, in_attention("""
-        import os
-        for fd in range(0, 64):
-            try:
-                os.write(fd, b"garbage" * 100)
-            except OSError:
-                pass
-        """))
-    assert run.status in ("bad_output", "ok")  # whatever it sent on its own result pipe
-    assert still_serves(audit_only)
-
-
-def test_forged_result_frames_are_dropped(audit_only):
-    import struct
-    huge = struct.pack("<iiq", 0, 0, 10 ** 12)  # "ok, and here come 1 TB of matrix"
-    run = attack(audit_only, in_attention(f"import os\nos.write(3, {huge!r})\nwhile True: pass"))
-    assert run.status == "bad_output" and run.matrices == [None]
-    n = len(EXAMPLE)
-    fake = struct.pack("<iiq", 0, 0, 4 * n * (n + 1) // 2) + np.full(n * (n + 1) // 2, 5.0, np.float32).tobytes()
-    run = attack(audit_only, in_attention(f"import os\nos.write(3, {fake!r})\nwhile True: pass"))
-    assert run.status == "bad_output" and "not a normalised matrix" in run.error
-    assert still_serves(audit_only)
-
-
-def test_one_program_cannot_touch_the_next(strict):
-    spoiler = programs_from_source("import numpy as np\nnp.eye = None\nnp.zeros = None\n" +
-                                   in_attention("pass").replace("np.eye(len(tokens))", "1"), "spoiler")
-    victim = programs_from_source("import numpy as np\n" + in_attention("pass"), "victim")
-    runs = run_programs(spoiler + victim, [EXAMPLE], sandbox=strict, limits=FAST)
-    assert runs["spoiler"].status == "bad_output"
-    assert runs["victim"].status == "ok" and np.array_equal(runs["victim"].matrices[0], np.eye(4))
 
 
 # ---- time, memory, output ------------------------------------------------------------------------------
@@ -337,13 +149,6 @@ def test_endless_programs_time_out(strict, body):
     assert run.status == "timeout" and run.matrices == [None]
     assert time.monotonic() - began < 5 * FAST.seconds_per_call + 1
     assert still_serves(strict)
-
-
-def test_ignoring_the_cpu_limit_signal_does_not_help(audit_only):
-    began = time.monotonic()
-    run = attack(audit_only, in_attention("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
-                                          "while True:\n    pass"))
-    assert run.status == "timeout" and time.monotonic() - began < 5 * FAST.seconds_per_call + 1
 
 
 @pytest.mark.parametrize("code", ["s = 'x'\nwhile True:\n    s += s", "a = np.ones((100000, 100000))",
@@ -381,41 +186,36 @@ def test_parser_bombs_and_huge_sources_fail_cleanly(strict):
         with pytest.raises(ProgramError) as failure:
             validate_source(source)
         assert failure.value.status in ("syntax_error", "rejected")
-    huge = "import numpy as np\n" + "# filler\n" * 20_000 + in_attention("pass")
+    huge = "import numpy as np\ndef attention(tokens):\n" + "    x = 1\n" * (MAX_PROGRAM_CHARS // 9) + \
+        "    return np.eye(len(tokens))\n"
     program = programs_from_source(huge, "huge")[0]
     run = run_programs([program], [EXAMPLE], sandbox=strict, limits=FAST)["huge"]
     assert run.status == "rejected" and "longer than" in run.error
 
 
-# ---- the lower layers on their own ------------------------------------------------------------------------
-
-
-def test_seccomp_stops_processes_files_and_network_without_the_audit_hook(seccomp_only, tmp_path, listener,
-                                                                          secret_file):
-    marker = tmp_path / "marker"
-    port = listener.getsockname()[1]
-    for code, error in ((f"import os\nos.system('touch {marker}') and os.fork()", "Operation not permitted"),
-                        ("import os\nos.fork()", "Operation not permitted"),
-                        (f"import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])", "Operation not permitted"),
-                        (f"import io\nio.FileIO({str(marker)!r}, 'w')", "Operation not permitted"),
-                        (f"import socket\nsocket.create_connection(('127.0.0.1', {port}))", "Operation not permitted"),
-                        ("import os\nos.kill(os.getppid(), 9)", "Operation not permitted")):
-        run = attack(seccomp_only, in_attention(code))
-        assert run.status == "runtime_error" and error in run.error, code
-    run = attack(seccomp_only, in_attention(f"import io\nraise ValueError(io.FileIO({str(secret_file)!r}).read())"))
-    assert run.status == "runtime_error" and "Operation not permitted" in run.error and "31415" not in run.error
-    # _posixsubprocess.fork_exec starts processes without any audit event: only seccomp stands in the way
-    run = attack(seccomp_only, in_attention(f"import subprocess\nsubprocess.run(['touch', '{marker}'])"))
-    assert run.status == "runtime_error"
-    assert not marker.exists() and not connection_arrived(listener) and still_serves(seccomp_only)
-
-
-def test_file_size_limit_stops_writes_even_for_root(limits_only, tmp_path):
-    target = tmp_path / "written.bin"
-    run = attack(limits_only, in_attention(f"import io\nio.FileIO({str(target)!r}, 'w').write(b'x' * 1000)"))
-    assert run.status == "runtime_error" and "File too large" in run.error  # EFBIG: Python ignores SIGXFSZ
-    assert not target.exists() or target.stat().st_size == 0  # not one byte got through
-    assert still_serves(limits_only)
+def test_limits_and_lint_apply_per_program_not_per_file(strict):
+    """A library file far over the per-program limit runs: each program is its function, the helpers it
+    calls and the module-level code; a bad function, or one calling a missing helper, fails alone."""
+    functions = "".join(f"def prog_{i}(sentence, tokenizer):\n    return 'p{i}', np.eye(3) * {i + 1}\n\n"
+                        for i in range(3000))
+    source = ("import numpy as np\n\ndef shared(n):\n    return np.eye(n)\n\n" + functions +
+              "def uses_shared(sentence, tokenizer):\n    return 'shared', shared(3)\n\n"
+              "def evil(sentence, tokenizer):\n    return 'evil', eval('np.eye(3)')\n\n"
+              "def missing(sentence, tokenizer):\n    return 'missing', not_defined_anywhere(3)\n")
+    assert len(source) > 2 * MAX_PROGRAM_CHARS
+    checked = check_program(source, "lib.py", "uses_shared")
+    assert len(checked.statements) == 3  # the import, `shared`, the function itself
+    with pytest.raises(ProgramError, match="lib.py:.*eval"):
+        check_program(source, "lib.py", "evil")
+    assert len(programs_from_source(source, "lib")) == 3003
+    names = ("prog_7", "uses_shared", "evil", "missing")
+    # these programs ignore the tokenizer: run them as jobs, without one
+    jobs = [Job(source, "lib.py", name, "reference", [([" a", " b", " c"], " a b c")]) for name in names]
+    runs = dict(zip(names, strict.run_many(jobs, FAST)))
+    assert runs["prog_7"].status == runs["uses_shared"].status == "ok"
+    assert runs["evil"].status == "rejected" and "eval" in runs["evil"].error
+    assert runs["missing"].status == "runtime_error"
+    assert "NameError: name 'not_defined_anywhere' is not defined" in runs["missing"].error
 
 
 # ---- the module views ------------------------------------------------------------------------------------
@@ -458,8 +258,92 @@ def test_scores_and_errors_name_the_program_line(strict):
     assert "attack:3: return tokens[100]: IndexError" in run.error
 
 
-def test_closing_the_result_pipe_and_hanging_is_stopped(audit_only):
-    began = time.monotonic()
-    run = attack(audit_only, in_attention("import os\nos.close(3)\nwhile True:\n    pass"))
-    assert run.status == "runtime_error" and "closed its result pipe" in run.error
-    assert time.monotonic() - began < 3 and still_serves(audit_only)
+
+
+def test_the_environment_does_not_reach_programs(monkeypatch):
+    from attnprog.sandbox import UNGUARDED
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-secret")
+    with Sandbox(workers=1, policy=UNGUARDED) as box:
+        run = attack(box, """
+            import os
+            KEY = repr(dict(os.environ))
+            def attention(tokens):
+                raise ValueError(KEY)
+            """)
+    assert run.status == "runtime_error" and "sk-test-secret" not in run.error and "ANTHROPIC" not in run.error
+
+
+def test_one_program_cannot_touch_the_next(strict):
+    spoiler = programs_from_source("import numpy as np\nnp.eye = None\nnp.zeros = None\n" +
+                                   in_attention("pass").replace("np.eye(len(tokens))", "1"), "spoiler")
+    victim = programs_from_source("import numpy as np\n" + in_attention("pass"), "victim")
+    runs = run_programs(spoiler + victim, [EXAMPLE], sandbox=strict, limits=FAST)
+    assert runs["spoiler"].status == "bad_output"
+    assert runs["victim"].status == "ok" and np.array_equal(runs["victim"].matrices[0], np.eye(4))
+
+
+# ---- Python-level bypass attempts: each is stopped by the lint or contained --------------------------------
+# {secret} is a file the program tries to read and leak through its error or output; {marker} a file it
+# tries to create. "rejected": the lint refuses it; "contained": it runs, and whatever it reaches is harmless.
+
+BYPASSES = {
+    "match_class_dunder": ("rejected", "match tokens:\n    case list(__class__=c):\n        pass"),
+    "match_metaclass": ("rejected", "class M(type):\n    pass\nclass X(metaclass=M):\n    pass\n"
+                                    "match X:\n    case M(__subclasses__=s):\n        pass"),
+    "type_dunder_keys": ("rejected", "T = type('T', (), {'__getattr__': lambda s, n: n})"),
+    "type_dunder_keywords": ("rejected", "T = type('T', (), dict(__init__=lambda s: None))"),
+    "array_interface": ("rejected", "p = np.zeros(3).__array_interface__['data'][0]"),
+    "array_struct": ("rejected", "p = np.zeros(3).__array_struct__"),
+    "array_ctypes": ("rejected", "p = np.zeros(3).ctypes.data"),
+    "ctypeslib": ("rejected", "f = np.ctypeslib.as_array"),
+    "as_strided": ("rejected", "from numpy.lib.stride_tricks import as_strided"),
+    "frombuffer_oob": ("contained", "a = np.ndarray((10 ** 6,), dtype=np.uint8, buffer=bytes(8))"),
+    "code_object": ("rejected", "c = (lambda: 0).__code__"),
+    "generator_frame": ("rejected", "g = (x for x in tokens)\nf = g.gi_frame.f_back.f_globals"),
+    "traceback_walk": ("rejected", "try:\n    1 / 0\nexcept Exception as e:\n    f = e.__traceback__.tb_frame"),
+    "with_traceback": ("rejected", "try:\n    1 / 0\nexcept Exception as e:\n    e.with_traceback(None)"),
+    "format_walk": ("rejected", "s = '{0.__class__.__mro__}'.format(tokens)"),
+    "format_variable": ("rejected", "fmt = '{0.__class__}'\ns = fmt.format(tokens)"),
+    "fstring_dunder": ("rejected", "s = f'{tokens.__class__}'"),
+    "format_map": ("rejected", "s = '{x}'.format_map({'x': 1})"),
+    "formatter_vformat": ("rejected", "import string\ns = string.Formatter().vformat('{0.x}', [1], {})"),
+    "getattr_name": ("rejected", "c = getattr(tokens, '__class__')"),
+    "vars_dir": ("rejected", "v = vars(np)"),
+    "builtins_name": ("rejected", "o = __builtins__['open']"),
+    "import_builtins": ("rejected", "import builtins"),
+    "import_sandbox": ("rejected", "from attnprog.sandbox import Sandbox"),
+    "fullwidth_open": ("rejected", "ｏｐｅｎ('{marker}', 'w')"),
+    "subclasses_walk": ("rejected", "s = ().__class__.__base__.__subclasses__()"),
+    "typing_sys": ("rejected", "import typing\nm = typing.sys.modules"),
+    "random_internals": ("rejected", "b = np.random.bit_generator"),
+    "string_annotation": ("contained", "import typing\ndef helper(x: \"__import__('os').system('touch {marker}')\"):\n"
+                                       "    return x\ntyping.get_type_hints(helper)"),
+    "helpers_module_walk": ("contained", "from attnprog import helpers\nm = helpers.linguistics.importlib"),
+    "numpy_load_hidden": ("contained", "d = np.load('{secret}')"),
+    "spacy_util": ("contained", "import spacy\nu = spacy.util.load_model"),
+    "spacy_to_disk": ("rejected", "import spacy\nspacy.load('en_core_web_sm').to_disk('{marker}')"),
+    "nltk_data_load": ("contained", "import nltk\ns = nltk.data.load('file:{secret}', format='raw')"),
+    "nltk_corpus_reader": ("contained", "import nltk\nraise ValueError(nltk.corpus.PlaintextCorpusReader("
+                                        "'{secret_dir}', 'secret.txt').raw())"),
+    "exception_str_loop": ("contained", "class E(Exception):\n    def __str__(self):\n        while True:\n"
+                                        "            pass\nraise E()"),
+    "class_getattr_trick": ("contained", "class X:\n    def __getattribute__(self, name):\n        return name\n"
+                                         "x = X().anything"),
+    "decorator_closure": ("contained", "def deco(f):\n    return f\n@deco\ndef g():\n    return 1\ng()"),
+    "regex_bomb": ("contained", "import re\nre.match(r'(a+)+$', 'a' * 40 + 'b')"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BYPASSES))
+def test_python_level_bypasses_are_stopped_or_contained(strict, name, tmp_path, secret_file):
+    expected, code = BYPASSES[name]
+    marker = tmp_path / "marker"
+    code = code.replace("{marker}", str(marker)).replace("{secret}", str(secret_file)) \
+        .replace("{secret_dir}", str(secret_file.parent))
+    run = attack(strict, in_attention(code))
+    if expected == "rejected":
+        assert run.status == "rejected", (run.status, run.error)
+    assert "31415" not in (run.error or "")
+    assert run.status != "ok" or np.array_equal(run.matrices[0], np.eye(len(EXAMPLE), dtype=np.float32))
+    assert not marker.exists()
+    assert still_serves(strict)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from attnprog import scoring
+from attnprog import matrices, scoring
 
 
 def random_attention(rng, n, sharp=1.0):
@@ -42,8 +42,8 @@ def test_iou_table_equals_naive_loop():
     programs = [[random_attention(rng, n, sharp=s) for n in lengths] for s in (0.3, 1, 3, 10)]
     heads = [[random_attention(rng, n, sharp=s) for n in lengths] for s in (0.5, 2, 4)]
     table = scoring.iou_table(
-        [np.stack([scoring.lower_triangle(p[e]) for p in programs]) for e in range(len(lengths))],
-        [np.stack([scoring.lower_triangle(h[e]) for h in heads]) for e in range(len(lengths))])
+        [np.stack([matrices.pack(p[e]) for p in programs]) for e in range(len(lengths))],
+        [np.stack([matrices.pack(h[e]) for h in heads]) for e in range(len(lengths))])
     naive = np.array([[scoring.mean_iou(p, h) for h in heads] for p in programs])
     assert table.shape == (4, 3)
     np.testing.assert_allclose(table, naive, atol=1e-12)
@@ -52,10 +52,10 @@ def test_iou_table_equals_naive_loop():
 def test_jsd_rows_flat_equals_row_jsd():
     rng = np.random.default_rng(2)
     p, q = random_attention(rng, 9, 3), random_attention(rng, 9, 0.5)
-    flat = scoring.jsd_rows_flat(scoring.lower_triangle(p), scoring.lower_triangle(q), 9)
+    flat = scoring.jsd_rows_flat(matrices.pack(p), matrices.pack(q), 9)
     assert flat == pytest.approx(scoring.row_jsd(p, q), abs=1e-12)
-    many = scoring.jsd_rows_flat(np.stack([scoring.lower_triangle(p), scoring.lower_triangle(q)]),
-                                 scoring.lower_triangle(q)[None, :], 9)
+    many = scoring.jsd_rows_flat(np.stack([matrices.pack(p), matrices.pack(q)]),
+                                 matrices.pack(q)[None, :], 9)
     np.testing.assert_allclose(many, [scoring.row_jsd(p, q), 0.0], atol=1e-12)
 
 
@@ -69,7 +69,7 @@ def test_mean_scores_check_lengths():
 def test_baselines():
     n = 12
     b = scoring.baseline_matrices(n, seed=3)
-    assert set(b) == set(scoring.BASELINES)
+    assert set(b) == set(scoring.BASELINE_NAMES)
     for name, m in b.items():
         np.testing.assert_allclose(m.sum(axis=1), 1.0, err_msg=name)
         assert np.all(np.triu(m, k=1) == 0), name

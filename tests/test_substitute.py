@@ -9,6 +9,9 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
                           LlamaForCausalLM)
 
 from attnprog import substitute
+from attnprog.contracts import BEST
+from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
+from attnprog.substitute import sweep as sweeps
 
 VOCAB = 64
 
@@ -205,7 +208,7 @@ def test_sequence_nlls_match_the_models_own_loss():
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(6)
     sequences = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (8, 3, 11)]
-    nll, count = substitute.sequence_nlls(model, sequences, batch_size=2)
+    nll, count = sweeps.sequence_nlls(model, sequences, batch_size=2)
     for seq, total, n in zip(sequences, nll, count):
         ids = torch.tensor([seq])
         with torch.no_grad():
@@ -216,7 +219,7 @@ def test_sequence_nlls_match_the_models_own_loss():
 
 def test_plan_sweep_replaces_the_best_heads_first_and_random_orders_differ():
     ranked = [(0, 2), (1, 0), (0, 1), (1, 1), (0, 0)]
-    runs = substitute.plan_sweep(ranked, n_heads_total=6, fractions=[0.0, 0.5, 1.0], seeds=[0, 1])
+    runs = sweeps.plan_sweep(ranked, n_heads_total=6, fractions=[0.0, 0.5, 1.0], seeds=[0, 1])
     by = {(r.method, r.seed, r.fraction): r for r in runs}
     assert by[("programs", None, 0.5)].heads == ((0, 2), (1, 0), (0, 1))
     assert by[("uniform", None, 0.5)].heads == by[("programs", None, 0.5)].heads
@@ -233,8 +236,8 @@ def test_run_sweep_reports_zero_increase_for_the_baseline_and_a_real_one_for_uni
     sets = {"test": [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 12, 6, 10)]}
     heads = all_heads(model)
     programs = {head: token_dependent for head in heads}
-    runs = substitute.plan_sweep(heads, len(heads), [0.0, 1.0], seeds=[0])
-    table = substitute.run_sweep(model, replacer, runs, programs, sets, batch_size=3, n_boot=200, log=lambda m: None)
+    runs = sweeps.plan_sweep(heads, len(heads), [0.0, 1.0], seeds=[0])
+    table = sweeps.run_sweep(model, replacer, runs, programs, sets, batch_size=3, n_boot=200, log=lambda m: None)
     base = table[table.fraction == 0.0]
     assert (base.rel_increase == 0).all() and (base.rel_lo == 0).all() and (base.rel_hi == 0).all()
     full = table[(table.fraction == 1.0)].set_index("method")
@@ -263,30 +266,32 @@ PROGRAMS = {
 }
 
 
-def make_library(folder, heads: dict, causal: dict | None = None):
-    """A library folder as the library rule writes it: programs/*.py, programs.parquet and best.parquet.
+def make_library(folder, heads: dict, causal: dict | None = None) -> substitute.LibraryFiles:
+    """A library as the library rule writes it: programs/*.py, programs.parquet and best.parquet.
     `heads` maps (layer, head) -> (program name, val IoU)."""
     causal = causal or {}
     (folder / "programs").mkdir(parents=True)
     for name, source in PROGRAMS.items():
         (folder / "programs" / f"{name}.py").write_text(source)
-    pd.DataFrame([{"name": name, "origin": "offline", "source_layer": 0, "source_head": 0,
-                   "description": source.splitlines()[0].strip('"'), "category": "position",
-                   "causal": causal.get(name, name != "last_token"), "trusted": True}
-                  for name, source in PROGRAMS.items()]).to_parquet(folder / "programs.parquet")
-    pd.DataFrame([{"layer": layer, "head": head, "program": name, "val_iou": iou, "test_iou": iou - 0.01,
-                   "synth_iou": iou, "causal": causal.get(name, name != "last_token")}
-                  for (layer, head), (name, iou) in heads.items()]).to_parquet(folder / "best.parquet")
-    return folder
+    PROGRAMS_TABLE.write([{"name": name, "origin": "offline", "source_layer": 0, "source_head": 0,
+                           "description": source.splitlines()[0].strip('"'), "category": "position",
+                           "causal": causal.get(name, name != "last_token"), "trusted": True, "n_terms": 1,
+                           "source_chars": len(source), "in_library": True, "library_rank": k}
+                          for k, (name, source) in enumerate(PROGRAMS.items())], folder / "programs.parquet")
+    BEST.write([{"layer": layer, "head": head, "program": name, "val_iou": iou, "test_iou": iou - 0.01,
+                 "synth_iou": iou, "causal": causal.get(name, name != "last_token")}
+                for (layer, head), (name, iou) in heads.items()], folder / "best.parquet")
+    return substitute.LibraryFiles(best=folder / "best.parquet", programs=folder / "programs.parquet",
+                                   program_dir=folder / "programs")
 
 
 def test_library_programs_replace_heads_and_non_causal_ones_never_see_later_tokens(tmp_path):
     model = tiny_model("llama")
     library = make_library(tmp_path / "library", {(0, 0): ("previous_token", 0.9), (0, 1): ("last_token", 0.8),
                                                   (1, 2): ("first_token", 0.7)})
-    best = substitute.read_best(library)
+    best = substitute.read_best(library.best)
     assert [(r.layer, r.head) for r in best.itertuples()] == [(0, 0), (0, 1), (1, 2)]
-    programs = substitute.program_replacements(library, best, log=lambda m: None)
+    programs = substitute.program_replacements(library.program_dir, library.programs, best, log=lambda m: None)
     assert programs[(0, 1)].runner.prefixwise and not programs[(0, 0)].runner.prefixwise
     replacer = substitute.install(model, id_strings)
     replacer.set_heads(programs)
@@ -300,16 +305,17 @@ def test_library_programs_replace_heads_and_non_causal_ones_never_see_later_toke
     replacer.set_heads({(0, 1): programs[(0, 1)]})
     torch.testing.assert_close(logits(model, ids), itself)
     # With noncausal="skip" the head is left alone.
-    skipped = substitute.program_replacements(library, best, noncausal="skip", log=lambda m: None)
+    skipped = substitute.program_replacements(library.program_dir, library.programs, best, noncausal="skip", log=lambda m: None)
     assert set(skipped) == {(0, 0), (1, 2)}
 
 
 def test_a_program_that_fails_on_an_example_falls_back_to_uniform_and_is_counted(tmp_path):
     library = make_library(tmp_path / "library", {(0, 0): ("previous_token", 0.9)})
-    (library / "programs" / "previous_token.py").write_text(
+    (library.program_dir / "previous_token.py").write_text(
         '"""Fails on long inputs."""\nimport numpy as np\n\n\ndef attention(tokens):\n'
         '    if len(tokens) > 5:\n        raise ValueError("too long")\n    return np.eye(len(tokens))\n')
-    programs = substitute.program_replacements(library, substitute.read_best(library), log=lambda m: None)
+    programs = substitute.program_replacements(library.program_dir, library.programs,
+                                               substitute.read_best(library.best), log=lambda m: None)
     runner = programs[(0, 0)]
     out = runner.many([["a", "b"], list("abcdefg")])
     np.testing.assert_allclose(out[0], np.eye(2))

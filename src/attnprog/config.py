@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -72,10 +73,13 @@ def load_config(path: str | os.PathLike) -> dict:
 
 def apply_environment(config: dict, src_dir: str | os.PathLike) -> None:
     """Set the environment every job inherits (locally and on SLURM): the package's source folder on
-    PYTHONPATH (so jobs also import it inside a `--sdm conda` environment) and, for offline runs, the
-    Hugging Face offline switches."""
+    PYTHONPATH (so jobs also import it inside a `--sdm conda` environment), the folder of the Python running
+    Snakemake first on PATH (so `python` in a rule's command is that Python, unless a conda environment is
+    activated over it) and, for offline runs, the Hugging Face offline switches."""
     paths = [str(src_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ.update(PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    bins = [str(Path(sys.executable).parent)] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    os.environ.update(PATH=os.pathsep.join(dict.fromkeys(bins)))
     if config.get("offline"):
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
@@ -84,3 +88,12 @@ def model_source(spec: dict) -> tuple[str, object]:
     """The (kind, value) of a model's one source, e.g. ("hf_id", "openai-community/gpt2")."""
     (kind,) = [k for k in MODEL_SOURCES if k in spec]
     return kind, spec[kind]
+
+
+def synthesis_settings(synthesis: dict) -> dict:
+    """The part of the config's `synthesis` section that the configured backend reads: the synthesize rule
+    passes only this, so changing another backend's settings (Claude's prices under the offline backend)
+    reruns nothing."""
+    backend = synthesis.get("backend", "offline")
+    keep = ("backend", backend) + (("prompt",) if backend != "offline" else ())
+    return {key: synthesis[key] for key in keep if key in synthesis}

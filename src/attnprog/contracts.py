@@ -3,6 +3,9 @@
 Every writer and reader of a file that crosses a rule boundary goes through this module, and so do the
 tests' fixtures, so the two sides cannot drift apart. Tables are checked when written (columns, types,
 allowed values) and when read (columns and types). docs/ARCHITECTURE.md lists which rule writes which file.
+
+The hundreds of per-head jobs exchange .npz files and import only numpy from here: pyarrow (a tenth of a
+second to import) is loaded only when a Parquet table is read or written.
 """
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .atomic import atomic_path, write_json
 
@@ -186,18 +187,37 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Table:
-    """A Parquet file's contract: its schema, and the values some string columns may take."""
+    """A Parquet file's contract: its columns with their Arrow types ("int64", "string", "list<float32>",
+    ...), and the values some string columns may take."""
     name: str
-    schema: pa.Schema
+    fields: tuple[tuple[str, str], ...]
     allowed: dict = field(default_factory=dict)   # column -> allowed values
 
     @property
     def columns(self) -> list[str]:
-        return self.schema.names
+        return [name for name, _ in self.fields]
 
-    def conform(self, data) -> pa.Table:
-        """A DataFrame or Arrow table as exactly this schema (columns in order, types cast); raises
-        ContractError for a missing or extra column, an uncastable value or a value not allowed."""
+    @property
+    def schema(self):
+        """The pyarrow schema (built on first use)."""
+        import pyarrow as pa
+
+        def arrow(kind: str):
+            if kind.startswith("list<"):
+                return pa.list_(arrow(kind[5:-1]))
+            return {"string": pa.string(), "bool": pa.bool_()}.get(kind) or getattr(pa, kind)()
+
+        return pa.schema([(name, arrow(kind)) for name, kind in self.fields])
+
+    def conform(self, data):
+        """A DataFrame, Arrow table or list of row dicts as exactly this schema (columns in order, types
+        cast); raises ContractError for a missing or extra column, an uncastable value or a value not allowed."""
+        import pyarrow as pa
+
+        if isinstance(data, list):  # rows as dicts
+            data = pa.table({c: [row.get(c) for row in data] for c in
+                             dict.fromkeys(k for row in data for k in row)} if data else
+                            {c: [] for c in self.columns})
         table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
         missing = [c for c in self.columns if c not in table.column_names]
         extra = [c for c in table.column_names if c not in self.columns]
@@ -216,73 +236,83 @@ class Table:
 
     def write(self, data, path) -> None:
         """Check `data` against the contract and write it atomically."""
+        import pyarrow.parquet as pq
+
         table = self.conform(data)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
 
-    def read_arrow(self, path, columns: list[str] | None = None, filters=None) -> pa.Table:
+    def read_arrow(self, path, columns: list[str] | None = None, filters=None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         if not Path(path).is_file():
             raise ContractError(f"{self.name}: missing file {path}")
-        found = pq.read_schema(path)
-        for name in columns or self.columns:
+        found, schema = pq.read_schema(path), self.schema
+        columns = columns or self.columns
+        declared = dict(self.fields)
+        for name in columns:
             if name not in found.names:
                 raise ContractError(f"{self.name}: {path} has no column {name}")
-            if not found.field(name).type.equals(self.schema.field(name).type):
+            if _plain(found.field(name).type) != _plain(schema.field(name).type):
                 raise ContractError(f"{self.name}: {path} column {name} is {found.field(name).type}, "
-                                    f"expected {self.schema.field(name).type}")
-        return pq.read_table(path, columns=columns or self.columns, filters=filters)
+                                    f"expected {declared[name]}")
+        table = pq.read_table(path, columns=columns, filters=filters)
+        return table.cast(pa.schema([schema.field(name) for name in columns]))
 
     def read(self, path, columns: list[str] | None = None, filters=None):
         """The file as a pandas DataFrame, after checking its schema."""
         return self.read_arrow(path, columns, filters).to_pandas()
 
 
-_str, _i32, _i64, _f32, _f64, _bool = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.bool_()
+def _plain(kind) -> str:
+    """An Arrow type's name with the variants writers differ in folded together: 64-bit offsets
+    (large_string, large_list, as pandas may write them) and a list's item-field name."""
+    import pyarrow as pa
+
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return f"list<{_plain(kind.value_type)}>"
+    return "string" if pa.types.is_large_string(kind) else str(kind)
+
 
 # results/{model}/data/examples.parquet and heldout.parquet (split "heldout"): one row per example.
-EXAMPLES = Table("examples", pa.schema([("example_id", _i64), ("split", _str), ("text", _str),
-                                        ("input_ids", pa.list_(_i64)), ("tokens", pa.list_(_str))]),
+EXAMPLES = Table("examples", (("example_id", "int64"), ("split", "string"), ("text", "string"),
+                              ("input_ids", "list<int64>"), ("tokens", "list<string>")),
                  {"split": SPLITS + ("heldout",)})
 
 # results/{model}/attention/layer{L}.parquet: one row per (example, head), the lower triangle row by row.
-ATTENTION = Table("attention", pa.schema([("example_id", _i64), ("head", _i32), ("n", _i32),
-                                          ("attention", pa.list_(_f32))]))
+ATTENTION = Table("attention", (("example_id", "int64"), ("head", "int32"), ("n", "int32"),
+                                ("attention", "list<float32>")))
 
-# results/{model}/rerank/L{l}H{h}.parquet: one row per program of one head's candidates, scored on that
-# head on every split (a candidate that failed scores IoU 0 and JS distance 1).
-RERANK = Table("rerank", pa.schema([
-    ("layer", _i32), ("head", _i32), ("name", _str), ("file", _str), ("origin", _str), ("status", _str),
-    ("error", _str), ("causal", _bool), ("n_terms", _i32), ("source_chars", _i64),
-    ("synth_iou", _f64), ("val_iou", _f64), ("test_iou", _f64),
-    ("synth_jsd", _f64), ("val_jsd", _f64), ("test_jsd", _f64)]),
-    {"origin": ORIGINS, "status": CANDIDATE_STATUSES})
-
-# results/{model}/library/programs.parquet: the deduplicated programs.
-PROGRAMS = Table("programs", pa.schema([
-    ("name", _str), ("origin", _str), ("source_layer", _i32), ("source_head", _i32), ("description", _str),
-    ("category", _str), ("causal", _bool), ("trusted", _bool), ("n_terms", _i32)]), {"origin": ORIGINS})
+# results/{model}/library/programs.parquet: the deduplicated pool of programs. `in_library`: chosen for the
+# library (its file is in library/programs/); `library_rank`: the step of the set cover that chose it.
+PROGRAMS = Table("programs", (
+    ("name", "string"), ("origin", "string"), ("source_layer", "int32"), ("source_head", "int32"),
+    ("description", "string"), ("category", "string"), ("causal", "bool"), ("trusted", "bool"),
+    ("n_terms", "int32"), ("source_chars", "int64"), ("in_library", "bool"), ("library_rank", "int32")),
+    {"origin": ORIGINS})
 
 # results/{model}/library/scores.parquet: every program on every head, per split.
-SCORES = Table("scores", pa.schema([("program", _str), ("layer", _i32), ("head", _i32), ("split", _str),
-                                    ("iou", _f64), ("jsd", _f64)]), {"split": SPLITS})
+SCORES = Table("scores", (("program", "string"), ("layer", "int32"), ("head", "int32"), ("split", "string"),
+                          ("iou", "float64"), ("jsd", "float64")), {"split": SPLITS})
 
-# results/{model}/library/best.parquet: each head's best program (val IoU chose it, test IoU reports it).
-BEST = Table("best", pa.schema([("layer", _i32), ("head", _i32), ("program", _str), ("val_iou", _f64),
-                                ("test_iou", _f64), ("synth_iou", _f64), ("causal", _bool)]))
+# results/{model}/library/best.parquet: each head's program (val IoU chose it, test IoU reports it).
+BEST = Table("best", (("layer", "int32"), ("head", "int32"), ("program", "string"), ("val_iou", "float64"),
+                      ("test_iou", "float64"), ("synth_iou", "float64"), ("causal", "bool")))
 
 # results/{model}/library/baselines.parquet
-BASELINES = Table("baselines", pa.schema([("baseline", _str), ("layer", _i32), ("head", _i32), ("split", _str),
-                                          ("iou", _f64)]), {"split": SPLITS})
+BASELINES = Table("baselines", (("baseline", "string"), ("layer", "int32"), ("head", "int32"),
+                                ("split", "string"), ("iou", "float64")), {"split": SPLITS})
 
 # results/{model}/substitution/sweep.parquet: one row per (run, evaluation set).
-SWEEP = Table("sweep", pa.schema([
-    ("method", _str), ("seed", _i64), ("fraction", _f64), ("n_replaced", _i64), ("split", _str),
-    ("n_tokens", _i64), ("ppl", _f64), ("ppl_lo", _f64), ("ppl_hi", _f64), ("rel_increase", _f64),
-    ("rel_lo", _f64), ("rel_hi", _f64)]))
+SWEEP = Table("sweep", (
+    ("method", "string"), ("seed", "int64"), ("fraction", "float64"), ("n_replaced", "int64"), ("split", "string"),
+    ("n_tokens", "int64"), ("ppl", "float64"), ("ppl_lo", "float64"), ("ppl_hi", "float64"),
+    ("rel_increase", "float64"), ("rel_lo", "float64"), ("rel_hi", "float64")))
 
 # results/{model}/substitution/single_heads.parquet: each measured head replaced alone.
-SINGLE_HEADS = Table("single_heads", pa.schema([("layer", _i32), ("head", _i32), ("ppl", _f64),
-                                                ("rel_increase", _f64)]))
+SINGLE_HEADS = Table("single_heads", (("layer", "int32"), ("head", "int32"), ("ppl", "float64"),
+                                      ("rel_increase", "float64")))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,26 +384,55 @@ class HeadInputs:
             return z[key]
 
 
-class ProgramOutputs:
-    """results/{model}/rerank/L{l}H{h}.npz: what each of one head's candidate programs output on every
-    split, so no later stage runs a program again. Outputs are packed lower triangles concatenated over the
-    split's examples (float16: attention weights need no more), one row per program; a program that failed
-    on an example has zeros there (it scores IoU 0) and `failed_{split}` marks it.
+@dataclass
+class ProgramScore:
+    """One row of a head's rerank result: a candidate program scored on that head on every split. A
+    candidate that failed (in synthesis or when run) scores worst: IoU 0, JS distance 1."""
+    layer: int
+    head: int
+    name: str                      # the program: file stem, or "<stem>.<function>" in a reference-style file
+    file: str | None               # relative to the head's synthesis folder
+    origin: Origin
+    status: CandidateStatus
+    error: str | None = None
+    causal: bool = False           # passed the causality check (row i reads tokens 0..i only)
+    n_terms: int | None = None
+    source_chars: int = 0
+    synth_iou: float = 0.0
+    val_iou: float = 0.0
+    test_iou: float = 0.0
+    synth_jsd: float = 1.0
+    val_jsd: float = 1.0
+    test_jsd: float = 1.0
 
-    Keys: `names` (P,), per split `example_ids_{split}`, `lengths_{split}`, `outputs_{split}` (P, D) and
-    `failed_{split}` (P, E)."""
+    def __post_init__(self):
+        if self.status not in CANDIDATE_STATUSES:
+            raise ContractError(f"program {self.name}: status {self.status!r} is not one of {CANDIDATE_STATUSES}")
 
-    def __init__(self, names: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
-        self.names = list(names)
+
+class RerankResult:
+    """results/{model}/rerank/L{l}H{h}.npz: one head's candidates scored on that head (`scores`, one
+    ProgramScore per program or failed candidate), and what each program that ran output on every split, so
+    no later stage runs a program again. Outputs are packed lower triangles concatenated over the split's
+    examples (float16: attention weights need no more), one row per program in `names`; a program that
+    failed on an example has zeros there (it scores IoU 0) and `failed_{split}` marks it.
+
+    Keys: `scores` (JSON), `names` (P,), per split `example_ids_{split}`, `lengths_{split}`, `outputs_{split}`
+    (P, D) and `failed_{split}` (P, E)."""
+
+    def __init__(self, scores: list[ProgramScore], names: list[str],
+                 splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
+        self.scores, self.names = scores, list(names)
         self.splits = splits   # split -> (example_ids (E,), lengths (E,), outputs (P, D), failed (P, E))
         for split, (ids, lengths, outputs, failed) in splits.items():
             width = int(sum(n * (n + 1) // 2 for n in lengths))
             if outputs.shape != (len(self.names), width) or failed.shape != (len(self.names), len(ids)):
-                raise ContractError(f"program outputs: {split} arrays have shapes {outputs.shape} and {failed.shape},"
+                raise ContractError(f"rerank result: {split} arrays have shapes {outputs.shape} and {failed.shape},"
                                     f" expected ({len(self.names)}, {width}) and ({len(self.names)}, {len(ids)})")
 
     def write(self, path) -> None:
-        arrays = {"names": np.array(self.names, dtype=str)}
+        arrays = {"scores": np.array(json.dumps([asdict(s) for s in self.scores])),
+                  "names": np.array(self.names, dtype=str)}
         for split, (ids, lengths, outputs, failed) in self.splits.items():
             arrays[f"example_ids_{split}"] = np.asarray(ids, dtype=np.int64)
             arrays[f"lengths_{split}"] = np.asarray(lengths, dtype=np.int64)
@@ -382,17 +441,18 @@ class ProgramOutputs:
         _write_npz(path, arrays)
 
     @classmethod
-    def read(cls, path, splits=SPLITS) -> "ProgramOutputs":
+    def read(cls, path, splits=SPLITS) -> "RerankResult":
         if not Path(path).is_file():
-            raise ContractError(f"program outputs: missing file {path}")
+            raise ContractError(f"rerank result: missing file {path}")
         with np.load(path) as z:
-            names = [str(n) for n in z["names"]]
             try:
+                scores = [_from_dict(ProgramScore, row, f"{path}: scores") for row in json.loads(str(z["scores"]))]
+                names = [str(n) for n in z["names"]]
                 parts = {s: (z[f"example_ids_{s}"], z[f"lengths_{s}"], z[f"outputs_{s}"], z[f"failed_{s}"])
                          for s in splits}
             except KeyError as e:
-                raise ContractError(f"program outputs: {path} lacks {e}") from None
-        return cls(names, parts)
+                raise ContractError(f"rerank result: {path} lacks {e}") from None
+        return cls(scores, names, parts)
 
     def matrices(self, name: str, split: str) -> list[np.ndarray | None]:
         """One program's n x n float32 matrices on a split's examples (None where it failed)."""

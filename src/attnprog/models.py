@@ -14,6 +14,7 @@ import torch
 from . import packaged
 from .atomic import atomic_dir
 from .config import model_source
+from .contracts import ModelInfo
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Encoder-only families: their heads see the whole sequence, so programs need not be causal.
@@ -94,7 +95,7 @@ def load_path_of(spec: dict, converted_dir: str | Path | None = None) -> str:
     return str(Path(converted_dir).resolve())
 
 
-def describe_model(name: str, spec: dict, converted_dir: str | Path | None = None) -> dict:
+def describe_model(name: str, spec: dict, converted_dir: str | Path | None = None) -> ModelInfo:
     """The facts later stages need about a model, read from its config alone (no weights)."""
     from transformers import AutoConfig
 
@@ -105,49 +106,35 @@ def describe_model(name: str, spec: dict, converted_dir: str | Path | None = Non
         raise _hub_error("model", load_path, e) from e
     text = config.get_text_config()
     n_heads = text.num_attention_heads
-    return {
-        "model": name,
-        "load_path": load_path,
-        "revision": spec.get("revision"),
-        "architecture": (config.architectures or [config.model_type])[0],
-        "model_type": config.model_type,
-        "n_layers": text.num_hidden_layers,
-        "n_heads": n_heads,
-        "n_kv_heads": getattr(text, "num_key_value_heads", None) or n_heads,
-        "is_causal": config.model_type not in BIDIRECTIONAL_TYPES,
-        "dtype": spec.get("dtype", "float32"),
-    }
+    return ModelInfo(
+        model=name, load_path=load_path, revision=spec.get("revision"),
+        architecture=(config.architectures or [config.model_type])[0], model_type=config.model_type,
+        n_layers=text.num_hidden_layers, n_heads=n_heads,
+        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+        is_causal=config.model_type not in BIDIRECTIONAL_TYPES, dtype=spec.get("dtype", "float32"))
 
 
-def load_tokenizer(info: dict):
+def load_tokenizer(info: ModelInfo):
     """The model's tokenizer, with a pad token (batches need one; padding is masked anyway)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(info["load_path"], revision=info.get("revision"))
+        tokenizer = AutoTokenizer.from_pretrained(info.load_path, revision=info.revision)
     except Exception as e:  # noqa: BLE001
-        raise _hub_error("tokenizer", info["load_path"], e) from e
+        raise _hub_error("tokenizer", info.load_path, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
 
 
-def load_model(info: dict, device: str = "auto"):
+def load_model(info: ModelInfo, device: str = "auto"):
     """The model in eval mode on `device`, with eager attention so attention probabilities come back."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            info["load_path"], revision=info.get("revision"), dtype=DTYPES[info.get("dtype", "float32")],
-            attn_implementation="eager",
+            info.load_path, revision=info.revision, dtype=DTYPES[info.dtype], attn_implementation="eager",
         )
     except Exception as e:  # noqa: BLE001
-        raise _hub_error("model", info["load_path"], e) from e
+        raise _hub_error("model", info.load_path, e) from e
     return model.to(resolve_device(device)).eval()
-
-
-def read_info(path: str | Path) -> dict:
-    """The model facts written by the `model_info` rule."""
-    import json
-
-    return json.loads(Path(path).read_text())

@@ -5,9 +5,14 @@ A program is a standalone `.py` file: a module docstring saying in plain English
     def attention(tokens: list[str]) -> numpy.ndarray:   # n x n, row i = where token i attends
 
 Files written to the reference code's signature, `prog(sentence: str, tokenizer) -> (label, matrix)`, load
-too: each top-level function with two positional parameters, the second named like a tokenizer
-(`tokenizer`, `tok`, ...), becomes one program `<file stem>.<function>`. They are called with the example's
-text and the model's tokenizer; a matrix whose size is not the example's token count is `bad_output`.
+too, as one program `<file stem>.<function>` per program function. They are called with the example's text
+and the model's tokenizer; a matrix whose size is not the example's token count is `bad_output`. Such files
+hold helpers as well, some with the same two parameters, so a function is a program when
+  1. it is a top-level function with two positional parameters, the second named like a tokenizer
+     (`tokenizer`, `tok`, ...), and
+  2. it returns a labelled pair (some `return` gives a 2-tuple whose first item is a string literal or
+     f-string: the reference contract `(label, matrix)`), or no other function of the file calls it (a
+     function the file's code uses is a helper; a registry of programs at module level does not count).
 
 Every output goes through `attnprog.matrices.normalise` (causal mask, negatives and non-finite values to 0,
 rows summing to 1, an all-zero row attending to position 0) before anyone scores or substitutes it.
@@ -56,6 +61,32 @@ def _is_reference_signature(fn: ast.FunctionDef) -> bool:
     return len(positional) == 2 and "tok" in positional[1].arg.lower() and not args.kwonlyargs
 
 
+def _own_nodes(fn):
+    """The nodes of a function's body, without those of functions, lambdas and classes nested in it."""
+    todo = list(fn.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def _returns_labelled_pair(fn: ast.FunctionDef) -> bool:
+    return any(isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and len(node.value.elts) == 2
+               and (isinstance(node.value.elts[0], ast.JoinedStr) or
+                    (isinstance(node.value.elts[0], ast.Constant) and isinstance(node.value.elts[0].value, str)))
+               for node in _own_nodes(fn))
+
+
+def _called_by_other_functions(tree: ast.Module) -> set:
+    """Names used inside each top-level function or class other than the one of that name."""
+    used = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            used |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id != node.name}
+    return used
+
+
 def programs_from_source(source: str, name: str, *, path=None, trusted: bool = False) -> list[Program]:
     """The programs in one file's source (parsed, never run). `name` is the file stem.
     Raises ProgramError("syntax_error" | "rejected") for a file that does not parse or has neither signature."""
@@ -77,7 +108,9 @@ def programs_from_source(source: str, name: str, *, path=None, trusted: bool = F
 
     if "attention" in functions and functions["attention"].args.args:
         return [make(name, functions["attention"], "tokens", module_doc)]
-    reference = [fn for fn in functions.values() if _is_reference_signature(fn)]
+    helpers = _called_by_other_functions(tree)
+    reference = [fn for fn in functions.values() if _is_reference_signature(fn)
+                 and (_returns_labelled_pair(fn) or fn.name not in helpers)]
     if not reference:
         raise ProgramError("rejected", f"{where}: no `attention(tokens)` function and no reference-signature "
                                        f"function `f(sentence, tokenizer)`")
@@ -97,15 +130,13 @@ def load_programs(path, trusted: bool = False) -> list[Program]:
 # Normalisation and one call of a program
 
 
-def describe_exception(e: BaseException, filename: str, source: str | None = None, trusted_section=None) -> str:
+def describe_exception(e: BaseException, filename: str, source: str | None = None) -> str:
     """`<file>:<line>: <source line>: <Exception>: <message>`, naming the program's deepest line."""
     try:
         message = f"{type(e).__name__}: {e}"
     except BaseException:  # a custom exception whose __str__ fails
         message = type(e).__name__
     line = None
-    if trusted_section is not None:
-        trusted_section[0] = True  # the sandbox's audit hook lets the runner read frames meanwhile
     try:
         tb = e.__traceback__
         while tb is not None:
@@ -114,9 +145,6 @@ def describe_exception(e: BaseException, filename: str, source: str | None = Non
             tb = tb.tb_next
     except BaseException:
         pass
-    finally:
-        if trusted_section is not None:
-            trusted_section[0] = False
     if line is None:
         return message
     text = source.splitlines()[line - 1].strip() if source and 0 < line <= len(source.splitlines()) else ""
@@ -124,10 +152,14 @@ def describe_exception(e: BaseException, filename: str, source: str | None = Non
 
 
 def call_program(fn, kind: str, tokens, text, tokenizer=None, *, causal=True, last_row=False,
-                 filename="<program>", source=None, trusted_section=None):
+                 filename="<program>", source=None):
     """Call one program on one example. Returns ("ok", normalised float32 matrix, or its last row) or
-    (failure status, message). Never raises."""
+    (failure status, message). Never raises. numpy's global random state is seeded (0) before each call, so
+    a program using unseeded `np.random` gives the same output on every run. It is not restored afterwards:
+    saving and restoring it would cost 0.25 ms a call, more than many programs take, and nothing in the
+    processes that run programs draws from it."""
     n = len(tokens)
+    np.random.seed(0)
     try:
         result = fn(list(tokens)) if kind == "tokens" else fn(text, tokenizer)
     except MemoryError:
@@ -135,7 +167,7 @@ def call_program(fn, kind: str, tokens, text, tokenizer=None, *, causal=True, la
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # SystemExit too: a program cannot end the run
-        return "runtime_error", describe_exception(e, filename, source, trusted_section)
+        return "runtime_error", describe_exception(e, filename, source)
     try:
         if kind == "reference" and isinstance(result, (tuple, list)) and len(result) == 2 \
                 and isinstance(result[0], str):

@@ -132,9 +132,14 @@ def _load_all(programs) -> list[Program]:
 
 
 def _summarise(name: str, statuses: list, matrices: list, errors: list) -> ProgramRun:
-    for status, error in zip(statuses, errors):
+    """The run's status is its first failure; "ok" only when every example has its matrix (consumers may
+    rely on that), whatever the statuses say."""
+    matrices = [m if s == "ok" and isinstance(m, np.ndarray) else None for s, m in zip(statuses, matrices)]
+    for status, error, matrix in zip(statuses, errors, matrices):
         if status != "ok":
             return ProgramRun(name, status, error, matrices)
+        if matrix is None:
+            return ProgramRun(name, "bad_output", "no matrix came back", matrices)
     return ProgramRun(name, "ok", None, matrices)
 
 

@@ -10,18 +10,13 @@ Jensen-Shannon distance (the square root of the JS divergence, base 2, so in [0,
 and averaged over the rows of an example, then over examples.
 
 Matrices are compared on their lower triangle (entries above the diagonal are zero for both after the
-runner's causal normalisation); `lower_triangle` flattens one row by row, as the attention Parquet does.
+runner's causal normalisation), packed row by row as `matrices.pack` does.
 """
 import numpy as np
 
-BASELINES = ("random_token", "random_column", "uniform", "first_token")
+from . import matrices
 
-
-def lower_triangle(matrix: np.ndarray) -> np.ndarray:
-    """The entries j <= i of an n x n matrix, row by row (row i holds i + 1 values)."""
-    n = matrix.shape[-1]
-    i, j = np.tril_indices(n)
-    return matrix[..., i, j]
+BASELINE_NAMES = ("random_token", "random_column", "uniform", "first_token")
 
 
 def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,17 +63,25 @@ def iou_table(predicted: list[np.ndarray], actual: list[np.ndarray]) -> np.ndarr
     """
     if len(predicted) != len(actual) or not actual:
         raise ValueError(f"iou_table: need two equally long non-empty lists, got {len(predicted)} and {len(actual)}")
-    from scipy.spatial.distance import cdist  # here, so per-head jobs that never need it start faster
-
     total = None
     for p, a in zip(predicted, actual):
         p, a = np.asarray(p, dtype=float), np.asarray(a, dtype=float)
-        l1 = cdist(p, a, "cityblock")
+        l1 = _l1_distances(p, a)
         s = p.sum(axis=1)[:, None] + a.sum(axis=1)[None, :]
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(s + l1 > 0, (s - l1) / (s + l1), 1.0)
         total = iou if total is None else total + iou
     return total / len(actual)
+
+
+def _l1_distances(p: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """(P, H) L1 distances between the rows of p and of a. One head (a per-head job) needs no more than
+    numpy; many use scipy's cdist, imported only then (it takes seconds to import on a busy machine)."""
+    if len(a) == 1:
+        return np.abs(p - a).sum(axis=1, keepdims=True)
+    from scipy.spatial.distance import cdist
+
+    return cdist(p, a, "cityblock")
 
 
 def jsd_rows_flat(p: np.ndarray, a: np.ndarray, n: int) -> np.ndarray:
@@ -87,8 +90,7 @@ def jsd_rows_flat(p: np.ndarray, a: np.ndarray, n: int) -> np.ndarray:
     m = (p + a) / 2
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * np.log2(p / m), 0.0) + np.where(a > 0, a * np.log2(a / m), 0.0)
-    row_starts = np.concatenate([[0], np.cumsum(np.arange(1, n))])
-    per_row = np.add.reduceat(terms / 2, row_starts, axis=-1)
+    per_row = np.add.reduceat(terms / 2, matrices.row_starts(n), axis=-1)
     return np.sqrt(np.clip(per_row, 0.0, 1.0)).mean(axis=-1)
 
 
@@ -104,7 +106,7 @@ def baseline_matrices(n: int, seed: int) -> dict[str, np.ndarray]:
     j0 = int(rng.integers(0, n))
     random_column = np.zeros((n, n))
     random_column[rows, np.where(rows >= j0, j0, rows)] = 1.0
-    uniform = np.tril(np.ones((n, n))) / (rows + 1)[:, None]
+    uniform = matrices.uniform(n).astype(np.float64)
     first = np.zeros((n, n))
     first[:, 0] = 1.0
     return {"random_token": random_token, "random_column": random_column, "uniform": uniform,

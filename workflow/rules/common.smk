@@ -7,7 +7,8 @@ from pathlib import Path
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))  # the package of this checkout, even if Snakemake runs from another Python
 
-from attnprog.config import ConfigError, apply_environment, validate_config
+from attnprog.config import ConfigError, apply_environment, synthesis_settings, validate_config
+from attnprog.contracts import ModelInfo
 
 try:
     config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
@@ -31,6 +32,9 @@ onstart:
 
 MODELS = list(config["models"])
 CONDA_ENV = str(Path(workflow.basedir) / "envs/attnprog.yaml")
+# Per-head rules run their script as a plain command: a `script:` job first imports Snakemake to unpickle
+# its `snakemake` object (0.2 s), and a model has hundreds of per-head jobs.
+SCRIPTS = Path(workflow.basedir) / "workflow/scripts"
 
 
 wildcard_constraints:
@@ -68,11 +72,14 @@ def corpus_input(wildcards):
 
 def model_info(model):
     """The facts about a model written by the checkpoint `model_info` (layers, heads, load path)."""
-    with open(checkpoints.model_info.get(model=model).output[0]) as f:
-        return json.load(f)
+    return ModelInfo.read(checkpoints.model_info.get(model=model).output[0])
 
 
 def heads_of(model):
-    """Every (layer, head) of a model; known once its checkpoint `model_info` has run."""
-    info = model_info(model)
-    return [(layer, head) for layer in range(info["n_layers"]) for head in range(info["n_heads"])]
+    """Every head of a model (contracts.HeadId); known once its checkpoint `model_info` has run."""
+    return model_info(model).heads
+
+
+def per_head(pattern):
+    """An input function: `pattern` (with {model} and {head}) for every head of the model."""
+    return lambda w: [pattern.format(model=w.model, head=head.name) for head in heads_of(w.model)]

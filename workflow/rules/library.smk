@@ -1,14 +1,13 @@
-# Library: all candidates of a model pooled and deduplicated, every program scored on every head, each
-# head's best program chosen on val (causal programs only) and reported on test, plus the baselines.
+# Library: all candidates of a model pooled and deduplicated, every program scored on every head from the
+# stored outputs, the library chosen as a small set cover, each head's program chosen on val (causal
+# programs only) and reported on test, plus the baselines.
 
 
 rule library:
     input:
-        synthesis=lambda w: [f"results/{w.model}/synthesis/L{l}H{h}" for l, h in heads_of(w.model)],
-        rerank=lambda w: [f"results/{w.model}/rerank/L{l}H{h}.parquet" for l, h in heads_of(w.model)],
-        attention="results/{model}/attention",
-        examples="results/{model}/data/examples.parquet",
-        info="results/{model}/model/info.json",
+        synthesis=per_head("results/{model}/synthesis/{head}"),
+        rerank=per_head("results/{model}/rerank/{head}.npz"),
+        head_inputs="results/{model}/synthesis/head_inputs.npz",
     output:
         programs=directory("results/{model}/library/programs"),
         table="results/{model}/library/programs.parquet",
@@ -17,6 +16,7 @@ rule library:
         baselines="results/{model}/library/baselines.parquet",
         summary="results/{model}/library/summary.json",
     params:
+        heads=lambda w: [[h.layer, h.head] for h in heads_of(w.model)],
         settings=config["library"],
     log:
         "logs/{model}/library.log",

@@ -3,22 +3,32 @@
 
 report: "../report/workflow.rst"
 
+# The small files the cross-model index reads of each model (the overview reads them too).
+MODEL_SUMMARY_FILES = {
+    "info": "model/info.json",
+    "library": "library/summary.json",
+    "best": "library/best.parquet",
+    "sweep": "substitution/sweep.parquet",
+    "substitution": "substitution/summary.json",
+    **({"qa": "qa/summary.json"} if config["qa"]["tasks"] else {}),
+}
+
+
+def model_summary_files(model):
+    return {kind: f"results/{model}/{path}" for kind, path in MODEL_SUMMARY_FILES.items()}
+
+
 
 rule report_model:
     input:
-        info="results/{model}/model/info.json",
-        examples="results/{model}/data/examples.parquet",
-        attention="results/{model}/attention",
-        programs="results/{model}/library/programs",
-        table="results/{model}/library/programs.parquet",
+        unpack(lambda w: model_summary_files(w.model)),
+        head_inputs="results/{model}/synthesis/head_inputs.npz",
+        programs="results/{model}/library/programs.parquet",
+        program_files="results/{model}/library/programs",
         scores="results/{model}/library/scores.parquet",
-        best="results/{model}/library/best.parquet",
         baselines="results/{model}/library/baselines.parquet",
-        library="results/{model}/library/summary.json",
-        sweep="results/{model}/substitution/sweep.parquet",
         single="results/{model}/substitution/single_heads.parquet",
-        substitution="results/{model}/substitution/summary.json",
-        qa=["results/{model}/qa/summary.json"] if config["qa"]["tasks"] else [],
+        rerank=per_head("results/{model}/rerank/{head}.npz"),
     output:
         overview=report(
             "results/report/{model}/index.html",
@@ -28,19 +38,23 @@ rule report_model:
         ),
         heads=directory("results/report/{model}/heads"),
     params:
+        heads=lambda w: [[h.layer, h.head] for h in heads_of(w.model)],
         options=config["report"],
     log:
         "logs/{model}/report.log",
     conda:
         CONDA_ENV
     script:
-        "../scripts/report.py"
+        "../scripts/report_model.py"
 
 
 rule report:
     input:
-        pages=expand("results/report/{model}/index.html", model=MODELS),
-        libraries=expand("results/{model}/library/summary.json", model=MODELS),
+        pages=expand("results/report/{model}/index.html", model=MODELS),  # the overviews the index links to
+        **{
+            kind: expand(f"results/{{model}}/{path}", model=MODELS)
+            for kind, path in MODEL_SUMMARY_FILES.items()
+        },
     output:
         report(
             "results/report/index.html",
@@ -49,6 +63,7 @@ rule report:
             labels={"page": "all models"},
         ),
     params:
+        models=MODELS,
         options=config["report"],
     log:
         "logs/report.log",

@@ -1,4 +1,5 @@
-# Rerank: every candidate of one head scored on the val split (soft IoU, row JS distance).
+# Rerank: every candidate of one head run once on every split; its scores on that head and its outputs
+# (which the library and the report read instead of running programs again), in one file.
 
 
 rule rerank:
@@ -7,10 +8,15 @@ rule rerank:
         head_inputs="results/{model}/synthesis/head_inputs.npz",
         info="results/{model}/model/info.json",
     output:
-        "results/{model}/rerank/L{layer}H{head}.parquet",
+        "results/{model}/rerank/L{layer}H{head}.npz",
+    params:
+        causal_check_examples=config["rerank"]["causal_check_examples"],
+        script=SCRIPTS / "rerank.py",
     log:
         "logs/{model}/rerank/L{layer}H{head}.log",
     conda:
         CONDA_ENV
-    script:
-        "../scripts/rerank.py"
+    shell:
+        "python {params.script} --layer {wildcards.layer} --head {wildcards.head} --candidates {input.candidates}"
+        " --head-inputs {input.head_inputs} --info {input.info}"
+        " --causal-check-examples {params.causal_check_examples} --out {output} --log {log}"

@@ -6,6 +6,7 @@ rule substitute:
         info="results/{model}/model/info.json",
         best="results/{model}/library/best.parquet",
         programs="results/{model}/library/programs.parquet",
+        program_files="results/{model}/library/programs",
         examples="results/{model}/data/examples.parquet",
         heldout="results/{model}/data/heldout.parquet",
     output:

@@ -4,20 +4,6 @@
 # per-head jobs need into two .npz files, so each of the hundreds of per-head jobs starts and loads fast.
 
 
-rule head_inputs:
-    input:
-        attention="results/{model}/attention",
-        examples="results/{model}/data/examples.parquet",
-    output:
-        "results/{model}/synthesis/head_inputs.npz",
-    log:
-        "logs/{model}/head_inputs.log",
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/head_inputs.py"
-
-
 rule synth_features:
     input:
         examples="results/{model}/data/examples.parquet",
@@ -45,7 +31,9 @@ rule synthesize:
     output:
         directory("results/{model}/synthesis/L{layer}H{head}"),
     params:
-        settings=config["synthesis"],
+        settings=json.dumps(synthesis_settings(config["synthesis"]), sort_keys=True),
+        script=SCRIPTS / "synthesize.py",
+        features=lambda w, input: f"--features {input.features}" if input.features else "",
     resources:
         # an open-weights explainer runs a chat model per head (on SLURM: a GPU job)
         gpu=1 if config["synthesis"]["backend"] == "open_weights" else 0,
@@ -53,5 +41,7 @@ rule synthesize:
         "logs/{model}/synthesize/L{layer}H{head}.log",
     conda:
         CONDA_ENV
-    script:
-        "../scripts/synthesize.py"
+    shell:
+        "python {params.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
+        " --settings {params.settings:q} --head-inputs {input.head_inputs} {params.features}"
+        " --out {output} --log {log}"

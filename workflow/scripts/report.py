@@ -1,14 +1,10 @@
-"""Rule report_model: one model's pages. Rule report: the cross-model index."""
-from pathlib import Path
-
-from attnprog import report
+"""Rule report: the cross-model index."""
 from attnprog.joblog import log_to
+from attnprog.report import ModelSummary, write_index
 
 log_to(snakemake.log)
-
-if snakemake.rule == "report_model":
-    report.write_model_report(Path(snakemake.input.info).parents[1], Path(snakemake.output.overview).parent,
-                              snakemake.params.options, name=snakemake.wildcards.model)
-else:
-    results = [Path(summary).parents[1] for summary in snakemake.input.libraries]  # results/{model}
-    report.write_index({folder.name: folder for folder in results}, snakemake.output[0], snakemake.params.options)
+i = snakemake.input
+models = [ModelSummary.read(name, i.info[k], i.library[k], i.best[k], i.sweep[k], i.substitution[k],
+                            i.qa[k] if "qa" in i.keys() else None)
+          for k, name in enumerate(snakemake.params.models)]
+write_index(models, snakemake.output[0], snakemake.params.options)

@@ -1,10 +1,11 @@
 from pathlib import Path
 
+from attnprog.contracts import ModelInfo
 from attnprog.joblog import log_to
-from attnprog.models import read_info
-from attnprog.substitute import substitution_sweep
+from attnprog.substitute import LibraryFiles, substitution_sweep
 
 log_to(snakemake.log)
-substitution_sweep(read_info(snakemake.input.info), Path(snakemake.input.best).parent, snakemake.input.examples,
-                   snakemake.input.heldout, snakemake.params.settings, snakemake.output.sweep,
-                   snakemake.output.single, snakemake.output.summary, snakemake.params.device)
+i, o = snakemake.input, snakemake.output
+library = LibraryFiles(best=Path(i.best), programs=Path(i.programs), program_dir=Path(i.program_files))
+substitution_sweep(ModelInfo.read(i.info), library, i.examples, i.heldout, snakemake.params.settings, o.sweep,
+                   o.single, o.summary, snakemake.params.device)

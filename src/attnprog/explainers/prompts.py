@@ -66,7 +66,9 @@ randomness or global state.
 - Row i may depend only on tokens[0..i]: the model is causal and cannot see later tokens.
 - Never hard-code particular words or tokens, such as words copied from the examples: a program must carry \
 over to new text. Describe general properties instead: position and distance, punctuation, word and \
-sentence boundaries, repeated tokens, token classes, the helpers' general word classes.
+sentence boundaries, repeated tokens, token classes, the helpers' general word classes, parts of speech \
+and syntactic relations (the helpers' spaCy analyses, which read only each prefix and so stay causal; they \
+are slower, so use them when the head is about syntax).
 - Your output is normalised for you: entries above the diagonal are dropped, negatives clipped to 0, each \
 row divided by its sum, and an all-zero row attends to token 0. Unnormalised scores are fine; use \
 h.causal_softmax for softmax-style scores.

@@ -16,13 +16,13 @@ so a job killed midway loses nothing it paid for.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from attnprog.atomic import atomic_dir, write_json, write_text
+from attnprog.atomic import atomic_dir, write_text
+from attnprog.contracts import USAGE_FIELDS, Candidate, HeadId, Manifest, SplitExamples
+from attnprog.matrices import split_packed, unpack
 from attnprog.explainers.claude import ClaudeExplainer
 from attnprog.explainers.open_weights import OpenWeightsExplainer
 from attnprog.explainers.prompts import FitExample, extract_programs, head_prompt, refinement_prompt, system_prompt
@@ -30,27 +30,6 @@ from attnprog.explainers.reply import Conversation, Reply
 from attnprog.programs import ProgramError, programs_from_source
 from attnprog.runner import run_programs
 from attnprog.scoring import row_jsd
-
-USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-
-
-@dataclass
-class Candidate:
-    name: str
-    file: str | None
-    origin: str
-    status: str
-    error: str | None
-    synth_jsd: float | None
-    refined_from: str | None
-    prompt_hash: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    cost_usd: float = 0.0
-    from_cache: bool = False
-
 
 def make_explainer(settings: dict, cache_dir: str | os.PathLike | None = None):
     """The explainer named by `settings["backend"]` (settings = the config's `synthesis` section)."""
@@ -68,8 +47,8 @@ def candidates_from_reply(reply: Reply, prefix: str, folder: Path, origin: str, 
     now; a reply that failed or holds no program becomes one failed candidate. The reply's tokens and cost
     are shared out evenly among its candidates (the totals come from the replies themselves)."""
     def make(index, file, status, error):
-        return Candidate(f"{prefix}{index}", file, origin, status, error, None, refined_from, reply.key,
-                         from_cache=reply.from_cache)
+        return Candidate(name=f"{prefix}{index}", file=file, origin=origin, status=status, error=error,
+                         refined_from=refined_from, prompt_hash=reply.key, from_cache=reply.from_cache)
 
     if reply.error is not None:
         candidates = [make(0, None, reply.error_status, reply.error)]
@@ -132,30 +111,26 @@ def _fit_examples(predicted: list[np.ndarray], real: list[np.ndarray], tokens: l
             FitExample(tokens[worst], real[worst], predicted[worst], jsd[worst]))
 
 
-def synthesize_head_with_llm(attention: dict[int, np.ndarray], examples: pd.DataFrame, settings: dict,
-                             out_dir: str | os.PathLike, model: str, layer: int, head: int,
-                             cache_dir: str | os.PathLike | None = None, explainer=None) -> dict:
+def synthesize_head_with_llm(examples: SplitExamples, attention: np.ndarray, settings: dict,
+                             out_dir: str | os.PathLike, model: str, head: HeadId,
+                             cache_dir: str | os.PathLike | None = None, explainer=None) -> Manifest:
     """Synthesize candidate programs for one head with the configured LLM explainer.
 
-    attention: {example_id: n x n} for the head on the synthesis texts; examples: the synth-split rows of
-    examples.parquet (`example_id`, `text`, `tokens`); settings: the config's `synthesis` section; out_dir:
-    results/{model}/synthesis/L{layer}H{head}/. `cache_dir` overrides the backend's cache folder, and
-    `explainer` the backend itself (tests). Writes the candidate files and manifest.json; returns the manifest.
+    examples: the synth split; attention: the head's packed attention on them; settings: the config's
+    `synthesis` section; out_dir: results/{model}/synthesis/L{layer}H{head}/. `cache_dir` overrides the
+    backend's cache folder, and `explainer` the backend itself (tests). Writes the candidate files and
+    manifest.json; returns the manifest.
     """
     prompt_settings = settings["prompt"]
     explainer = explainer or make_explainer(settings, cache_dir)
-    rows = examples[examples["example_id"].isin(list(attention))].sort_values("example_id")
-    if rows.empty:
-        raise ValueError(f"L{layer}H{head}: none of the synthesis examples has recorded attention")
-    tokens = [list(t) for t in rows["tokens"]]
-    texts = list(rows["text"])
-    real = [np.asarray(attention[int(e)], dtype=np.float64) for e in rows["example_id"]]
-    for e, (t, a) in zip(rows["example_id"], zip(tokens, real)):
-        if a.shape != (len(t), len(t)):
-            raise ValueError(f"L{layer}H{head}: example {e} has {len(t)} tokens but a {a.shape} attention matrix")
+    tokens, texts = examples.tokens, examples.texts
+    if not tokens:
+        raise ValueError(f"{head}: no synthesis examples")
+    real = [unpack(flat, n).astype(np.float64) for flat, n in zip(split_packed(attention, examples.lengths),
+                                                                 examples.lengths)]
     shown = list(zip(tokens, real))[: prompt_settings["n_examples"]]
     system, first_turn = system_prompt(prompt_settings["helper_docs"]), head_prompt(shown, prompt_settings)
-    prefix = f"L{layer}H{head}"
+    prefix = head.name
     runnable = list(zip(tokens, texts))
 
     with atomic_dir(out_dir) as folder:
@@ -184,15 +159,14 @@ def synthesize_head_with_llm(attention: dict[int, np.ndarray], examples: pd.Data
             score_candidates(refined, folder, runnable, real)
             candidates += refined
 
-        manifest = {
-            "model": model, "layer": layer, "head": head, "backend": explainer.backend,
-            "explainer_model": getattr(explainer, "model", None) or getattr(explainer, "model_id", None),
-            "candidates": [asdict(c) for c in candidates],
-            "replies": [{"turn": turn, "prompt_hash": r.key, "stop_reason": r.stop_reason, "error": r.error,
-                         "from_cache": r.from_cache, **r.usage()} for turn, r in replies],
-            "totals": {**{f: sum(getattr(r, f) for _, r in replies) for f in USAGE_FIELDS},
-                       "cost_usd": sum(r.cost_usd for _, r in replies),
-                       "paid_usd": sum(r.cost_usd for _, r in replies if not r.from_cache)},
-        }
-        write_json(Path(folder) / "manifest.json", manifest)
+        manifest = Manifest(
+            model=model, layer=head.layer, head=head.head, backend=explainer.backend,
+            explainer_model=getattr(explainer, "model", None) or getattr(explainer, "model_id", None),
+            candidates=candidates,
+            replies=[{"turn": turn, "prompt_hash": r.key, "stop_reason": r.stop_reason, "error": r.error,
+                      "from_cache": r.from_cache, **r.usage()} for turn, r in replies],
+            totals={**{f: sum(getattr(r, f) for _, r in replies) for f in USAGE_FIELDS},
+                    "cost_usd": sum(r.cost_usd for _, r in replies),
+                    "paid_usd": sum(r.cost_usd for _, r in replies if not r.from_cache)})
+        manifest.write(folder)
     return manifest

@@ -82,16 +82,16 @@ def evaluate(lm, spec: str, limit: int | None, manager) -> dict:
 # Records kept on disk as they are computed
 
 
-def fingerprint(info: dict, task: QATask, library_dir, data_file, settings: dict, noncausal: str) -> dict:
+def fingerprint(info, task: QATask, library, data_file, settings: dict, noncausal: str) -> dict:
     """What a run's result depends on besides its method and fraction: saved records are reused only under
     the same fingerprint."""
-    library_dir = Path(library_dir)
+    from dataclasses import asdict
+
     programs = hashlib.sha256()
-    for path in sorted((library_dir / "programs").glob("*.py")):
+    for path in sorted(Path(library.program_dir).glob("*.py")):
         programs.update(path.name.encode() + b"\0" + path.read_bytes())
-    files = {"best": library_dir / "best.parquet", "programs_table": library_dir / "programs.parquet",
-             "data": data_file, "task_yaml": task.yaml}
-    return {"model": info, "task": task.as_dict(), "questions": settings["questions"],
+    files = {"best": library.best, "programs_table": library.programs, "data": data_file, "task_yaml": task.yaml}
+    return {"model": asdict(info), "task": task.as_dict(), "questions": settings["questions"],
             "batch_size": settings["batch_size"], "noncausal": noncausal, "programs": programs.hexdigest(),
             **{name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in files.items() if path}}
 
@@ -190,10 +190,11 @@ def results_line(record: dict, name: str) -> str:
 # The rule
 
 
-def qa_task(info: dict, task: QATask | str, library_dir, data_file, settings: dict, noncausal: str, out_path,
+def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncausal: str, out_path,
             device: str = "auto", log=print, include_path=None) -> dict:
     """The `qa` rule: one task (a QATask, or as configured: an offline or registry name, a YAML path, or a
-    name defined under `include_path`) at each (method, fraction); writes {name}.json (see `task_row`)."""
+    name defined under `include_path`) at each (method, fraction), for a ModelInfo and the LibraryFiles of
+    its library; writes {name}.json (see `task_row`)."""
     from functools import partial
 
     from lm_eval.models.huggingface import HFLM
@@ -202,17 +203,17 @@ def qa_task(info: dict, task: QATask | str, library_dir, data_file, settings: di
     from ..atomic import write_json
     from ..data import token_strings
     from ..models import load_model, load_tokenizer
-    from ..rerank import tokenizer_dir_of
 
     task = task if isinstance(task, QATask) else resolve_task(task, include_path)
     saved = PartialResults(partial_path(out_path),
-                           fingerprint(info, task, library_dir, data_file, settings, noncausal), log)
+                           fingerprint(info, task, library, data_file, settings, noncausal), log)
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     replacer = substitute.install(model, partial(token_strings, tokenizer))
-    best = substitute.read_best(library_dir)
-    programs = substitute.program_replacements(library_dir, best, tokenizer_dir_of(info), noncausal, log)
+    best = substitute.read_best(library.best)
+    programs = substitute.program_replacements(library.program_dir, library.programs, best, info.tokenizer_dir,
+                                               noncausal, log)
     ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
-    runs = plan_runs(ranked, info["n_layers"] * info["n_heads"], settings)
+    runs = plan_runs(ranked, info.n_heads_total, settings)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"])
 
     with tempfile.TemporaryDirectory() as work_dir:
@@ -233,7 +234,7 @@ def qa_task(info: dict, task: QATask | str, library_dir, data_file, settings: di
     rows = [{"method": method, "fraction": fraction, "n_replaced": len(heads),
              **task_row(task.name, record, saved.records[BASELINE], metric)}
             for (method, fraction, heads), record in zip(runs, records)]
-    result = {"model": info["model"], "task": task.name, "metric": metric,
+    result = {"model": info.model, "task": task.name, "metric": metric,
               "question_ids": question_ids(saved.records[BASELINE]), "rows": rows}
     write_json(out_path, result)
     saved.remove()

@@ -1,0 +1,130 @@
+"""The pool: every program that ran on its own head, gathered from the per-head rerank jobs, deduplicated by
+behaviour, and scored on every head from the outputs those jobs stored (nothing runs again here).
+
+A program's output does not depend on the head, so one stored output per (program, example) serves every
+head: `scoring.iou_table` turns a split into one pairwise L1-distance computation per example.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..contracts import SPLITS, HeadId, HeadInputs, RerankResult
+from ..matrices import split_packed
+from ..scoring import iou_table, jsd_rows_flat
+
+
+@dataclass
+class Pool:
+    """The pooled programs (rows of `table`, in order) and their outputs per split: for each example, an
+    array (P, d_e) of every program's packed output."""
+    table: pd.DataFrame                  # rerank rows of the programs that ran: name, file, origin, layer, head, ...
+    outputs: dict[str, list[np.ndarray]]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def subset(self, keep) -> "Pool":
+        keep = np.asarray(keep)
+        return Pool(self.table.iloc[keep].reset_index(drop=True), {s: [o[keep] for o in outs]
+                                                                  for s, outs in self.outputs.items()})
+
+
+def gather(rerank_results: list) -> Pool:
+    """Every program that ran (status ok) on its own head, with its stored outputs."""
+    rows, outputs, lengths = [], {s: [] for s in SPLITS}, {}
+    for path in rerank_results:
+        result = RerankResult.read(path)
+        ok = [asdict(score) for score in result.scores if score.status == "ok"]
+        if not ok:
+            continue
+        index = [result.names.index(row["name"]) for row in ok]
+        for split in SPLITS:
+            _, split_lengths, values, _ = result.splits[split]
+            if split in lengths and list(lengths[split]) != list(split_lengths):
+                raise ValueError(f"{path}: {split} examples differ from the other heads'")
+            lengths[split] = split_lengths
+            outputs[split].append(values[index])
+        rows += ok
+    if not rows:
+        raise ValueError("no candidate program ran successfully on its head")
+    table = pd.DataFrame(rows)
+    duplicates = table["name"][table["name"].duplicated()].tolist()
+    if duplicates:
+        raise ValueError(f"program names occur for two heads: {duplicates[:3]}")
+    return Pool(table, {s: split_packed(np.concatenate(outputs[s]), lengths[s]) for s in SPLITS})
+
+
+def behaviour_key(per_example: list[np.ndarray], p: int, decimals: int = 3) -> str:
+    """A hash of a program's outputs rounded to `decimals`: equal keys = the same behaviour."""
+    digest = hashlib.sha1()
+    for out in per_example:
+        digest.update(np.round(out[p].astype(np.float64), decimals).tobytes())
+    return digest.hexdigest()
+
+
+def deduplicate(pool: Pool, decimals: int = 3) -> Pool:
+    """One program per behaviour on val: the one with the shortest source."""
+    keep: dict[str, int] = {}
+    chars = pool.table["source_chars"].to_numpy()
+    for p in range(len(pool)):
+        key = behaviour_key(pool.outputs["val"], p, decimals)
+        if key not in keep or chars[p] < chars[keep[key]]:
+            keep[key] = p
+    return pool.subset(sorted(keep.values()))
+
+
+def real_attention(head_inputs: HeadInputs, heads: list[HeadId]) -> dict[str, list[np.ndarray]]:
+    """Per split, per example, an array (H, d_e) of every head's packed attention."""
+    out = {}
+    for split in SPLITS:
+        lengths = head_inputs.examples(split).lengths
+        stacked = np.stack([head_inputs.attention(head, split) for head in heads])
+        out[split] = split_packed(stacked, lengths)
+    return out
+
+
+def iou_tables(pool: Pool, real: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per split, the (programs, heads) table of mean soft IoU."""
+    return {s: iou_table(pool.outputs[s], real[s]) for s in SPLITS}
+
+
+def jsd_of(pool: Pool, real: dict, split: str, programs, head: int) -> np.ndarray:
+    """Mean row Jensen-Shannon distance of some programs to one head on a split."""
+    programs = np.asarray(programs)
+    lengths = [int(round((np.sqrt(8 * r.shape[-1] + 1) - 1) / 2)) for r in real[split]]
+    return np.mean([jsd_rows_flat(outs[programs].astype(np.float64), heads[head].astype(np.float64)[None], n)
+                    for outs, heads, n in zip(pool.outputs[split], real[split], lengths)], axis=0)
+
+
+# ---- categories: what kind of cue a program leans on most ----
+
+CATEGORY_RULES = [  # (pattern in the strongest positive term or the docstring, category)
+    (r"first_token|first token", "first token"),
+    (r"induction|same_token|previous_occurrence|earlier copy", "token match"),
+    (r"offset\(n, 0\)|itself", "self"),
+    (r"offset\(n, [1-9]\)|previous token|i - [0-9]", "previous tokens"),
+    (r"syntactic|noun_phrase|pos_is|part of speech|noun|verb", "syntax"),
+    (r"punctuation|sentence_end|most_recent|comma", "punctuation"),
+    (r"word|sentence", "word/sentence structure"),
+    (r"is_token|stopword|capitalized|is_number|determiner", "token identity"),
+    (r"distance|position", "position"),
+]
+
+
+def category_of(source: str, docstring: str) -> str:
+    """A short label for the report: the kind of cue of the strongest positive term (offline programs) or
+    the first matching cue in the docstring (other programs). Nearly every head parks attention on the
+    first token, so that cue names the category only when a program has no other positive one."""
+    terms = re.findall(r"score \+= ([0-9.eE+-]+) \* (.*)", source)
+    positive = [(float(w), text) for w, text in terms if float(w) > 0]
+    other = [(w, text) for w, text in positive if "first_token" not in text]
+    text = max(other or positive)[1] if positive else docstring
+    for pattern, category in CATEGORY_RULES:
+        if re.search(pattern, text, flags=re.IGNORECASE):
+            return category
+    return "other"

@@ -1,0 +1,115 @@
+"""The cross-model index: the models side by side, linking to each model's overview (the final target)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
+from markupsafe import Markup
+from matplotlib.figure import Figure
+
+from ..atomic import write_text
+from ..contracts import BEST, SWEEP, ModelInfo
+from .data import main_split, read_json
+from .figures import _inline, _plain_log_labels, _svg_of, qa_cell
+from .pages import DEFAULTS, environment
+
+
+@dataclass
+class ModelSummary:
+    """What the index shows of one model, read from the files the `report` rule names."""
+    name: str
+    info: ModelInfo
+    library: dict                      # library/summary.json
+    best: pd.DataFrame                 # library/best.parquet
+    sweep: pd.DataFrame | None = None  # substitution/sweep.parquet
+    substitution: dict | None = None   # substitution/summary.json
+    qa: dict | None = None             # qa/summary.json
+
+    @classmethod
+    def read(cls, name: str, info, library, best, sweep=None, substitution=None, qa=None) -> "ModelSummary":
+        return cls(name, ModelInfo.read(info), read_json(library), BEST.read(best),
+                   SWEEP.read(sweep) if sweep else None, read_json(substitution) if substitution else None,
+                   read_json(qa) if qa else None)
+
+
+def _fmt(value, pattern: str = "{:.3f}") -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else pattern.format(value)
+
+
+def perplexity_cells(sweep: pd.DataFrame | None, substitution: dict | None, fraction: float) -> tuple[str, str]:
+    """(perplexity with no head replaced, perplexity at the fraction nearest `fraction` with its relative
+    increase and interval) for the programs method on the main evaluation set."""
+    if sweep is None or not len(sweep):
+        return "–", "–"
+    rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == main_split(sweep, substitution))]
+    if not len(rows):
+        return "–", "–"
+    base = rows.loc[rows["fraction"].idxmin()]
+    at = rows.loc[(rows["fraction"] - fraction).abs().idxmin()]
+    return (f"{base['ppl']:.2f}",
+            f"{at['ppl']:.2f} ({at['rel_increase']:+.1%} [{at['rel_lo']:+.1%}, {at['rel_hi']:+.1%}])"
+            + (f" at {at['fraction']:.0%}" if not np.isclose(at["fraction"], fraction) else ""))
+
+
+def model_row(model: ModelSummary, fraction: float) -> dict:
+    """One line of the cross-model table, from the small summary files only."""
+    ppl_base, ppl_at = perplexity_cells(model.sweep, model.substitution, fraction)
+    baselines = model.library.get("baselines") or {}
+    best = max(baselines.items(), key=lambda item: item[1]) if baselines else None
+    return {"name": model.name, "href": f"{model.name}/index.html", "architecture": model.info.architecture,
+            "shape": f"{model.info.n_layers} × {model.info.n_heads}",
+            "library_size": model.library.get("library_size", "–"),
+            "val_iou": _fmt(model.library.get("mean_val_iou")), "test_iou": _fmt(model.library.get("mean_test_iou")),
+            "baseline": f"{best[0]} ({best[1]:.3f})" if best else "–", "ppl_base": ppl_base, "ppl_at": ppl_at,
+            "qa": qa_cell(model.qa, fraction)}
+
+
+def models_figure(models: list[ModelSummary]) -> Markup:
+    """Inline SVG: each model's distribution of best-program test IoU, and its perplexity increase against the
+    fraction of heads replaced (programs, best first, with intervals)."""
+    figure = Figure(figsize=(11, 3.8))
+    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for i, model in enumerate(models):
+        name = model.name
+        iou = np.sort(model.best["test_iou"].to_numpy())
+        share = 1 - np.arange(len(iou) + 1) / max(len(iou), 1)  # share of heads with IoU above each step
+        left.step(np.r_[0, iou, 1], np.r_[share, 0], where="post", color=f"C{i}", label=name)
+        sweep = model.sweep
+        if sweep is not None and len(sweep):
+            split = main_split(sweep, model.substitution)
+            rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == split)]
+            rows = rows.sort_values("fraction")
+            right.plot(rows["fraction"], 1 + rows["rel_increase"], "o-", ms=3, color=f"C{i}", label=name)
+            right.fill_between(rows["fraction"], 1 + rows["rel_lo"], 1 + rows["rel_hi"], color=f"C{i}",
+                               alpha=.15, lw=0)
+    left.set(xlabel="test IoU of the best program", ylabel="fraction of heads at least this good", xlim=(0, 1),
+             ylim=(0, 1), title="How many heads a program explains")
+    right.set(xlabel="fraction of heads replaced", ylabel="perplexity ÷ unmodified perplexity",
+              title="Cost of replacing heads by programs")
+    right.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    if right.lines:  # a ratio on a log scale: +20% and x10 both stay readable
+        right.set_yscale("log")
+        _plain_log_labels(right.yaxis)
+    else:
+        right.text(.5, .5, "substitution not run", transform=right.transAxes, ha="center", color="#777")
+    for ax in (left, right):
+        ax.grid(alpha=.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _inline(_svg_of(figure))
+
+
+def write_index(models: list[ModelSummary], out_path: str | Path, options: dict | None = None) -> Path:
+    """Write the cross-model page."""
+    options = {**DEFAULTS, **(options or {})}
+    fraction = float(options["fraction"])
+    rows = [model_row(model, fraction) for model in models]
+    page = environment().get_template("index.html").render(
+        models=rows, fraction_label=f"{fraction:.0%}", figure=models_figure(models),
+        note="Perplexity on the substitution summary's evaluation set (held-out text when there is some), programs "
+             "replacing heads in order of val IoU, with the relative increase and its 95% bootstrap interval.")
+    write_text(out_path, page)
+    return Path(out_path)

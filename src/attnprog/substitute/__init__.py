@@ -1,0 +1,74 @@
+"""Substitution: programs put back into the model in place of heads, and what it costs.
+
+    mechanism.py      the replacement attention function (transformers' AttentionInterface)
+    replacements.py   each head's library program as a replacement
+    sweep.py          the perplexity sweep, its intervals, the single-head costs, summary.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from ..atomic import write_json
+from ..contracts import SINGLE_HEADS, SWEEP, ModelInfo
+from ..data import read_examples, token_strings
+from ..models import load_model, load_tokenizer
+from .mechanism import HeadReplacer, install, uniform_attention
+from .replacements import UniformOnFailure, program_replacements, read_best
+from .sweep import plan_sweep, run_sweep, single_head_costs, spread_over_ranking, summarise_sweep
+
+
+@dataclass(frozen=True)
+class LibraryFiles:
+    """The library files substitution reads (the rules name each)."""
+    best: Path          # library/best.parquet
+    programs: Path      # library/programs.parquet
+    program_dir: Path   # library/programs/
+
+
+def capped(sequences: list[list[int]], max_tokens: int | None) -> list[list[int]]:
+    """The first sequences, up to max_tokens tokens in all (all of them when None)."""
+    if max_tokens is None:
+        return sequences
+    out, total = [], 0
+    for seq in sequences:
+        if total >= max_tokens:
+            break
+        out.append(seq)
+        total += len(seq)
+    return out
+
+
+def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, heldout_path, settings: dict,
+                       sweep_path, single_path, summary_path, device: str = "auto", log=print) -> dict:
+    """The `substitute` rule: the perplexity sweep of one model. Writes sweep.parquet (one row per run and
+    evaluation set), single_heads.parquet (each measured head replaced alone) and summary.json."""
+
+    if 0 not in settings["fractions"]:
+        raise ValueError("substitution.fractions must include 0 (the unmodified model is the baseline)")
+    tokenizer, model = load_tokenizer(info), load_model(info, device)
+    replacer = install(model, partial(token_strings, tokenizer))
+    best = read_best(library.best)
+    programs = program_replacements(library.program_dir, library.programs, best, info.tokenizer_dir,
+                                    settings["noncausal"], log)
+    ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
+
+    eval_sets = {"test": [list(ids) for ids in read_examples(examples_path, "test").input_ids],
+                 "heldout": capped([list(ids) for ids in read_examples(heldout_path).input_ids],
+                                   settings["heldout_tokens"])}
+    eval_sets = {name: seqs for name, seqs in eval_sets.items() if seqs}
+    runs = plan_sweep(ranked, info.n_heads_total, settings["fractions"], settings["random_seeds"])
+    sweep = run_sweep(model, replacer, runs, programs, eval_sets, settings["batch_size"], settings["bootstrap"],
+                      log=log)
+    single_heads = spread_over_ranking(ranked, settings["single_head_count"])
+    single = single_head_costs(model, replacer, single_heads, programs, eval_sets[settings["single_head_split"]],
+                               settings["batch_size"], log)
+
+    summary = summarise_sweep(sweep, single, best, info.model, "heldout" if "heldout" in eval_sets else "test")
+    summary["program_failures"] = sum(r.failures for r in {id(p): p for p in programs.values()}.values())
+    SWEEP.write(sweep, sweep_path)
+    SINGLE_HEADS.write(single, single_path)
+    write_json(summary_path, summary)
+    return summary

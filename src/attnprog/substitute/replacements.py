@@ -1,0 +1,70 @@
+"""Each head's program from the library, as a replacement the mechanism can call."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from ..contracts import BEST, PROGRAMS
+from ..programs import ProgramError, load_programs
+from ..runner import ProgramRunner
+from .mechanism import uniform_attention
+
+class UniformOnFailure:
+    """A program runner that, where the program fails on an example, uses the uniform matrix and counts the
+    failure: a failing program costs the model what the baseline costs, and never stops the sweep."""
+
+    def __init__(self, runner: ProgramRunner):
+        self.runner, self.failures = runner, 0
+
+    def many(self, examples: list[list[str]]) -> list[np.ndarray]:
+        try:
+            return self.runner.many(examples)
+        except ProgramError:
+            out = []
+            for tokens in examples:
+                try:
+                    out.append(self.runner(tokens))
+                except ProgramError:
+                    self.failures += 1
+                    out.append(uniform_attention(tokens))
+            return out
+
+    def __call__(self, tokens: list[str]) -> np.ndarray:
+        return self.many([tokens])[0]
+
+
+def read_best(best_path) -> pd.DataFrame:
+    """best.parquet, heads without a program dropped, best val IoU first."""
+    best = BEST.read(best_path)
+    best = best[best.program.notna()]
+    return best.sort_values(["val_iou", "layer", "head"], ascending=[False, True, True]).reset_index(drop=True)
+
+
+def program_replacements(program_dir, programs_path, best: pd.DataFrame, tokenizer_dir=None,
+                         noncausal: str = "prefixwise", log=print) -> dict[tuple[int, int], UniformOnFailure]:
+    """Each head's program (library/programs/ and programs.parquet) as a cached runner. A program that failed
+    the causality check runs prefix by prefix (row i from tokens[:i+1] only) or, with noncausal="skip", its
+    head is never replaced."""
+    table = PROGRAMS.read(programs_path).set_index("name")
+    loaded = {p.name: p for p in load_programs(program_dir)}
+    runners, out, skipped = {}, {}, 0
+    for row in best.itertuples():
+        if row.program not in loaded or row.program not in table.index:
+            raise ValueError(f"library: program '{row.program}' of L{row.layer}H{row.head} is not in {program_dir} "
+                             f"and {programs_path}")
+        causal = bool(table.loc[row.program, "causal"])
+        if not causal and noncausal == "skip":
+            skipped += 1
+            continue
+        if row.program not in runners:
+            program = dataclasses.replace(loaded[row.program], trusted=bool(table.loc[row.program, "trusted"]))
+            runners[row.program] = UniformOnFailure(ProgramRunner(program, prefixwise=not causal,
+                                                                  tokenizer_dir=tokenizer_dir))
+        out[(int(row.layer), int(row.head))] = runners[row.program]
+    n_prefixwise = sum(r.runner.prefixwise for r in runners.values())
+    log(f"substitution: {len(runners)} programs for {len(out)} heads; {n_prefixwise} non-causal programs run "
+        f"prefix by prefix; {skipped} heads skipped as non-causal")
+    return out

@@ -1,0 +1,188 @@
+"""The perplexity sweep: which heads each run replaces, perplexity per run with paired bootstrap intervals, the
+single-head costs, and summary.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .mechanism import HeadReplacer, Replacement, uniform_attention
+
+@dataclass(frozen=True)
+class Run:
+    """One forward configuration of the sweep: which heads are replaced, and by what."""
+
+    method: str  # "programs" (descending val IoU), "uniform" (same heads, uniform matrix), "random" (random order)
+    seed: int | None
+    fraction: float
+    heads: tuple[tuple[int, int], ...]
+
+    @property
+    def key(self) -> tuple:
+        """Runs with the same key compute the same thing (fraction 0 of every method; random order at 100%)."""
+        if not self.heads:
+            return ("unmodified",)
+        return ("uniform" if self.method == "uniform" else "programs", frozenset(self.heads))
+
+
+def plan_sweep(ranked_heads: list[tuple[int, int]], n_heads_total: int, fractions: list[float],
+               seeds: list[int]) -> list[Run]:
+    """Every run of the sweep. A fraction counts all of the model's heads; `ranked_heads` are the heads that have a
+    program, best val IoU first (a head without one is never replaced, so high fractions may replace fewer)."""
+    runs = []
+    for fraction in fractions:
+        k = min(round(fraction * n_heads_total), len(ranked_heads))
+        runs.append(Run("programs", None, fraction, tuple(ranked_heads[:k])))
+        runs.append(Run("uniform", None, fraction, tuple(ranked_heads[:k])))
+        for seed in seeds:
+            order = [ranked_heads[i] for i in np.random.default_rng(seed).permutation(len(ranked_heads))]
+            runs.append(Run("random", seed, fraction, tuple(order[:k])))
+    return runs
+
+
+def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens, per sequence.
+
+    Sequences are batched by length and right-padded with an attention mask."""
+    device = next(model.parameters()).device
+    nll, count = np.zeros(len(sequences)), np.zeros(len(sequences), dtype=np.int64)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        length = max(len(sequences[i]) for i in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, : len(sequences[i])] = torch.as_tensor(sequences[i])
+            mask[row, : len(sequences[i])] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
+        valid = mask[:, 1:].bool()
+        nll[batch] = -(logp * valid).sum(1).double().numpy()
+        count[batch] = valid.sum(1).numpy()
+    return nll, count
+
+
+def bootstrap_indices(n_sequences: int, n_boot: int, seed: int) -> np.ndarray:
+    """Resamples of the sequences (with replacement), shared by all runs so that comparisons are paired."""
+    return np.random.default_rng(seed).integers(0, n_sequences, size=(n_boot, n_sequences))
+
+
+def perplexity(nll: np.ndarray, count: np.ndarray, resamples: np.ndarray | None = None):
+    """Token-level perplexity exp(sum NLL / tokens); with resamples, one value per resample."""
+    if resamples is None:
+        return float(np.exp(nll.sum() / count.sum()))
+    return np.exp(nll[resamples].sum(1) / count[resamples].sum(1))
+
+
+def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tuple[int, int], Replacement],
+              eval_sets: dict[str, list[list[int]]], batch_size: int, n_boot: int = 1000, seed: int = 0,
+              log=print) -> "pd.DataFrame":
+    """Perplexity of every run on every evaluation set, with paired bootstrap 95% intervals against the baseline.
+
+    Returns one row per (run, eval set): method, seed, fraction, n_replaced, split, n_tokens, ppl, ppl_lo, ppl_hi,
+    rel_increase, rel_lo, rel_hi."""
+    import time
+
+    import pandas as pd
+
+    results: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for run in runs:
+        if run.key in results:
+            continue
+        started = time.time()
+        replacement = (lambda head: uniform_attention) if run.method == "uniform" else programs.__getitem__
+        replacer.set_heads({head: replacement(head) for head in run.heads})
+        results[run.key] = {split: sequence_nlls(model, seqs, batch_size) for split, seqs in eval_sets.items()}
+        log(f"substitution: {run.method:8s} seed={run.seed} fraction={run.fraction:.2f} "
+            f"({len(run.heads)} heads) in {time.time() - started:.1f}s")
+    replacer.set_heads({})
+
+    baseline_key = ("unmodified",)
+    if baseline_key not in results:
+        raise ValueError("the sweep needs fraction 0 (the unmodified model) as its baseline")
+    rows = []
+    for split in eval_sets:
+        resamples = bootstrap_indices(len(eval_sets[split]), n_boot, seed)
+        base_nll, base_count = results[baseline_key][split]
+        base_ppl, base_boot = perplexity(base_nll, base_count), perplexity(base_nll, base_count, resamples)
+        for run in runs:
+            nll, count = results[run.key][split]
+            ppl, boot = perplexity(nll, count), perplexity(nll, count, resamples)
+            rel = boot / base_boot - 1
+            rows.append({"method": run.method, "seed": run.seed, "fraction": run.fraction,
+                         "n_replaced": len(run.heads), "split": split, "n_tokens": int(count.sum()),
+                         "ppl": ppl, "ppl_lo": float(np.percentile(boot, 2.5)),
+                         "ppl_hi": float(np.percentile(boot, 97.5)), "rel_increase": ppl / base_ppl - 1,
+                         "rel_lo": float(np.percentile(rel, 2.5)), "rel_hi": float(np.percentile(rel, 97.5))})
+    return pd.DataFrame(rows)
+
+
+def single_head_costs(model, replacer: HeadReplacer, heads: list[tuple[int, int]],
+                      programs: dict[tuple[int, int], Replacement], sequences: list[list[int]], batch_size: int,
+                      log=print) -> "pd.DataFrame":
+    """Perplexity when each head alone is replaced by its program: layer, head, ppl, rel_increase."""
+    import pandas as pd
+
+    replacer.set_heads({})
+    base = perplexity(*sequence_nlls(model, sequences, batch_size))
+    rows = []
+    for layer, head in heads:
+        replacer.set_heads({(layer, head): programs[(layer, head)]})
+        ppl = perplexity(*sequence_nlls(model, sequences, batch_size))
+        rows.append({"layer": layer, "head": head, "ppl": ppl, "rel_increase": ppl / base - 1})
+    replacer.set_heads({})
+    log(f"substitution: {len(heads)} heads replaced one at a time")
+    return pd.DataFrame(rows, columns=["layer", "head", "ppl", "rel_increase"])
+
+
+def spread_over_ranking(ranked: list, n: int | None) -> list:
+    """`n` items evenly spaced along a ranking (all of them when n is None or large enough)."""
+    if n is None or n >= len(ranked):
+        return list(ranked)
+    return [ranked[i] for i in sorted(set(np.linspace(0, len(ranked) - 1, n).round().astype(int)))]
+
+
+def fraction_key(fraction: float) -> str:
+    return f"{fraction:g}"
+
+
+def summarise_sweep(sweep: "pd.DataFrame", single: "pd.DataFrame", best: "pd.DataFrame", model: str,
+                    main_split: str) -> dict:
+    """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
+    (random order: the mean over seeds), with 95% bootstrap intervals, per evaluation set; and the Spearman
+    correlation between each head's test IoU and the cost of replacing it alone."""
+    from scipy.stats import spearmanr
+
+    def per_split(split):
+        table = sweep[sweep.split == split]
+        base = table[table.fraction == 0]
+        out = {"baseline_ppl": float(base.ppl.iloc[0]), "n_tokens": int(base.n_tokens.iloc[0]),
+               "baseline_ppl_interval": [float(base.ppl_lo.iloc[0]), float(base.ppl_hi.iloc[0])]}
+        for method, rows in table.groupby("method", sort=False):
+            by_fraction = rows.groupby("fraction")
+            out[method] = {fraction_key(f): float(r.rel_increase.mean()) for f, r in by_fraction}
+            if method != "random":  # one run per fraction: its interval; random: the spread over seeds
+                out[f"{method}_interval"] = {fraction_key(f): [float(r.rel_lo.iloc[0]), float(r.rel_hi.iloc[0])]
+                                             for f, r in by_fraction}
+            else:
+                out["random_range"] = {fraction_key(f): [float(r.rel_increase.min()), float(r.rel_increase.max())]
+                                       for f, r in by_fraction}
+        return out
+
+    splits = {split: per_split(split) for split in sweep.split.unique()}
+    main = splits[main_split]
+    n_replaced = sweep[(sweep.method == "programs") & (sweep.split == main_split)]
+    summary = {"model": model, "split": main_split, **main,
+               "n_replaced": {fraction_key(r.fraction): int(r.n_replaced) for r in n_replaced.itertuples()},
+               "splits": splits}
+    if len(single) >= 3:
+        merged = single.merge(best[["layer", "head", "val_iou", "test_iou"]], on=["layer", "head"])
+        rho, p = spearmanr(merged.test_iou, merged.rel_increase)
+        summary["single_head"] = {"n_heads": len(merged), "iou": "test_iou", "spearman_rho": float(rho),
+                                  "p_value": float(p)}
+    return summary

@@ -1,0 +1,123 @@
+"""The offline synthesizer's primitives: readable causal cues over `attnprog.helpers`.
+
+Each primitive is one expression over the helpers (as `h`), `tokens` and `n` that gives an n x n matrix;
+the emitted program runs exactly that expression, so what was fitted is what runs. Once per model,
+`compute_features` (rule `synth_features`) evaluates every primitive on every synth and val example, so each
+per-head job only loads an array.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import helpers
+from ..atomic import atomic_path
+from ..matrices import pack
+
+SPLITS_USED = ("synth", "val")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    expression: str  # numpy / helpers (as `h`) code over `tokens` and `n`, giving an n x n matrix
+    description: str  # plain English: what [i, j] is
+
+
+FEATURES = [
+    Feature("first", "h.first_token(n)", "j is the first token"),
+    Feature("first_log_position", "h.first_token(n) * h.log_position(n)",
+            "j is the first token, times log(1 + i) (a pull to the first token that grows along the text)"),
+    Feature("self", "h.offset(n, 0)", "j is the token itself"),
+    Feature("previous", "h.offset(n, 1)", "j is the previous token (j = i - 1)"),
+    Feature("back_2", "h.offset(n, 2)", "j = i - 2"),
+    Feature("back_3", "h.offset(n, 3)", "j = i - 3"),
+    Feature("back_4", "h.offset(n, 4)", "j = i - 4"),
+    Feature("log_distance", "h.log_distance(n)", "log(1 + i - j), how far back j is"),
+    Feature("distance", "h.distance(n)", "i - j, how many tokens back j is"),
+    Feature("second", "h.key_is(h.positions(tokens) == 1)", "j is the second token"),
+    Feature("third", "h.key_is(h.positions(tokens) == 2)", "j is the third token"),
+    Feature("key_first_occurrence", "h.key_is(h.is_first_occurrence(tokens))",
+            "token j is the first of its kind in the text"),
+    Feature("log_key_position", "np.log1p(h.key_is(h.positions(tokens)))", "log(1 + j), how far into the text j is"),
+    Feature("key_punctuation", "h.key_is(h.is_punctuation(tokens))", "token j is punctuation"),
+    Feature("key_sentence_end", "h.key_is(h.is_sentence_end(tokens))", "token j ends a sentence"),
+    Feature("key_comma", "h.key_is(h.is_token(tokens, ','))", "token j is a comma"),
+    Feature("key_stopword", "h.key_is(h.is_stopword(tokens))", "token j is a function word (the, and, of, ...)"),
+    Feature("key_capitalized", "h.key_is(h.is_capitalized(tokens))", "token j is capitalized"),
+    Feature("key_number", "h.key_is(h.is_number(tokens))", "token j is a number"),
+    Feature("key_word_start", "h.key_is(h.is_word_start(tokens))", "token j starts a word"),
+    Feature("key_determiner", "h.key_is(h.is_token(tokens, 'the', 'a', 'an'))", "token j is 'the', 'a' or 'an'"),
+    Feature("same_token", "h.same_token(tokens)", "token j is an earlier copy of token i"),
+    Feature("induction", "h.induction(tokens)", "token j follows an earlier copy of token i (induction)"),
+    Feature("previous_occurrence", "h.previous_occurrence_matrix(tokens)",
+            "j is the most recent earlier copy of token i"),
+    Feature("same_word", "h.same_word(tokens)", "j is in the same word as i"),
+    Feature("same_sentence", "h.same_sentence(tokens)", "j is in the same sentence as i"),
+    Feature("start_of_word", "h.start_of_word(tokens)", "j is the first token of i's word"),
+    Feature("start_of_sentence", "h.start_of_sentence(tokens)", "j is the first token of i's sentence"),
+    Feature("previous_word", "h.previous_word(tokens)", "j is in the word before i's word"),
+    Feature("last_punctuation", "h.most_recent(h.is_punctuation(tokens))", "j is the last punctuation up to i"),
+    Feature("last_sentence_end", "h.most_recent(h.is_sentence_end(tokens))",
+            "j is the last sentence end up to i"),
+    Feature("self_if_punctuation", "h.offset(n, 0) * h.query_is(h.is_punctuation(tokens))",
+            "j is i itself and i is punctuation"),
+    Feature("self_if_word_start", "h.offset(n, 0) * h.query_is(h.is_word_start(tokens))",
+            "j is i itself and i starts a word"),
+    Feature("previous_if_inside_word", "h.offset(n, 1) * h.query_is(~h.is_word_start(tokens))",
+            "j is the previous token and i continues a word"),
+    Feature("previous_if_punctuation", "h.offset(n, 1) * h.key_is(h.is_punctuation(tokens))",
+            "j is the previous token and j is punctuation"),
+    Feature("first_if_punctuation", "h.first_token(n) * h.query_is(h.is_punctuation(tokens))",
+            "j is the first token and i is punctuation"),
+    Feature("first_if_stopword", "h.first_token(n) * h.query_is(h.is_stopword(tokens))",
+            "j is the first token and i is a function word"),
+]
+
+
+def word_features(examples, count: int) -> list[Feature]:
+    """One primitive "token j is <word>" for each of the `count` most frequent token texts of the synth
+    split: heads often park attention on particular tokens ('the', ',', '.')."""
+    import pandas as pd
+
+    synth = examples[examples["split"] == "synth"]
+    counts = pd.Series([helpers.normalise(t) for tokens in synth["tokens"] for t in tokens]).value_counts()
+    counts = counts[counts.index != ""]
+    words = sorted(counts.index, key=lambda w: (-counts[w], w))[:count]
+    return [Feature(f"key_word_{i}", f"h.key_is(h.is_token(tokens, {w!r}))", f"token j is {w!r}")
+            for i, w in enumerate(words)]
+
+
+def feature_matrix(feature: Feature, tokens: list[str]) -> np.ndarray:
+    """One primitive's n x n matrix for one example (the same expression the emitted program runs)."""
+    n = len(tokens)
+    return np.asarray(eval(feature.expression, {"np": np, "h": helpers}, {"tokens": tokens, "n": n}), dtype=float)
+
+
+# ---- per model: every primitive on every example, flattened to the lower triangle ----
+
+def compute_features(examples, out_path: str | Path, n_words: int = 24,
+                     splits: tuple[str, ...] = SPLITS_USED) -> None:
+    """Write an .npz with the primitives (FEATURES plus `word_features`: names, expressions, descriptions)
+    and, per split: X_{split} (entries x features, float32, the lower triangles of all examples stacked row
+    by row), example_ids_{split} and lengths_{split}."""
+    features = FEATURES + word_features(examples, n_words)
+    arrays = {"names": np.array([f.name for f in features]),
+              "expressions": np.array([f.expression for f in features]),
+              "descriptions": np.array([f.description for f in features])}
+    for split in splits:
+        part = examples[examples["split"] == split].sort_values("example_id")
+        if part.empty:
+            raise ValueError(f"compute_features: no examples in split '{split}'")
+        blocks = []
+        for tokens in part["tokens"]:
+            tokens = list(tokens)
+            blocks.append(np.stack([pack(feature_matrix(f, tokens)) for f in features], axis=1))
+        arrays[f"X_{split}"] = np.concatenate(blocks).astype(np.float32)
+        arrays[f"example_ids_{split}"] = part["example_id"].to_numpy(dtype=np.int64)
+        arrays[f"lengths_{split}"] = part["tokens"].map(len).to_numpy(dtype=np.int64)
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)

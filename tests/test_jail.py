@@ -1,0 +1,406 @@
+"""The operating-system jail on its own: programs run with the Python-level guards off (`UNGUARDED`: real
+builtins, any import, `os` and `ctypes`), which is a complete Python-level escape, and every check looks
+from outside, at the host, for the effect the attack wanted.
+"""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from attnprog.programs import programs_from_source
+from attnprog.runner import run_programs
+from attnprog.sandbox import UNGUARDED, Limits, Sandbox
+
+EXAMPLE = [" The", " cat", " sat", "."]
+FAST = Limits(seconds_per_call=1.0, memory_mb=256)
+NAMESPACES = ("user", "pid", "net", "ipc", "mnt", "uts", "cgroup")
+
+
+@pytest.fixture(scope="module")
+def jail():
+    with Sandbox(workers=1, policy=UNGUARDED) as box:
+        yield box
+
+
+def escape(box, body: str, limits=FAST, name="attack"):
+    """Run `body` (module-level code defining attention(tokens)) unguarded; return the ProgramRun."""
+    source = "import numpy as np\nimport os, ctypes, ctypes.util\nlibc = ctypes.CDLL(None, use_errno=True)\n" + \
+        textwrap.dedent(body)
+    program = programs_from_source(source, name)[0]
+    return run_programs([program], [EXAMPLE], sandbox=box, limits=limits)[name]
+
+
+def reporting(code: str) -> str:
+    """A program whose attention() runs `code`, which sets `report`, and fails with it as the message."""
+    return "def attention(tokens):\n    report = ''\n" + textwrap.indent(textwrap.dedent(code), "    ") + \
+        "\n    raise RuntimeError('REPORT ' + str(report))\n"
+
+
+def report_of(run) -> str:
+    assert run.status == "runtime_error" and "REPORT " in run.error, run.error
+    return run.error.rsplit("REPORT ", 1)[1]
+
+
+def still_serves(box) -> bool:
+    run = escape(box, "def attention(tokens):\n    return np.eye(len(tokens))\n", name="probe")
+    return run.status == "ok" and np.array_equal(run.matrices[0], np.eye(len(EXAMPLE), dtype=np.float32))
+
+
+def worker_pid(box) -> int:
+    """The host pid of the Python worker inside the (only) jail (bwrap's command line names it too)."""
+    for pid in sorted(box.host_pids()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]).startswith(b"python") and b"attnprog.sandbox.server" in argv[-2]:
+            return pid
+    raise AssertionError("no worker process found")
+
+
+def status_fields(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+
+
+# ---- what the jail is, seen from outside ----------------------------------------------------------------
+
+
+def test_the_worker_is_unprivileged_and_confined_seen_from_the_host(jail):
+    pid = worker_pid(jail)
+    fields = {k: v.split() for k, v in status_fields(pid).items()}
+    assert fields["Uid"] == ["65534"] * 4 and fields["Gid"] == ["65534"] * 4
+    assert fields["Groups"] == []
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[cap][0], 16) == 0, cap
+    assert fields["NoNewPrivs"] == ["1"] and fields["Seccomp"] == ["2"]
+    for ns in NAMESPACES:
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    # Its whole file system: system libraries, the Python installation and packages, its own /proc, /dev, /tmp.
+    root = f"/proc/{pid}/root"
+    assert set(os.listdir(root)) <= {"usr", "lib", "lib64", "lib32", "libx32", "bin", "etc", "root", "work", "home",
+                                     "opt", "proc", "dev", "tmp", "srv", "var"}
+    assert not os.path.exists(f"{root}/etc/passwd") and not os.path.exists(f"{root}/etc/shadow")
+    assert os.listdir(f"{root}/etc") == ["ld.so.cache"]
+    with open(f"/proc/{pid}/net/dev") as f:  # no network interface but the loopback of its own namespace
+        assert [line.split(":")[0].strip() for line in f.read().splitlines()[2:]] == ["lo"]
+    assert os.statvfs(f"{root}/usr").f_flag & os.ST_RDONLY
+
+
+def test_a_program_child_is_confined_further(jail):
+    # seen from inside (the report), then from outside while it runs
+    report = report_of(escape(jail, reporting("""
+        status = open('/proc/self/status').read()
+        report = [line for line in status.splitlines() if line.startswith(('Uid', 'Seccomp_filters', 'CapEff'))]
+        """)))
+    assert "65534" in report and "Seccomp_filters:\\t2" in report and "CapEff:\\t0000000000000000" in report
+    seen = {}
+
+    def look():
+        began = time.monotonic()
+        while time.monotonic() - began < 3 and not seen:
+            for pid in jail.host_pids():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        text = f.read()
+                except OSError:
+                    continue
+                if "Seccomp_filters:\t2" in text:
+                    seen.update({k: v.split() for k, v in
+                                 (line.split(":", 1) for line in text.splitlines() if ":" in line)})
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=look)
+    watcher.start()
+    escape(jail, "import time\ndef attention(tokens):\n    time.sleep(1.5)\n    return np.eye(len(tokens))\n",
+           limits=Limits(seconds_per_call=3, memory_mb=256))
+    watcher.join()
+    assert seen["Uid"] == ["65534"] * 4 and seen["NoNewPrivs"] == ["1"] and seen["Seccomp"] == ["2"]
+    assert int(seen["CapEff"][0], 16) == 0
+
+
+# ---- files -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    path = tmp_path / "secret.txt"
+    path.write_text("31415 92653\n")
+    path.chmod(0o644)
+    return path
+
+
+def test_a_secret_file_is_unreadable(jail, secret_file):
+    run = escape(jail, reporting(f"""
+        found = []
+        for path in ({str(secret_file)!r}, '/proc/1/root' + {str(secret_file)!r}, '/etc/shadow', '/root/.bashrc'):
+            try:
+                found.append(open(path).read())
+            except OSError as e:
+                found.append(type(e).__name__)
+            fd = libc.open(path.encode(), 0)
+            found.append(str(fd))
+        report = found
+        """))
+    assert "31415" not in run.error and "root:" not in run.error
+    assert "FileNotFoundError" in report_of(run)
+
+
+def test_no_file_appears_anywhere(jail, tmp_path):
+    token = f"attnprog-escape-{os.getpid()}-{time.monotonic_ns()}"
+    targets = [tmp_path / token, f"/tmp/{token}", f"/dev/shm/{token}", f"/var/tmp/{token}", f"./{token}",
+               f"/{token}"]
+    before = {d: set(os.listdir(d)) for d in ("/tmp", "/dev/shm", "/var/tmp") if os.path.isdir(d)}
+    run = escape(jail, reporting(f"""
+        results = []
+        for path in {[str(t) for t in targets]!r}:
+            for attempt in (lambda: open(path, 'w').write('x'), lambda: os.mkdir(path + '.d'),
+                            lambda: libc.open(path.encode(), 0o101, 0o644)):  # O_WRONLY | O_CREAT
+                try:
+                    results.append(str(attempt()))
+                except OSError as e:
+                    results.append(e.strerror)
+        report = results
+        """))
+    assert "Operation not permitted" in report_of(run)
+    for target in targets[:1]:
+        assert not os.path.exists(target)
+    for d, names in before.items():
+        assert not [n for n in set(os.listdir(d)) - names if token in n], d
+    assert not os.path.exists(f"/{token}")
+
+
+# ---- network, signals, other programs ---------------------------------------------------------------------
+
+
+def test_a_listener_on_localhost_receives_nothing(jail):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.3)
+    port = server.getsockname()[1]
+    try:
+        run = escape(jail, reporting(f"""
+            import socket
+            results = []
+            try:
+                socket.create_connection(('127.0.0.1', {port}), timeout=0.5)
+            except OSError as e:
+                results.append(e.strerror)
+            results.append(libc.socket(2, 1, 0))  # AF_INET, SOCK_STREAM through libc
+            report = results
+            """))
+        assert "Operation not permitted" in report_of(run)
+        with pytest.raises((socket.timeout, TimeoutError)):
+            server.accept()
+    finally:
+        server.close()
+
+
+def test_the_parent_and_other_processes_are_not_signalled(jail):
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        worker = worker_pid(jail)
+        run = escape(jail, reporting(f"""
+            import signal
+            results = []
+            for pid in ({os.getpid()}, {bystander.pid}, {worker}, os.getppid(), 1, -1, 0):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    results.append('sent')
+                except OSError as e:
+                    results.append(e.strerror)
+                results.append(libc.kill(pid, 9))
+            try:
+                os.killpg(0, signal.SIGKILL)
+            except OSError as e:
+                results.append(e.strerror)
+            report = results
+            """))
+        assert "sent" not in report_of(run)
+        time.sleep(0.2)
+        assert bystander.poll() is None and worker_pid(jail) == worker and still_serves(jail)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_second_program_cannot_read_what_the_first_left(jail):
+    key = 0x5A17
+    first = escape(jail, reporting(f"""
+        results = []
+        for path in ('/tmp/left', '/dev/shm/left', '/dev/shm/sem.left'):
+            try:
+                with open(path, 'w') as f:
+                    f.write('LEFT-BEHIND')
+                results.append('wrote')
+            except OSError as e:
+                results.append(e.strerror)
+        shm = libc.shmget({key}, 4096, 0o1666)  # IPC_CREAT | 0666
+        results.append(shm)
+        results.append(libc.mq_open(b'/left', 0o100 | 2, 0o666, None) if hasattr(libc, 'mq_open') else -1)
+        report = results
+        """), name="first")
+    assert "wrote" not in report_of(first) and "-1" in report_of(first)
+    second = escape(jail, reporting(f"""
+        results = []
+        for path in ('/tmp/left', '/dev/shm/left', '/dev/shm/sem.left'):
+            try:
+                results.append(open(path).read())
+            except OSError as e:
+                results.append(e.strerror)
+        results.append(libc.shmget({key}, 0, 0))
+        report = results
+        """), name="second")
+    assert "LEFT-BEHIND" not in second.error
+    assert "No such file" in report_of(second)
+
+
+# ---- mounts and namespaces ----------------------------------------------------------------------------------
+
+
+def test_no_mount_happens(jail):
+    pid = worker_pid(jail)
+    with open("/proc/self/mountinfo") as f:
+        host_before = f.read()
+    with open(f"/proc/{pid}/mountinfo") as f:
+        jail_before = f.read()
+    run = escape(jail, reporting("""
+        results = [libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), ctypes.get_errno(),
+                   libc.unshare(0x10020000), libc.chroot(b'/tmp'), libc.umount2(b'/usr', 2),
+                   libc.syscall(428, -100, b'/', 0), libc.syscall(432, b'tmpfs', 0)]  # open_tree, fsopen
+        report = results
+        """))
+    assert report_of(run).startswith("[-1, 1,")  # EPERM
+    with open("/proc/self/mountinfo") as f:
+        assert f.read() == host_before
+    with open(f"/proc/{pid}/mountinfo") as f:
+        assert f.read() == jail_before
+
+
+# ---- bombs ------------------------------------------------------------------------------------------------
+
+
+def processes_of_uid(uid: int) -> int:
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += 1
+            except OSError:
+                pass
+    return count
+
+
+def test_process_and_thread_bombs_are_contained(jail):
+    before = processes_of_uid(65534)
+    run = escape(jail, reporting("""
+        import threading
+        results = []
+        for _ in range(50):
+            try:
+                results.append(os.fork())
+            except OSError as e:
+                results.append(e.strerror)
+                break
+        try:
+            threading.Thread(target=lambda: None).start()
+        except RuntimeError as e:
+            results.append(str(e))
+        results.append(libc.syscall(56, 17, 0, 0, 0, 0))  # raw clone(SIGCHLD)
+        report = results
+        """))
+    report = report_of(run)
+    assert "Operation not permitted" in report or "Resource temporarily unavailable" in report
+    assert "can't start new thread" in report
+    time.sleep(0.2)
+    assert processes_of_uid(65534) <= before and still_serves(jail)
+
+
+@pytest.mark.parametrize("code, status", [
+    ("keep = [bytearray(2 ** 24) for _ in range(1000)]", "memory"),
+    ("libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+     "if not libc.malloc(2 ** 33):\n    raise MemoryError", "memory"),
+    ("while True:\n    pass", "timeout"),
+    ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass", "timeout"),
+])
+def test_memory_and_cpu_bombs_are_contained(jail, code, status):
+    began = time.monotonic()
+    run = escape(jail, "def attention(tokens):\n" + textwrap.indent(code, "    ") + "\n    return np.eye(len(tokens))\n",
+                 limits=Limits(seconds_per_call=1.0, memory_mb=128))
+    assert run.status == status and run.matrices == [None]
+    assert time.monotonic() - began < 10 and still_serves(jail)
+
+
+# ---- the result channel -------------------------------------------------------------------------------------
+
+
+def test_forged_and_garbage_frames_spoil_only_that_program(jail):
+    import struct
+    n = len(EXAMPLE)
+    forged = [
+        struct.pack("<iiiq", 0, 0, 0, 10 ** 12),                         # 1 TB of matrix announced
+        struct.pack("<iiiq", 999, 0, 0, 4 * n * (n + 1) // 2) + bytes(40),  # another job's frame
+        struct.pack("<iiiq", 0, 5, 0, 0),                                # out of order
+        struct.pack("<iiiq", 0, 0, 77, 0),                               # unknown status
+        b"garbage" * 1000,
+    ]
+    for data in forged:
+        run = escape(jail, f"def attention(tokens):\n    os.write(3, {data!r})\n    while True:\n        pass\n")
+        assert run.status in ("bad_output", "timeout") and run.matrices == [None], data[:20]
+    unnormalised = struct.pack("<iiiq", 0, 0, 0, 4 * n * (n + 1) // 2) + \
+        np.full(n * (n + 1) // 2, 5.0, np.float32).tobytes()
+    run = escape(jail, "import re\n" + f"def attention(tokens):\n    os.write(3, {unnormalised!r})\n"
+                 "    os._exit(0)\n")
+    assert run.status in ("bad_output", "runtime_error") and run.matrices == [None]
+    assert still_serves(jail)
+
+
+def test_closing_the_pipe_filling_it_and_hanging_are_contained(jail):
+    for code in ("os.close(3)\n    while True:\n        pass", "os.write(1, b'x' * 10 ** 7)\n    os.write(2, b'y' * 10 ** 7)",
+                 "libc.pause()"):
+        began = time.monotonic()
+        run = escape(jail, f"def attention(tokens):\n    {code}\n    return np.eye(len(tokens))\n")
+        assert run.matrices[0] is None or run.status == "ok"
+        assert time.monotonic() - began < 8
+    assert still_serves(jail)
+
+
+def test_a_worker_that_dies_is_replaced(jail):
+    pid = worker_pid(jail)
+    os.kill(pid, 9)  # as if the worker itself had been broken into
+    time.sleep(0.1)
+    run = escape(jail, "def attention(tokens):\n    return np.eye(len(tokens))\n")
+    assert run.status == "ok" or still_serves(jail)
+    assert still_serves(jail) and worker_pid(jail) != pid
+
+
+def test_the_jail_dies_with_its_parent(tmp_path):
+    script = ("import os, sys, time\nfrom attnprog.sandbox import Sandbox\nbox = Sandbox(workers=1)\n"
+              "print(' '.join(map(str, box.host_pids())), flush=True)\ntime.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) >= 3 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    parent.kill()
+    parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "zombie" not in f.read()
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not [pid for pid in pids if alive(pid)]
