@@ -83,3 +83,14 @@ def heads_of(model):
 def per_head(pattern):
     """An input function: `pattern` (with {model} and {head}) for every head of the model."""
     return lambda w: [pattern.format(model=w.model, head=head.name) for head in heads_of(w.model)]
+
+
+# The small files the report's cross-model index reads of each model (each overview reads them too).
+MODEL_SUMMARY_FILES = {
+    "info": "model/info.json",
+    "library": "library/summary.json",
+    "best": "library/best.parquet",
+    "sweep": "substitution/sweep.parquet",
+    "substitution": "substitution/summary.json",
+    **({"qa": "qa/summary.json"} if config["qa"]["tasks"] else {}),
+}

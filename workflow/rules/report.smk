@@ -3,25 +3,9 @@
 
 report: "../report/workflow.rst"
 
-# The small files the cross-model index reads of each model (the overview reads them too).
-MODEL_SUMMARY_FILES = {
-    "info": "model/info.json",
-    "library": "library/summary.json",
-    "best": "library/best.parquet",
-    "sweep": "substitution/sweep.parquet",
-    "substitution": "substitution/summary.json",
-    **({"qa": "qa/summary.json"} if config["qa"]["tasks"] else {}),
-}
-
-
-def model_summary_files(model):
-    return {kind: f"results/{model}/{path}" for kind, path in MODEL_SUMMARY_FILES.items()}
-
-
-
 rule report_model:
     input:
-        unpack(lambda w: model_summary_files(w.model)),
+        unpack(lambda w: {kind: f"results/{w.model}/{path}" for kind, path in MODEL_SUMMARY_FILES.items()}),
         head_inputs="results/{model}/synthesis/head_inputs.npz",
         programs="results/{model}/library/programs.parquet",
         program_files="results/{model}/library/programs",
