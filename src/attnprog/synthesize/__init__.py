@@ -9,6 +9,7 @@ score over j <= i:
 
     primitives.py   the primitives (expressions over attnprog.helpers), computed once per model
     fit.py          the fit: convex row cross-entropy by Newton's method, greedy forward selection, IoU polish
+    sentence.py     one plain-English sentence per candidate: where its attention goes (the docstring's first line)
     writing.py      a fitted candidate as a program file a person can read
 
 Primitives are chosen by greedy forward selection, so the candidates for one head come in increasing sizes
@@ -26,6 +27,7 @@ from ..atomic import atomic_dir
 from ..contracts import Candidate, HeadId, HeadInputs, Manifest
 from .fit import flat_jsd, greedy_fit, predicted_iou, refine_for_iou, row_softmax, split_data
 from .primitives import compute_features
+from .sentence import Cue, program_sentence
 from .writing import program_source
 
 __all__ = ["compute_features", "synthesize_head", "synthesize_offline"]
@@ -45,6 +47,8 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
     sizes = sorted(set(settings.get("sizes", [1, 2, 4, 8, 16])))
     fits = greedy_fit(data, sizes, l2=settings.get("l2", 1e-3))
     names, expressions, descriptions = features["names"], features["expressions"], features["descriptions"]
+    cues = [Cue(*(str(features[f"{field}s"][c]) for field in ("target", "condition", "more", "less")))
+            for c in range(len(names))]
     candidates, seen = [], set()
     with atomic_dir(out_dir) as folder:
         for columns, weights in fits:
@@ -62,7 +66,8 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
             terms = [(float(w), str(expressions[c]), str(descriptions[c])) for c, w in zip(columns, weights)]
             note = (f"Fitted by attnprog's offline synthesizer to layer {head.layer}, head {head.head} of {model} on "
                     f"{len(data.lengths)} synthesis examples (soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
-            source = program_source(terms, f"{model} {head.name}", textwrap.fill(note, 100))
+            sentence = program_sentence(X, weights, data.row_starts, [cues[c] for c in columns])
+            source = program_source(sentence, terms, f"{model} {head.name}", textwrap.fill(note, 100))
             (Path(folder) / f"{name}.py").write_text(source)
             candidates.append(Candidate(name=name, file=f"{name}.py", origin="offline", synth_jsd=jsd, synth_iou=iou,
                                         n_terms=len(terms)))

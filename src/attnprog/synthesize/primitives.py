@@ -24,56 +24,77 @@ class Feature:
     name: str
     expression: str  # numpy / helpers (as `h`) code over `tokens` and `n`, giving an n x n matrix
     description: str  # plain English: what [i, j] is
+    # For the program's sentence (sentence.Cue): where token i looks when the cue is on, and when it applies;
+    # graded cues have no target but say what a positive / negative weight favours.
+    target: str = ""
+    condition: str = ""
+    more: str = ""
+    less: str = ""
 
+
+FEATURE_FIELDS = ("name", "expression", "description", "target", "condition", "more", "less")
+CURRENT_IS_PUNCTUATION = "when the current token is punctuation"
+FAR, NEAR = "far-back tokens", "nearby tokens"
 
 FEATURES = [
-    Feature("first", "h.first_token(n)", "j is the first token"),
+    Feature("first", "h.first_token(n)", "j is the first token", "the first token"),
     Feature("first_log_position", "h.first_token(n) * h.log_position(n)",
-            "j is the first token, times log(1 + i) (a pull to the first token that grows along the text)"),
-    Feature("self", "h.offset(n, 0)", "j is the token itself"),
-    Feature("previous", "h.offset(n, 1)", "j is the previous token (j = i - 1)"),
-    Feature("back_2", "h.offset(n, 2)", "j = i - 2"),
-    Feature("back_3", "h.offset(n, 3)", "j = i - 3"),
-    Feature("back_4", "h.offset(n, 4)", "j = i - 4"),
-    Feature("log_distance", "h.log_distance(n)", "log(1 + i - j), how far back j is"),
-    Feature("distance", "h.distance(n)", "i - j, how many tokens back j is"),
-    Feature("second", "h.key_is(h.positions(tokens) == 1)", "j is the second token"),
-    Feature("third", "h.key_is(h.positions(tokens) == 2)", "j is the third token"),
+            "j is the first token, times log(1 + i) (a pull to the first token that grows along the text)",
+            "the first token", "further into the text"),
+    Feature("self", "h.offset(n, 0)", "j is the token itself", "the current token itself"),
+    Feature("previous", "h.offset(n, 1)", "j is the previous token (j = i - 1)", "the previous token"),
+    Feature("back_2", "h.offset(n, 2)", "j = i - 2", "the token two back"),
+    Feature("back_3", "h.offset(n, 3)", "j = i - 3", "the token three back"),
+    Feature("back_4", "h.offset(n, 4)", "j = i - 4", "the token four back"),
+    Feature("log_distance", "h.log_distance(n)", "log(1 + i - j), how far back j is", more=FAR, less=NEAR),
+    Feature("distance", "h.distance(n)", "i - j, how many tokens back j is", more=FAR, less=NEAR),
+    Feature("second", "h.key_is(h.positions(tokens) == 1)", "j is the second token", "the second token"),
+    Feature("third", "h.key_is(h.positions(tokens) == 2)", "j is the third token", "the third token"),
     Feature("key_first_occurrence", "h.key_is(h.is_first_occurrence(tokens))",
-            "token j is the first of its kind in the text"),
-    Feature("log_key_position", "np.log1p(h.key_is(h.positions(tokens)))", "log(1 + j), how far into the text j is"),
-    Feature("key_punctuation", "h.key_is(h.is_punctuation(tokens))", "token j is punctuation"),
-    Feature("key_sentence_end", "h.key_is(h.is_sentence_end(tokens))", "token j ends a sentence"),
-    Feature("key_comma", "h.key_is(h.is_token(tokens, ','))", "token j is a comma"),
-    Feature("key_stopword", "h.key_is(h.is_stopword(tokens))", "token j is a function word (the, and, of, ...)"),
-    Feature("key_capitalized", "h.key_is(h.is_capitalized(tokens))", "token j is capitalized"),
-    Feature("key_number", "h.key_is(h.is_number(tokens))", "token j is a number"),
-    Feature("key_word_start", "h.key_is(h.is_word_start(tokens))", "token j starts a word"),
-    Feature("key_determiner", "h.key_is(h.is_token(tokens, 'the', 'a', 'an'))", "token j is 'the', 'a' or 'an'"),
-    Feature("same_token", "h.same_token(tokens)", "token j is an earlier copy of token i"),
-    Feature("induction", "h.induction(tokens)", "token j follows an earlier copy of token i (induction)"),
+            "token j is the first of its kind in the text", "tokens new to the text"),
+    Feature("log_key_position", "np.log1p(h.key_is(h.positions(tokens)))", "log(1 + j), how far into the text j is",
+            more="later tokens", less="early tokens"),
+    Feature("key_punctuation", "h.key_is(h.is_punctuation(tokens))", "token j is punctuation", "punctuation"),
+    Feature("key_sentence_end", "h.key_is(h.is_sentence_end(tokens))", "token j ends a sentence", "sentence ends"),
+    Feature("key_comma", "h.key_is(h.is_token(tokens, ','))", "token j is a comma", "commas"),
+    Feature("key_stopword", "h.key_is(h.is_stopword(tokens))", "token j is a function word (the, and, of, ...)",
+            "function words"),
+    Feature("key_capitalized", "h.key_is(h.is_capitalized(tokens))", "token j is capitalized", "capitalized tokens"),
+    Feature("key_number", "h.key_is(h.is_number(tokens))", "token j is a number", "numbers"),
+    Feature("key_word_start", "h.key_is(h.is_word_start(tokens))", "token j starts a word", "the first tokens of words"),
+    Feature("key_determiner", "h.key_is(h.is_token(tokens, 'the', 'a', 'an'))", "token j is 'the', 'a' or 'an'",
+            "'the', 'a' and 'an'"),
+    Feature("same_token", "h.same_token(tokens)", "token j is an earlier copy of token i",
+            "earlier copies of the current token"),
+    Feature("induction", "h.induction(tokens)", "token j follows an earlier copy of token i (induction)",
+            "the tokens after earlier copies of the current token"),
     Feature("previous_occurrence", "h.previous_occurrence_matrix(tokens)",
-            "j is the most recent earlier copy of token i"),
-    Feature("same_word", "h.same_word(tokens)", "j is in the same word as i"),
-    Feature("same_sentence", "h.same_sentence(tokens)", "j is in the same sentence as i"),
-    Feature("start_of_word", "h.start_of_word(tokens)", "j is the first token of i's word"),
-    Feature("start_of_sentence", "h.start_of_sentence(tokens)", "j is the first token of i's sentence"),
-    Feature("previous_word", "h.previous_word(tokens)", "j is in the word before i's word"),
-    Feature("last_punctuation", "h.most_recent(h.is_punctuation(tokens))", "j is the last punctuation up to i"),
+            "j is the most recent earlier copy of token i", "the latest earlier copy of the current token"),
+    Feature("same_word", "h.same_word(tokens)", "j is in the same word as i", "the current word"),
+    Feature("same_sentence", "h.same_sentence(tokens)", "j is in the same sentence as i", "the current sentence"),
+    Feature("start_of_word", "h.start_of_word(tokens)", "j is the first token of i's word",
+            "the start of the current word"),
+    Feature("start_of_sentence", "h.start_of_sentence(tokens)", "j is the first token of i's sentence",
+            "the start of the current sentence"),
+    Feature("previous_word", "h.previous_word(tokens)", "j is in the word before i's word", "the previous word"),
+    Feature("last_punctuation", "h.most_recent(h.is_punctuation(tokens))", "j is the last punctuation up to i",
+            "the last punctuation mark"),
     Feature("last_sentence_end", "h.most_recent(h.is_sentence_end(tokens))",
-            "j is the last sentence end up to i"),
+            "j is the last sentence end up to i", "the last sentence end"),
     Feature("self_if_punctuation", "h.offset(n, 0) * h.query_is(h.is_punctuation(tokens))",
-            "j is i itself and i is punctuation"),
+            "j is i itself and i is punctuation", "the current token itself", "when it is punctuation"),
     Feature("self_if_word_start", "h.offset(n, 0) * h.query_is(h.is_word_start(tokens))",
-            "j is i itself and i starts a word"),
+            "j is i itself and i starts a word", "the current token itself", "when it starts a word"),
     Feature("previous_if_inside_word", "h.offset(n, 1) * h.query_is(~h.is_word_start(tokens))",
-            "j is the previous token and i continues a word"),
+            "j is the previous token and i continues a word", "the previous token",
+            "when the current token continues a word"),
     Feature("previous_if_punctuation", "h.offset(n, 1) * h.key_is(h.is_punctuation(tokens))",
-            "j is the previous token and j is punctuation"),
+            "j is the previous token and j is punctuation", "the previous token", "when that is punctuation"),
     Feature("first_if_punctuation", "h.first_token(n) * h.query_is(h.is_punctuation(tokens))",
-            "j is the first token and i is punctuation"),
+            "j is the first token and i is punctuation", "the first token", CURRENT_IS_PUNCTUATION),
     Feature("first_if_stopword", "h.first_token(n) * h.query_is(h.is_stopword(tokens))",
-            "j is the first token and i is a function word"),
+            "j is the first token and i is a function word", "the first token",
+            "when the current token is a function word"),
 ]
 
 
@@ -86,7 +107,7 @@ def word_features(examples, count: int) -> list[Feature]:
     counts = pd.Series([helpers.normalise(t) for tokens in synth["tokens"] for t in tokens]).value_counts()
     counts = counts[counts.index != ""]
     words = sorted(counts.index, key=lambda w: (-counts[w], w))[:count]
-    return [Feature(f"key_word_{i}", f"h.key_is(h.is_token(tokens, {w!r}))", f"token j is {w!r}")
+    return [Feature(f"key_word_{i}", f"h.key_is(h.is_token(tokens, {w!r}))", f"token j is {w!r}", repr(w))
             for i, w in enumerate(words)]
 
 
@@ -100,13 +121,11 @@ def feature_matrix(feature: Feature, tokens: list[str]) -> np.ndarray:
 
 def compute_features(examples, out_path: str | Path, n_words: int = 24,
                      splits: tuple[str, ...] = SPLITS_USED) -> None:
-    """Write an .npz with the primitives (FEATURES plus `word_features`: names, expressions, descriptions)
-    and, per split: X_{split} (entries x features, float32, the lower triangles of all examples stacked row
+    """Write an .npz with the primitives (FEATURES plus `word_features`: the fields of each Feature, as
+    arrays named after them in the plural: names, expressions, descriptions, targets, ...) and, per split: X_{split} (entries x features, float32, the lower triangles of all examples stacked row
     by row), example_ids_{split} and lengths_{split}."""
     features = FEATURES + word_features(examples, n_words)
-    arrays = {"names": np.array([f.name for f in features]),
-              "expressions": np.array([f.expression for f in features]),
-              "descriptions": np.array([f.description for f in features])}
+    arrays = {f"{field}s": np.array([getattr(f, field) for f in features]) for field in FEATURE_FIELDS}
     for split in splits:
         part = examples[examples["split"] == split].sort_values("example_id")
         if part.empty:
