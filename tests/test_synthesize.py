@@ -40,6 +40,13 @@ def first_and_same_token_head(tokens):
     return h.causal_softmax(3.0 * h.first_token(n) + 4.0 * h.same_token(tokens))
 
 
+def previous_after_function_words_head(tokens):
+    """The previous token when the current token is a function word, else the first token: no single
+    primitive says this, a product of two does."""
+    n = len(tokens)
+    return h.causal_softmax(3.0 * h.first_token(n) + 6.0 * h.offset(n, 1) * h.query_is(h.is_stopword(tokens)))
+
+
 @pytest.fixture(scope="module")
 def examples():
     return make_examples()
@@ -76,6 +83,8 @@ def test_features_file(examples, features):
     synth = examples[examples["split"] == "synth"]
     n_entries = sum(len(t) * (len(t) + 1) // 2 for t in synth["tokens"])
     assert data["X_synth"].shape == (n_entries, len(data["names"]))
+    assert data["M_synth"].shape == (n_entries, len(S.primitives.MODIFIERS))
+    assert S.primitives.stored_features(data, "modifier_") == S.primitives.MODIFIERS
     assert "X_test" not in data  # the synthesizer never sees test
 
 
@@ -89,6 +98,28 @@ def test_recovers_planted_head(examples, features, tmp_path, head_fn):
     runs = run_programs(programs, tokens)
     best = max(mean_iou(runs[p.name].matrices, real) for p in programs)
     assert best > 0.95
+
+
+def test_products_of_cues_recover_a_conditional_head(examples, features, tmp_path):
+    settings = {"sizes": [1, 2, 4, 6], "interact_after": 2}
+    S.synthesize_offline(features, *planted(examples, previous_after_function_words_head), tmp_path / "L0H0", "tiny",
+                         HeadId(0, 0), settings)
+    programs = load_programs(tmp_path / "L0H0", trusted=True)
+    tokens, real = split_matrices(examples, previous_after_function_words_head, "val")
+    runs = run_programs(programs, tokens)
+    scores = {p.name: mean_iou(runs[p.name].matrices, real) for p in programs}
+    best = max(programs, key=lambda p: scores[p.name])
+    assert scores[best.name] > 0.95
+    assert "h.offset(n, 1) * h.query_is(h.is_stopword(tokens))" in best.source
+    assert best.description == ("Mostly the first token; often the previous token when the current token is a "
+                                "function word.")
+    assert check_causal(best, tokens[:3]).causal
+    # without products, the same sizes fall short
+    S.synthesize_offline(features, *planted(examples, previous_after_function_words_head), tmp_path / "L0H1", "tiny",
+                         HeadId(0, 1), {**settings, "interact_after": 0})
+    plain = load_programs(tmp_path / "L0H1", trusted=True)
+    runs = run_programs(plain, tokens)
+    assert max(mean_iou(runs[p.name].matrices, real) for p in plain) < scores[best.name] - 0.05
 
 
 def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
@@ -239,10 +270,11 @@ def test_category_map_reads_the_sentence():
     assert category_of("score += h.offset(n, 1)", "Attention to the token before.") == "previous tokens"
 
 
-def test_every_primitive_is_causal(examples):
-    """Row i of every primitive reads tokens[:i+1] only: cut the text, or change what follows the cut."""
+def test_every_primitive_and_modifier_is_causal(examples):
+    """Row i of every primitive and modifier reads tokens[:i+1] only: cut the text, or change what follows
+    the cut. (A product of causal matrices is causal, so the interactions are too.)"""
     tokens = list(examples["tokens"].iloc[0]) + [" The", " cat", ",", " the", " dog", "."]
-    features = S.primitives.FEATURES + S.primitives.word_features(examples, 6)
+    features = S.primitives.FEATURES + S.primitives.word_features(examples, 6) + S.primitives.MODIFIERS
     for feature in features:
         full = S.primitives.feature_matrix(feature, tokens)
         for k in (1, 5, len(tokens) - 3):

@@ -25,7 +25,8 @@ class Feature:
     expression: str  # numpy / helpers (as `h`) code over `tokens` and `n`, giving an n x n matrix
     description: str  # plain English: what [i, j] is
     # For the program's sentence (sentence.Cue): where token i looks when the cue is on, and when it applies;
-    # graded cues have no target but say what a positive / negative weight favours.
+    # graded cues have no target but say what a positive / negative weight favours, and their condition is
+    # how they read when they scale another cue ("the further back it is").
     target: str = ""
     condition: str = ""
     more: str = ""
@@ -35,6 +36,7 @@ class Feature:
 FEATURE_FIELDS = ("name", "expression", "description", "target", "condition", "more", "less")
 CURRENT_IS_PUNCTUATION = "when the current token is punctuation"
 FAR, NEAR = "far-back tokens", "nearby tokens"
+FURTHER_BACK, LATER = "the further back it is", "the later it is in the text"
 
 FEATURES = [
     Feature("first", "h.first_token(n)", "j is the first token", "the first token"),
@@ -46,14 +48,14 @@ FEATURES = [
     Feature("back_2", "h.offset(n, 2)", "j = i - 2", "the token two back"),
     Feature("back_3", "h.offset(n, 3)", "j = i - 3", "the token three back"),
     Feature("back_4", "h.offset(n, 4)", "j = i - 4", "the token four back"),
-    Feature("log_distance", "h.log_distance(n)", "log(1 + i - j), how far back j is", more=FAR, less=NEAR),
-    Feature("distance", "h.distance(n)", "i - j, how many tokens back j is", more=FAR, less=NEAR),
+    Feature("log_distance", "h.log_distance(n)", "log(1 + i - j), how far back j is", "", FURTHER_BACK, FAR, NEAR),
+    Feature("distance", "h.distance(n)", "i - j, how many tokens back j is", "", FURTHER_BACK, FAR, NEAR),
     Feature("second", "h.key_is(h.positions(tokens) == 1)", "j is the second token", "the second token"),
     Feature("third", "h.key_is(h.positions(tokens) == 2)", "j is the third token", "the third token"),
     Feature("key_first_occurrence", "h.key_is(h.is_first_occurrence(tokens))",
             "token j is the first of its kind in the text", "tokens new to the text"),
     Feature("log_key_position", "np.log1p(h.key_is(h.positions(tokens)))", "log(1 + j), how far into the text j is",
-            more="later tokens", less="early tokens"),
+            "", LATER, "later tokens", "early tokens"),
     Feature("key_punctuation", "h.key_is(h.is_punctuation(tokens))", "token j is punctuation", "punctuation"),
     Feature("key_sentence_end", "h.key_is(h.is_sentence_end(tokens))", "token j ends a sentence", "sentence ends"),
     Feature("key_comma", "h.key_is(h.is_token(tokens, ','))", "token j is a comma", "commas"),
@@ -111,6 +113,55 @@ def word_features(examples, count: int) -> list[Feature]:
             for i, w in enumerate(words)]
 
 
+# ---- interactions: a chosen cue, only where a modifier holds (or scaled by it) ----
+# A head's first few cues, multiplied by these, become candidates too (see synthesize_offline): "the first
+# token, and i is capitalized", "token j is 'the', times log(1 + i - j)". Modifiers are never terms alone.
+
+TOKEN_CLASSES = [  # (name, per-token flags, words)
+    ("punctuation", "h.is_punctuation(tokens)", "punctuation"),
+    ("sentence_end", "h.is_sentence_end(tokens)", "a sentence end"),
+    ("stopword", "h.is_stopword(tokens)", "a function word"),
+    ("capitalized", "h.is_capitalized(tokens)", "capitalized"),
+    ("number", "h.is_number(tokens)", "a number"),
+    ("word_start", "h.is_word_start(tokens)", "the start of a word"),
+    ("inside_word", "~h.is_word_start(tokens)", "inside a word"),
+    ("content_word", "h.is_content_word(tokens)", "a content word"),
+]
+
+MODIFIERS = [
+    Feature("times_log_distance", "h.log_distance(n)", "times log(1 + i - j)", "", FURTHER_BACK),
+    Feature("times_log_position", "h.log_position(n)", "times log(1 + i)", "", "further into the text"),
+    Feature("times_log_key_position", "np.log1p(h.key_is(h.positions(tokens)))", "times log(1 + j)", "", LATER),
+    Feature("if_same_sentence", "h.same_sentence(tokens)", "and j is in i's sentence", "",
+            "when it is in the current sentence"),
+    Feature("if_same_word", "h.same_word(tokens)", "and j is in i's word", "", "when it is in the current word"),
+] + [Feature(f"if_query_{name}", f"h.query_is({flags})", f"and i is {words}", "", f"when the current token is {words}")
+     for name, flags, words in TOKEN_CLASSES] + [
+    Feature(f"if_key_{name}", f"h.key_is({flags})", f"and j is {words}", "", f"when it is {words}")
+    for name, flags, words in TOKEN_CLASSES]
+
+
+def product(a: Feature, b: Feature, b_is_modifier: bool) -> Feature:
+    """Cue a where b holds, or scaled by b: a modifier, or another primitive ("the first token, when it is
+    also the previous token")."""
+    if b_is_modifier:
+        description, when = f"{a.description}, {b.description}", b.condition
+    elif b.target:
+        description, when = f"{a.description}, and {b.description}", f"when it is also {b.target}"
+    else:
+        description, when = f"{a.description}, times {b.description}", b.condition
+    name, expression = f"{a.name}*{b.name}", f"{a.expression} * {b.expression}"
+    if a.target:
+        return Feature(name, expression, description, a.target, _both(a.condition, when))
+    return Feature(name, expression, description, "", "", f"{a.more} {when}".strip(), f"{a.less} {when}".strip())
+
+
+def _both(first: str, second: str) -> str:
+    if not first or not second:
+        return first or second
+    return f"{first} and {second.removeprefix('when ')}"
+
+
 def feature_matrix(feature: Feature, tokens: list[str]) -> np.ndarray:
     """One primitive's n x n matrix for one example (the same expression the emitted program runs)."""
     n = len(tokens)
@@ -121,22 +172,30 @@ def feature_matrix(feature: Feature, tokens: list[str]) -> np.ndarray:
 
 def compute_features(examples, out_path: str | Path, n_words: int = 24,
                      splits: tuple[str, ...] = SPLITS_USED) -> None:
-    """Write an .npz with the primitives (FEATURES plus `word_features`: the fields of each Feature, as
-    arrays named after them in the plural: names, expressions, descriptions, targets, ...) and, per split: X_{split} (entries x features, float32, the lower triangles of all examples stacked row
-    by row), example_ids_{split} and lengths_{split}."""
+    """Write an .npz with the primitives (FEATURES plus `word_features`) and the MODIFIERS: the fields of
+    each Feature as arrays named after them in the plural (names, expressions, descriptions, targets, ...;
+    `modifier_names`, ... for the modifiers), and per split: X_{split} and M_{split} (entries x primitives /
+    modifiers, float32, the lower triangles of all examples stacked row by row), example_ids_{split} and
+    lengths_{split}."""
     features = FEATURES + word_features(examples, n_words)
-    arrays = {f"{field}s": np.array([getattr(f, field) for f in features]) for field in FEATURE_FIELDS}
+    arrays = {}
+    for prefix, group in (("", features), ("modifier_", MODIFIERS)):
+        arrays |= {f"{prefix}{field}s": np.array([getattr(f, field) for f in group]) for field in FEATURE_FIELDS}
     for split in splits:
         part = examples[examples["split"] == split].sort_values("example_id")
         if part.empty:
             raise ValueError(f"compute_features: no examples in split '{split}'")
-        blocks = []
-        for tokens in part["tokens"]:
-            tokens = list(tokens)
-            blocks.append(np.stack([pack(feature_matrix(f, tokens)) for f in features], axis=1))
-        arrays[f"X_{split}"] = np.concatenate(blocks).astype(np.float32)
+        for key, group in (("X", features), ("M", MODIFIERS)):
+            blocks = [np.stack([pack(feature_matrix(f, list(tokens))) for f in group], axis=1) for tokens in part["tokens"]]
+            arrays[f"{key}_{split}"] = np.concatenate(blocks).astype(np.float32)
         arrays[f"example_ids_{split}"] = part["example_id"].to_numpy(dtype=np.int64)
         arrays[f"lengths_{split}"] = part["tokens"].map(len).to_numpy(dtype=np.int64)
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+def stored_features(arrays, prefix: str = "") -> list[Feature]:
+    """The Features saved by compute_features (prefix "modifier_" for the modifiers)."""
+    columns = [arrays[f"{prefix}{field}s"] for field in FEATURE_FIELDS]
+    return [Feature(*(str(value) for value in row)) for row in zip(*columns)]

@@ -84,7 +84,7 @@ def _target_clause(target: str, share_when: float, present: float, terms: list[t
     """'often the first token, less so when the current token is punctuation'. terms: (cue, effect) of
     the program's terms, effect = weight times the cue's typical size where it is on."""
     conditions = [(c.condition, e) for c, e in terms if c.target == target and c.condition and abs(e) >= MIN_EFFECT]
-    plain = any(c.target == target and not c.condition and e > 0 for c, e in terms)
+    plain = any(c.target == target and not c.condition and e >= MIN_EFFECT for c, e in terms)
     narrowing = [cond for cond, e in conditions if e > 0]
     text = target
     if narrowing and not plain:  # the target pulls only under its conditions
