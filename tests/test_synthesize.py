@@ -241,8 +241,12 @@ def test_sentence_says_when_a_condition_changes_a_target(examples):
     assert said.startswith("Mostly the first token, less so when the current token is punctuation;")
     said = sentence_of(examples, {"first_if_punctuation": 6.0, "first_if_stopword": 6.0})
     assert said.startswith("Mostly the first token when the current token is punctuation or a function word;")
-    # a condition too weak to matter is not said
+    # a condition too weak to matter is not said, and only the two strongest are
     assert sentence_of(examples, {"first": 5.0, "first_if_punctuation": 0.2}) == "Mostly the first token."
+    said = sentence_of(examples, {"first": 5.0, "first_if_punctuation": -2.0, "first_if_stopword": 3.0,
+                                  "first_log_position": -0.5})
+    assert said == ("Mostly the first token, especially when the current token is a function word, less so when "
+                    "the current token is punctuation.")
 
 
 def test_sentence_of_graded_and_rare_cues(examples):
@@ -257,7 +261,24 @@ def test_conditions_share_their_words():
     join = S.sentence._join
     assert join(["when the current token is punctuation", "when the current token is a function word"]) == \
         "when the current token is punctuation or a function word"
-    assert join(["when it is punctuation", "further into the text"]) == "when it is punctuation, and further into the text"
+    assert join(["when it is punctuation", "further into the text"]) == "when it is punctuation or further into the text"
+    assert join(["when the current token is punctuation and it is a number", "when the current token is capitalized"]) \
+        == "when the current token is punctuation and it is a number or when the current token is capitalized"
+
+
+def test_products_read_as_one_cue_under_a_condition():
+    P = S.primitives
+    first, previous = P.FEATURES[0], P.FEATURES[3]
+    by_name = {m.name: m for m in P.MODIFIERS}
+    capitalized = P.product(first, by_name["if_query_capitalized"], True)
+    assert capitalized.expression == "h.first_token(n) * h.query_is(h.is_capitalized(tokens))"
+    assert (capitalized.target, capitalized.condition) == ("the first token", "when the current token is capitalized")
+    assert capitalized.description == "j is the first token, and i is capitalized"
+    both = P.product(P.FEATURES[-2], by_name["if_query_word_start"], True)  # first_if_punctuation
+    assert both.condition == "when the current token is punctuation and the start of a word"
+    assert P.product(first, previous, False).condition == "when it is also the previous token"
+    far = P.product(P.FEATURES[3], by_name["times_log_distance"], True)
+    assert far.description == "j is the previous token (j = i - 1), times log(1 + i - j)"
 
 
 def test_category_map_reads_the_sentence():

@@ -89,7 +89,7 @@ FEATURES = [
             "j is i itself and i starts a word", "the current token itself", "when it starts a word"),
     Feature("previous_if_inside_word", "h.offset(n, 1) * h.query_is(~h.is_word_start(tokens))",
             "j is the previous token and i continues a word", "the previous token",
-            "when the current token continues a word"),
+            "when the current token is inside a word"),
     Feature("previous_if_punctuation", "h.offset(n, 1) * h.key_is(h.is_punctuation(tokens))",
             "j is the previous token and j is punctuation", "the previous token", "when that is punctuation"),
     Feature("first_if_punctuation", "h.first_token(n) * h.query_is(h.is_punctuation(tokens))",
@@ -157,8 +157,12 @@ def product(a: Feature, b: Feature, b_is_modifier: bool) -> Feature:
 
 
 def _both(first: str, second: str) -> str:
+    """Two conditions at once: 'when the current token is punctuation and a function word'."""
     if not first or not second:
         return first or second
+    for subject in ("when the current token is ", "when it is "):
+        if first.startswith(subject) and second.startswith(subject):
+            return f"{first} and {second.removeprefix(subject)}"
     return f"{first} and {second.removeprefix('when ')}"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 QUANTIFIERS = ((0.5, "mostly"), (0.25, "often"), (0.1, "sometimes"))  # share of the row's attention, when present
 MIN_MASS = 0.03          # a target shows only if it takes at least this share of all attention
 MAX_CLAUSES = 4
+MAX_CONDITIONS = 2       # per target
 MIN_SPREAD = 0.2         # attention credited to no positive term, above which "otherwise spread ..." shows
 MIN_EFFECT = 1.0         # a condition or tilt shows if it moves a score by this much (a factor e in attention)
 AVOID_EFFECT = -3.0      # an unconditional negative term this strong, on a common target, is said ("avoids commas")
@@ -71,19 +72,23 @@ def _join(conditions: list[str]) -> str:
     'when the current token is punctuation or a function word'."""
     if len(conditions) < 2:
         return "".join(conditions)
+    if any(" and " in c for c in conditions):  # compound conditions: sharing words would blur them
+        return " or ".join(conditions)
     words = [c.split() for c in conditions]
     common = 0
     while all(len(w) > common + 1 and w[common] == words[0][common] for w in words):
         common += 1
     if common >= 2:
         return " ".join(words[0][:common]) + " " + " or ".join(" ".join(w[common:]) for w in words)
-    return ", and ".join(conditions)
+    return " or ".join(conditions)
 
 
 def _target_clause(target: str, share_when: float, present: float, terms: list[tuple[Cue, float]]) -> str:
     """'often the first token, less so when the current token is punctuation'. terms: (cue, effect) of
-    the program's terms, effect = weight times the cue's typical size where it is on."""
-    conditions = [(c.condition, e) for c, e in terms if c.target == target and c.condition and abs(e) >= MIN_EFFECT]
+    the program's terms, effect = weight times the cue's typical size where it is on. At most
+    MAX_CONDITIONS conditions are said, the strongest."""
+    conditions = sorted(((c.condition, e) for c, e in terms if c.target == target and c.condition
+                         and abs(e) >= MIN_EFFECT), key=lambda ce: -abs(ce[1]))[:MAX_CONDITIONS]
     plain = any(c.target == target and not c.condition and e >= MIN_EFFECT for c, e in terms)
     narrowing = [cond for cond, e in conditions if e > 0]
     text = target
