@@ -14,7 +14,7 @@ score over j <= i:
     writing.py      a fitted candidate as a program file a person can read
 
 Primitives are chosen by greedy forward selection, so the candidates for one head come in increasing sizes
-(1, 2, 4, 8, 16, 32 terms by default): short programs and accurate ones. Once a head's first 4 cues are
+(1, 2, 4, 8, 16 terms by default): short programs and accurate ones. Once a head's first 4 cues are
 chosen, their products with a few modifiers (a token class of i or of j, same sentence or word, log
 distance or position) and with each other become candidates too: "the first token, and i is capitalized".
 A head's pull to a cue often depends on such a condition, and these products lift test IoU more than any
@@ -38,7 +38,7 @@ from .writing import program_source
 __all__ = ["compute_features", "fit_candidates", "synthesize_head", "synthesize_offline"]
 
 
-DEFAULT_SIZES = [1, 2, 4, 8, 16, 32]
+DEFAULT_SIZES = [1, 2, 4, 8, 16]
 DEFAULT_INTERACT_AFTER = 4
 
 
