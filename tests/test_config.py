@@ -45,3 +45,12 @@ def test_snakemake_stops_on_bad_config_with_one_line(tmp_path):
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
     assert errors == ["error: config: extract.batch_size: 'eight' is not of type 'integer'"]
     assert "Traceback" not in result.stderr
+
+
+def test_synthesis_settings_keep_what_the_backend_reads():
+    from attnprog.config import synthesis_settings
+
+    synthesis = {"backend": "offline", "offline": {"sizes": [1]}, "claude": {"model": "x"}, "prompt": {"n_examples": 2}}
+    assert synthesis_settings(synthesis) == {"backend": "offline", "offline": {"sizes": [1]}}
+    assert synthesis_settings({**synthesis, "backend": "claude"}) == {"backend": "claude", "claude": {"model": "x"},
+                                                                     "prompt": {"n_examples": 2}}

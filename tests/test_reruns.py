@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from attnprog.contracts import ModelInfo
 from tinyworld import tiny_config
 from workflowrun import (CROSS_MODEL_RULES, assert_results_valid, dry_run_jobs, result_files,
                          snakemake_cmd)
@@ -63,10 +64,16 @@ def test_changing_synthesis_settings_reruns_synthesis_onward_not_extraction(fini
     jobs = dry_run_jobs(dry)
     rules = {rule for rule, _ in jobs}
     assert not rules & UPSTREAM_OF_SYNTHESIS, f"reruns {rules & UPSTREAM_OF_SYNTHESIS}:\n{dry}"
-    info = (workdir / "results/tiny-gpt2/model/info.json").read_text()
-    n_heads = int(re.search(r'"n_layers": (\d+)', info)[1]) * int(re.search(r'"n_heads": (\d+)', info)[1])
+    n_heads = ModelInfo.read(workdir / "results/tiny-gpt2/model/info.json").n_heads_total
     assert sum(rule == "synthesize" for rule, _ in jobs) == n_heads
     assert {"rerank", "library"} <= rules
+
+
+def test_changing_another_backends_settings_reruns_nothing(finished):
+    workdir, config = finished
+    synthesis = config.get("synthesis", {})
+    changed = {**config, "synthesis": {**synthesis, "claude": {"max_tokens": 123}, "prompt": {"n_examples": 2}}}
+    assert "Nothing to be done" in snakemake(workdir, changed, "-n")  # the offline backend reads neither
 
 
 def incomplete_outputs(workdir: Path) -> set[str]:
@@ -76,14 +83,14 @@ def incomplete_outputs(workdir: Path) -> set[str]:
 
 
 def run_and_kill_midway(cmd: list[str], workdir: Path, timeout: float = 900) -> str:
-    """Start snakemake and SIGKILL its whole process group as soon as the first head's rerank table exists,
+    """Start snakemake and SIGKILL its whole process group as soon as the first head's rerank result exists,
     i.e. while the other heads' jobs are running or waiting; return its log."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log, deadline = [], time.monotonic() + timeout
     try:
         for line in proc.stdout:  # Snakemake prints a line whenever a job starts or ends
             log.append(line)
-            if any(workdir.glob("results/*/rerank/*.parquet")):
+            if any(workdir.glob("results/*/rerank/*.npz")):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             assert time.monotonic() < deadline, "no head was reranked in time"

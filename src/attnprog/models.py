@@ -25,6 +25,12 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded, with the reason in one line."""
 
 
+def use_threads(n: int) -> None:
+    """Run torch on the job's Snakemake `threads`. Left alone, torch takes every core in each job, and jobs
+    running side by side slow each other down (two QA jobs on two cores ran ~3x slower)."""
+    torch.set_num_threads(max(1, int(n)))
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

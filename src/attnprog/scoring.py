@@ -63,17 +63,25 @@ def iou_table(predicted: list[np.ndarray], actual: list[np.ndarray]) -> np.ndarr
     """
     if len(predicted) != len(actual) or not actual:
         raise ValueError(f"iou_table: need two equally long non-empty lists, got {len(predicted)} and {len(actual)}")
-    from scipy.spatial.distance import cdist  # here, so per-head jobs that never need it start faster
-
     total = None
     for p, a in zip(predicted, actual):
         p, a = np.asarray(p, dtype=float), np.asarray(a, dtype=float)
-        l1 = cdist(p, a, "cityblock")
+        l1 = _l1_distances(p, a)
         s = p.sum(axis=1)[:, None] + a.sum(axis=1)[None, :]
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(s + l1 > 0, (s - l1) / (s + l1), 1.0)
         total = iou if total is None else total + iou
     return total / len(actual)
+
+
+def _l1_distances(p: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """(P, H) L1 distances between the rows of p and of a. One head (a per-head job) needs no more than
+    numpy; many use scipy's cdist, imported only then (it takes seconds to import on a busy machine)."""
+    if len(a) == 1:
+        return np.abs(p - a).sum(axis=1, keepdims=True)
+    from scipy.spatial.distance import cdist
+
+    return cdist(p, a, "cityblock")
 
 
 def jsd_rows_flat(p: np.ndarray, a: np.ndarray, n: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))  # the package of this checkout, even if Snakemake runs from another Python
 
-from attnprog.config import ConfigError, apply_environment, validate_config
+from attnprog.config import ConfigError, apply_environment, synthesis_settings, validate_config
 from attnprog.contracts import ModelInfo
 
 try:

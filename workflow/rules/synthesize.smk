@@ -31,7 +31,7 @@ rule synthesize:
     output:
         directory("results/{model}/synthesis/L{layer}H{head}"),
     params:
-        settings=json.dumps(config["synthesis"], sort_keys=True),
+        settings=json.dumps(synthesis_settings(config["synthesis"]), sort_keys=True),
         script=SCRIPTS / "synthesize.py",
         features=lambda w, input: f"--features {input.features}" if input.features else "",
     resources:

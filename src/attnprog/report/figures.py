@@ -241,30 +241,47 @@ def single_head_figure(single: pd.DataFrame, heads: pd.DataFrame, substitution: 
     return _svg_of(figure), note
 
 
+QA_COLUMNS = ["task", "metric", "method", "fraction", "n_questions", "acc", "lo", "hi", "diff", "diff_lo", "diff_hi",
+              "n_changed", "mcnemar_p"]
+
+
 def qa_table(qa: dict) -> pd.DataFrame:
-    """QA results from qa/summary.json as rows of task, metric, method, fraction, acc, lo, hi (a 95% interval).
-    Per task the metric is acc_norm (length-normalised log-likelihood, the paper's scoring) when every row has
-    it, else acc."""
-    columns = ["task", "metric", "method", "fraction", "acc", "lo", "hi"]
+    """QA results from qa/summary.json as rows of task, metric, method, fraction, n_questions, acc with lo / hi
+    (±1.96 lm-eval standard errors), and the paired comparison with the unmodified model on the same questions:
+    diff (accuracy difference) with diff_lo / diff_hi (its paired 95% interval), n_changed, mcnemar_p (NaN
+    in summaries written before QA was paired). Per task the metric is the one summary.json names for it, else
+    acc_norm (length-normalised log-likelihood, the paper's scoring) when every row has it, else acc."""
     rows = pd.DataFrame(qa.get("results", []))
     if rows.empty:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=QA_COLUMNS)
     parts = []
     for task, group in rows.groupby("task", sort=True):
-        metric = "acc_norm" if "acc_norm" in group and group["acc_norm"].notna().all() else "acc"
+        metric = qa.get("metrics", {}).get(task) or \
+            ("acc_norm" if "acc_norm" in group and group["acc_norm"].notna().all() else "acc")
+        if metric not in group:
+            continue
         acc = group[metric].astype(float)
-        stderr = pd.to_numeric(group.get(f"{metric}_stderr", pd.Series(np.nan, index=group.index)), errors="coerce")
+
+        def column(name):
+            return pd.to_numeric(group.get(name, pd.Series(np.nan, index=group.index)), errors="coerce")
+
+        stderr = column(f"{metric}_stderr")
         parts.append(pd.DataFrame({"task": task, "metric": metric, "method": group["method"],
-                                   "fraction": group["fraction"].astype(float), "acc": acc,
-                                   "lo": acc - 1.96 * stderr, "hi": acc + 1.96 * stderr}))
-    return pd.concat(parts, ignore_index=True)[columns]
+                                   "fraction": group["fraction"].astype(float), "n_questions": column("n_questions"),
+                                   "acc": acc, "lo": acc - 1.96 * stderr, "hi": acc + 1.96 * stderr,
+                                   **{name: column(name) for name in QA_COLUMNS[8:]}}))
+    return pd.concat(parts, ignore_index=True)[QA_COLUMNS] if parts else pd.DataFrame(columns=QA_COLUMNS)
 
 
 def qa_figure(qa: dict) -> tuple[str, str]:
-    """Accuracy against the fraction of heads replaced, one small panel per task. Returns (svg, note)."""
+    """One small panel per task: the accuracy difference from the unmodified model on the same questions,
+    with its paired 95% interval, against the fraction of heads replaced, per method (McNemar's p beside each
+    point). Summaries without the paired comparison get accuracy with lm-eval's bands. Returns (svg, note)."""
     table = qa_table(qa)
     if not len(table):
         return "", ""
+    paired = table["diff"].notna().any()
+    value, low, high = ("diff", "diff_lo", "diff_hi") if paired else ("acc", "lo", "hi")
     tasks = sorted(table["task"].unique())
     columns = min(len(tasks), 3)
     lines = -(-len(tasks) // columns)
@@ -272,22 +289,50 @@ def qa_figure(qa: dict) -> tuple[str, str]:
     for k, task in enumerate(tasks):
         ax = figure.add_subplot(lines, columns, k + 1)
         rows = table[table["task"] == task]
-        for i, (method, group) in enumerate(sorted(rows.groupby("method"), key=lambda g: (g[0] not in METHODS, g[0]))):
-            curve = group.groupby("fraction")[["acc", "lo", "hi"]].mean()
+        methods = sorted(rows.groupby("method"), key=lambda g: (g[0] not in METHODS, g[0]))
+        for i, (method, group) in enumerate(methods):
+            curve = group.groupby("fraction")[[value, low, high, "mcnemar_p"]].mean()
             label, colour = _method_style(method, i)
-            ax.plot(curve.index, curve["acc"], "o-", ms=3, color=colour, label=label)
-            ax.fill_between(curve.index, curve["lo"], curve["hi"], color=colour, alpha=.15, lw=0)
-        ax.set(title=task, ylim=(0, 1), xlabel="heads replaced", ylabel=rows["metric"].iloc[0])
+            if not paired:
+                ax.plot(curve.index, curve[value], "o-", ms=3, color=colour, label=label)
+                ax.fill_between(curve.index, curve[low], curve[high], color=colour, alpha=.15, lw=0)
+                continue
+            x = curve.index + 0.008 * (i - (len(methods) - 1) / 2)  # methods side by side at each fraction
+            ax.errorbar(x, 100 * curve[value], yerr=100 * np.abs(curve[[low, high]].to_numpy().T - curve[value].to_numpy()),
+                        fmt="o-", ms=3, capsize=2, color=colour, label=label)
+            for fx, fy, p in zip(x, 100 * curve[value], curve["mcnemar_p"]):
+                if fx > 0.01 and np.isfinite(p):
+                    ax.annotate(f"p={p:.2g}", (fx, fy), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                                color=colour)
+        metric, n = rows["metric"].iloc[0], rows["n_questions"].max()
+        title = f"{task} ({metric}" + (f", {n:.0f} questions)" if np.isfinite(n) else ")")
+        if paired:
+            base = rows.loc[rows["fraction"] == 0, "acc"]
+            title += f"\nunmodified: {base.iloc[0]:.3f}" if len(base) else ""
+            ax.axhline(0, color="grey", lw=.8)
+            ax.set(ylabel="accuracy change (points)")
+        else:
+            ax.set(ylim=(0, 1), ylabel=metric)
+        ax.set(title=title, xlabel="heads replaced")
+        ax.title.set_fontsize(9)
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
         ax.grid(alpha=.3)
     figure.tight_layout()
     _legend_above(figure)
-    return _svg_of(figure), ("Accuracy as lm-eval scores it: acc_norm (length-normalised log-likelihood) where the "
-                             "task reports it, else acc. Bands: ±1.96 standard errors (lm-eval's stderr).")
+    if paired:
+        note = ("Accuracy minus the unmodified model's, on the same questions, in percentage points; acc_norm "
+                "(length-normalised log-likelihood, the paper's scoring) where the task reports it, else acc. Bars: "
+                "95% interval of the paired difference (normal approximation over questions); p: McNemar's exact "
+                "test on the questions whose correctness changed.")
+    else:
+        note = ("Accuracy as lm-eval scores it: acc_norm (length-normalised log-likelihood) where the task reports "
+                "it, else acc. Bands: ±1.96 standard errors (lm-eval's stderr).")
+    return _svg_of(figure), note
 
 
 def qa_cell(qa: dict | None, fraction: float) -> str:
-    """Mean accuracy over tasks with no head replaced -> at the fraction nearest `fraction` (programs)."""
+    """Mean accuracy over tasks with no head replaced -> at the fraction nearest `fraction` (programs), with the
+    mean paired difference and the answers changed where the summary has them."""
     table = qa_table(qa) if qa else pd.DataFrame()
     table = table[table["method"] == "programs"] if len(table) else table
     if not len(table):
@@ -295,7 +340,12 @@ def qa_cell(qa: dict | None, fraction: float) -> str:
     fractions = np.array(sorted(table["fraction"].unique()))
     at = fractions[np.abs(fractions - fraction).argmin()]
     means = table.groupby("fraction")["acc"].mean()
-    return f"{means[fractions[0]]:.3f} → {means[at]:.3f}" + ("" if np.isclose(at, fraction) else f" at {at:.0%}")
+    cell = f"{means[fractions[0]]:.3f} → {means[at]:.3f}" + ("" if np.isclose(at, fraction) else f" at {at:.0%}")
+    changed = table.loc[table["fraction"] == at, "n_changed"]
+    if at > 0 and changed.notna().all():
+        questions = table.loc[table["fraction"] == at, "n_questions"].sum()
+        cell += f" ({changed.sum():.0f} of {questions:.0f} answers changed)"
+    return cell
 
 
 def library_curve_figure(curve: list[dict], library_size: int, cover_iou: float) -> tuple[str, str]:

@@ -8,13 +8,12 @@ with an unknown status, a size that is not the expected one, bytes after the end
 which makes the job's remaining calls fail; a matrix that is not normalised fails its call. The host
 decodes matrices only through `decode_matrix`, never with pickle.
 """
-import functools
 import struct
 
 import numpy as np
 
 from ..contracts import PROGRAM_STATUSES
-from ..matrices import tril_indices, triangle_size
+from ..matrices import is_normalised_packed, triangle_size, unpack
 from .policy import MAX_ERROR_BYTES
 
 HEADER = struct.Struct("<iiiq")  # job id, call index (or one of the markers below), status code, payload bytes
@@ -99,31 +98,16 @@ class FrameReader:
         return events
 
 
-@functools.lru_cache(maxsize=None)
-def _row_starts(n: int) -> np.ndarray:
-    return np.cumsum(np.arange(n)) if n else np.zeros(0, dtype=int)  # row i starts at i(i+1)/2
-
-
 def decode_matrix(data: bytes, n: int, causal: bool, last_row: bool) -> np.ndarray | None:
     """The matrix (or row) of an "ok" frame, or None unless every row is a distribution (non-negative,
     finite, summing to 1): what `matrices.normalise` makes, so nothing else gets through."""
     values = np.frombuffer(data, dtype=np.float32)
     if len(values) * 4 != payload_size(n, causal, last_row):
         return None
-    if n and not (np.isfinite(values).all() and values.min() >= 0):
+    if causal and not last_row:
+        return unpack(values, n) if is_normalised_packed(values, n) else None
+    rows = values.reshape(-1, n) if n else values.reshape(0, 0)  # the last row: (1, n); not causal: (n, n)
+    if n and not (np.isfinite(values).all() and values.min() >= 0
+                  and np.abs(rows.sum(axis=1, dtype=np.float64) - 1).max() <= 1e-3):
         return None
-    if last_row:
-        sums = values.sum(keepdims=True, dtype=np.float64)
-    elif causal:
-        sums = np.add.reduceat(values, _row_starts(n), dtype=np.float64) if n else values
-    else:
-        sums = values.reshape(n, n).sum(axis=1, dtype=np.float64)
-    if n and np.abs(sums - 1).max() > 1e-3:
-        return None
-    if last_row:
-        return values.copy()
-    if causal:
-        out = np.zeros((n, n), dtype=np.float32)
-        out[tril_indices(n)] = values
-        return out
-    return values.reshape(n, n).copy()
+    return values.copy() if last_row else rows.copy()

@@ -2,11 +2,13 @@
 
     mechanism.py      the replacement attention function (transformers' AttentionInterface)
     replacements.py   each head's library program as a replacement
+    orders.py         the orders in which heads are replaced (one per sweep method)
     sweep.py          the perplexity sweep, its intervals, the single-head costs, summary.json
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,6 +19,7 @@ from ..data import read_examples, token_strings
 from ..models import load_model, load_tokenizer
 from .mechanism import HeadReplacer, install, uniform_attention
 from .replacements import UniformOnFailure, program_replacements, read_best
+from . import orders
 from .sweep import plan_sweep, run_sweep, single_head_costs, spread_over_ranking, summarise_sweep
 
 
@@ -41,25 +44,45 @@ def capped(sequences: list[list[int]], max_tokens: int | None) -> list[list[int]
     return out
 
 
+def evaluation_sets(examples_path, heldout_path, heldout_tokens: int | None) -> dict[str, list[list[int]]]:
+    """Token ids per evaluation set: `val` (choosing), `heldout` (reporting: up to heldout_tokens), `test`."""
+    sets = {"val": [list(ids) for ids in read_examples(examples_path, "val").input_ids],
+            "heldout": capped([list(ids) for ids in read_examples(heldout_path).input_ids], heldout_tokens),
+            "test": [list(ids) for ids in read_examples(examples_path, "test").input_ids]}
+    return {name: seqs for name, seqs in sets.items() if seqs}
+
+
+def compute_matrices_once(programs: dict, sequences: list[list[str]], log=print) -> None:
+    """Run every program once on every evaluation sequence before the sweep: a program's matrix for a text does
+    not depend on the fraction or the method, and each runner keeps what it computed for every later run."""
+    started = time.time()
+    for runner in {id(r): r for r in programs.values()}.values():
+        runner.many(sequences)
+    log(f"substitution: {len(set(map(id, programs.values())))} programs run on {len(sequences)} sequences "
+        f"in {time.time() - started:.1f}s")
+
+
 def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, heldout_path, settings: dict,
                        sweep_path, single_path, summary_path, device: str = "auto", log=print) -> dict:
     """The `substitute` rule: the perplexity sweep of one model. Writes sweep.parquet (one row per run and
     evaluation set), single_heads.parquet (each measured head replaced alone) and summary.json."""
-
     if 0 not in settings["fractions"]:
         raise ValueError("substitution.fractions must include 0 (the unmodified model is the baseline)")
     tokenizer, model = load_tokenizer(info), load_model(info, device)
-    replacer = install(model, partial(token_strings, tokenizer))
+    token_strings_of = partial(token_strings, tokenizer)
+    replacer = install(model, token_strings_of)
     best = read_best(library.best)
     programs = program_replacements(library.program_dir, library.programs, best, info.tokenizer_dir,
                                     settings["noncausal"], log)
-    ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
+    eval_sets = evaluation_sets(examples_path, heldout_path, settings["heldout_tokens"])
+    compute_matrices_once(programs, [token_strings_of(ids) for seqs in eval_sets.values() for ids in seqs], log)
 
-    eval_sets = {"test": [list(ids) for ids in read_examples(examples_path, "test").input_ids],
-                 "heldout": capped([list(ids) for ids in read_examples(heldout_path).input_ids],
-                                   settings["heldout_tokens"])}
-    eval_sets = {name: seqs for name, seqs in eval_sets.items() if seqs}
-    runs = plan_sweep(ranked, info.n_heads_total, settings["fractions"], settings["random_seeds"])
+    ranked = orders.iou_order(best, programs)
+    methods = settings["methods"]
+    chosen = {("programs", None): ranked}
+    if "random" in methods:
+        chosen.update({("random", seed): orders.random_order(ranked, seed) for seed in settings["random_seeds"]})
+    runs = plan_sweep(chosen, info.n_heads_total, settings["fractions"], uniform="uniform" in methods)
     sweep = run_sweep(model, replacer, runs, programs, eval_sets, settings["batch_size"], settings["bootstrap"],
                       log=log)
     single_heads = spread_over_ranking(ranked, settings["single_head_count"])

@@ -1,8 +1,15 @@
 """The perplexity sweep: which heads each run replaces, perplexity per run with paired bootstrap intervals, the
-single-head costs, and summary.json."""
+single-head costs, and summary.json.
+
+A method is an order in which heads are replaced by their programs (`orders.py`), plus `uniform`: the heads of
+the `programs` order replaced by the uniform causal matrix (the paper's baseline). Every run is evaluated on
+every evaluation set: `val` (the corpus's val split: what the headline method is chosen on), `heldout`
+(held-out text: what is reported) and `test`.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,35 +18,42 @@ import torch
 
 from .mechanism import HeadReplacer, Replacement, uniform_attention
 
+EVAL_SETS = ("val", "heldout", "test")
+
+
 @dataclass(frozen=True)
 class Run:
     """One forward configuration of the sweep: which heads are replaced, and by what."""
 
-    method: str  # "programs" (descending val IoU), "uniform" (same heads, uniform matrix), "random" (random order)
-    seed: int | None
+    method: str           # an order's name (programs in that order) or "uniform" (the programs order's heads)
+    seed: int | None      # random orders only
     fraction: float
     heads: tuple[tuple[int, int], ...]
 
     @property
     def key(self) -> tuple:
-        """Runs with the same key compute the same thing (fraction 0 of every method; random order at 100%)."""
+        """Runs with the same key compute the same thing (fraction 0 of every method; any order at 100%)."""
         if not self.heads:
             return ("unmodified",)
         return ("uniform" if self.method == "uniform" else "programs", frozenset(self.heads))
 
 
-def plan_sweep(ranked_heads: list[tuple[int, int]], n_heads_total: int, fractions: list[float],
-               seeds: list[int]) -> list[Run]:
-    """Every run of the sweep. A fraction counts all of the model's heads; `ranked_heads` are the heads that have a
-    program, best val IoU first (a head without one is never replaced, so high fractions may replace fewer)."""
+def count_for(fraction: float, n_heads_total: int, n_available: int) -> int:
+    """How many heads a fraction replaces: a fraction of all the model's heads, never more than have a program."""
+    return min(round(fraction * n_heads_total), n_available)
+
+
+def plan_sweep(orders: dict[tuple[str, int | None], list[tuple[int, int]]], n_heads_total: int,
+               fractions: list[float], uniform: bool = True) -> list[Run]:
+    """Every run of the sweep: for each fraction, each order's first heads, and (with `uniform`) the uniform
+    matrix on the heads of the `programs` order. `orders` maps (method, seed) to heads in replacement order."""
     runs = []
     for fraction in fractions:
-        k = min(round(fraction * n_heads_total), len(ranked_heads))
-        runs.append(Run("programs", None, fraction, tuple(ranked_heads[:k])))
-        runs.append(Run("uniform", None, fraction, tuple(ranked_heads[:k])))
-        for seed in seeds:
-            order = [ranked_heads[i] for i in np.random.default_rng(seed).permutation(len(ranked_heads))]
-            runs.append(Run("random", seed, fraction, tuple(order[:k])))
+        for (method, seed), order in orders.items():
+            runs.append(Run(method, seed, fraction, tuple(order[:count_for(fraction, n_heads_total, len(order))])))
+        if uniform:
+            order = orders[("programs", None)]
+            runs.append(Run("uniform", None, fraction, tuple(order[:count_for(fraction, n_heads_total, len(order))])))
     return runs
 
 
@@ -81,15 +95,13 @@ def perplexity(nll: np.ndarray, count: np.ndarray, resamples: np.ndarray | None 
 
 def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tuple[int, int], Replacement],
               eval_sets: dict[str, list[list[int]]], batch_size: int, n_boot: int = 1000, seed: int = 0,
-              log=print) -> "pd.DataFrame":
-    """Perplexity of every run on every evaluation set, with paired bootstrap 95% intervals against the baseline.
+              log=print) -> pd.DataFrame:
+    """Perplexity of every run on every evaluation set, with 95% intervals from a bootstrap over sequences that
+    is paired with the unmodified model (the same resampled sequences for both), so the interval of the
+    relative increase is that of the paired difference.
 
     Returns one row per (run, eval set): method, seed, fraction, n_replaced, split, n_tokens, ppl, ppl_lo, ppl_hi,
     rel_increase, rel_lo, rel_hi."""
-    import time
-
-    import pandas as pd
-
     results: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for run in runs:
         if run.key in results:
@@ -98,7 +110,7 @@ def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tup
         replacement = (lambda head: uniform_attention) if run.method == "uniform" else programs.__getitem__
         replacer.set_heads({head: replacement(head) for head in run.heads})
         results[run.key] = {split: sequence_nlls(model, seqs, batch_size) for split, seqs in eval_sets.items()}
-        log(f"substitution: {run.method:8s} seed={run.seed} fraction={run.fraction:.2f} "
+        log(f"substitution: {run.method:12s} seed={run.seed} fraction={run.fraction:.2f} "
             f"({len(run.heads)} heads) in {time.time() - started:.1f}s")
     replacer.set_heads({})
 
@@ -124,10 +136,8 @@ def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tup
 
 def single_head_costs(model, replacer: HeadReplacer, heads: list[tuple[int, int]],
                       programs: dict[tuple[int, int], Replacement], sequences: list[list[int]], batch_size: int,
-                      log=print) -> "pd.DataFrame":
+                      log=print) -> pd.DataFrame:
     """Perplexity when each head alone is replaced by its program: layer, head, ppl, rel_increase."""
-    import pandas as pd
-
     replacer.set_heads({})
     base = perplexity(*sequence_nlls(model, sequences, batch_size))
     rows = []
@@ -151,11 +161,25 @@ def fraction_key(fraction: float) -> str:
     return f"{fraction:g}"
 
 
-def summarise_sweep(sweep: "pd.DataFrame", single: "pd.DataFrame", best: "pd.DataFrame", model: str,
+BASELINE_METHODS = ("uniform", "random")
+
+
+def choose_headline(sweep: pd.DataFrame, split: str = "val") -> str:
+    """The method whose replacements cost least on `split` (mean log-perplexity ratio over the fractions
+    strictly between 0 and 1), among the methods that are not baselines."""
+    rows = sweep[(sweep.split == split) & ~sweep.method.isin(BASELINE_METHODS) & (sweep.fraction > 0)
+                 & (sweep.fraction < 1)]
+    if rows.empty:
+        return "programs"
+    return rows.assign(cost=np.log1p(rows.rel_increase)).groupby("method").cost.mean().idxmin()
+
+
+def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFrame, model: str,
                     main_split: str) -> dict:
     """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
-    (random order: the mean over seeds), with 95% bootstrap intervals, per evaluation set; and the Spearman
-    correlation between each head's test IoU and the cost of replacing it alone."""
+    (random order: the mean over seeds), with 95% paired bootstrap intervals, per evaluation set; the headline
+    method (chosen on val) also under "best"; and the Spearman correlation between each head's test IoU and
+    the cost of replacing it alone."""
     from scipy.stats import spearmanr
 
     def per_split(split):
@@ -176,8 +200,11 @@ def summarise_sweep(sweep: "pd.DataFrame", single: "pd.DataFrame", best: "pd.Dat
 
     splits = {split: per_split(split) for split in sweep.split.unique()}
     main = splits[main_split]
-    n_replaced = sweep[(sweep.method == "programs") & (sweep.split == main_split)]
+    headline = choose_headline(sweep) if "val" in splits else "programs"
+    n_replaced = sweep[(sweep.method == headline) & (sweep.split == main_split)]
     summary = {"model": model, "split": main_split, **main,
+               "best": {"method": headline, "chosen_on": "val" if "val" in splits else None,
+                        "rel_increase": main[headline], "interval": main.get(f"{headline}_interval")},
                "n_replaced": {fraction_key(r.fraction): int(r.n_replaced) for r in n_replaced.itertuples()},
                "splits": splits}
     if len(single) >= 3:
