@@ -289,6 +289,8 @@ def test_category_map_reads_the_sentence():
     assert category_of("", "Mostly earlier copies of the current token, when present; often commas.") == "token match"
     assert category_of("", "Often function words; sometimes the first tokens of words.") == "token identity"
     assert category_of("score += h.offset(n, 1)", "Attention to the token before.") == "previous tokens"
+    assert category_of("", "Mostly the first token; often spread over the text, favouring nearby tokens.") == "position"
+    assert category_of("", "Mostly the first token; often spread over the text.") == "diffuse"
 
 
 def test_every_primitive_and_modifier_is_causal(examples):

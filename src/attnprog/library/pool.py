@@ -112,7 +112,8 @@ CATEGORY_RULES = [  # (pattern in a clause of the description, or in the docstri
     (r"punctuation|sentence_end|sentence end|most_recent|comma", "punctuation"),
     (r"function word|stopword|capitalized|is_number|numbers|determiner|is_token|'[^']+'", "token identity"),
     (r"word|sentence|clause", "word/sentence structure"),
-    (r"distance|position|nearby|far-back|spread", "position"),
+    (r"distance|position|nearby|far-back", "position"),
+    (r"spread", "diffuse"),
 ]
 FIRST_TOKEN_CLAUSE = re.compile(r"\bthe first token\b(?!s)", flags=re.IGNORECASE)
 
