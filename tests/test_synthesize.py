@@ -224,8 +224,7 @@ def sentence_of(examples, terms: dict[str, float]) -> str:
                         for t in part["tokens"]])
     lengths = part["tokens"].map(len).to_numpy()
     row_starts = np.concatenate([[0], np.cumsum(np.concatenate([np.arange(1, n + 1) for n in lengths]))[:-1]])
-    cues = [S.sentence.Cue(f.target, f.condition, f.more, f.less) for f in features]
-    return S.sentence.program_sentence(X, list(terms.values()), row_starts, cues)
+    return S.sentence.program_sentence(X, list(terms.values()), row_starts, features)
 
 
 def test_sentence_orders_targets_by_their_share_of_attention(examples):

@@ -32,7 +32,7 @@ from ..atomic import atomic_dir
 from ..contracts import Candidate, HeadId, HeadInputs, Manifest
 from .fit import SplitData, flat_jsd, greedy_fit, predicted_iou, refine_for_iou, row_softmax, split_data
 from .primitives import Feature, compute_features, product, stored_features
-from .sentence import Cue, program_sentence
+from .sentence import program_sentence
 from .writing import program_source
 
 __all__ = ["compute_features", "fit_candidates", "synthesize_head", "synthesize_offline"]
@@ -98,8 +98,7 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
             terms = [(float(w), f.expression, f.description) for f, w in zip(features, weights)]
             note = (f"Fitted by attnprog's offline synthesizer to layer {head.layer}, head {head.head} of {model} on "
                     f"{len(data.lengths)} synthesis examples (soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
-            sentence = program_sentence(X, weights, data.row_starts, [Cue(f.target, f.condition, f.more, f.less)
-                                                                    for f in features])
+            sentence = program_sentence(X, weights, data.row_starts, features)
             source = program_source(sentence, terms, f"{model} {head.name}", textwrap.fill(note, 100))
             (Path(folder) / f"{name}.py").write_text(source)
             candidates.append(Candidate(name=name, file=f"{name}.py", origin="offline", synth_jsd=jsd, synth_iou=iou,

@@ -24,7 +24,7 @@ class Feature:
     name: str
     expression: str  # numpy / helpers (as `h`) code over `tokens` and `n`, giving an n x n matrix
     description: str  # plain English: what [i, j] is
-    # For the program's sentence (sentence.Cue): where token i looks when the cue is on, and when it applies;
+    # For the program's sentence (sentence.py): where token i looks when the cue is on, and when it applies;
     # graded cues have no target but say what a positive / negative weight favours, and their condition is
     # how they read when they scale another cue ("the further back it is").
     target: str = ""

@@ -13,9 +13,10 @@ names what the program does, not just its largest weight:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from .fit import row_softmax
+from .primitives import Feature
 
 QUANTIFIERS = ((0.5, "mostly"), (0.25, "often"), (0.1, "sometimes"))  # share of the row's attention, when present
 MIN_MASS = 0.03          # a target shows only if it takes at least this share of all attention
@@ -26,28 +27,17 @@ MIN_EFFECT = 1.0         # a condition or tilt shows if it moves a score by this
 AVOID_EFFECT = -3.0      # an unconditional negative term this strong, on a common target, is said ("avoids commas")
 
 
-@dataclass(frozen=True)
-class Cue:
-    """What one term means, in words (see primitives.Feature)."""
-    target: str = ""      # where token i looks when the cue is on; "" for a graded cue
-    condition: str = ""   # narrows the target: "when the current token is punctuation"
-    more: str = ""        # graded cues: what a positive weight favours ("far-back tokens")
-    less: str = ""        # ... and a negative one ("nearby tokens")
-
-
 def quantifier(share: float) -> str | None:
     return next((word for limit, word in QUANTIFIERS if share >= limit), None)
 
 
-def attention_shares(X: np.ndarray, weights: np.ndarray, row_starts: np.ndarray, cues: list[Cue]):
+def attention_shares(X: np.ndarray, weights: np.ndarray, row_starts: np.ndarray, cues: list[Feature]):
     """Credit the program's attention softmax(X w) to its terms. X: (D, k) the chosen primitives on the
     synth split (rows of the lower triangles stacked), weights (k,), row_starts: where each row begins.
 
     Returns (per target: (mass, share_when_present, present), spread) where mass is the mean share of a row's
     attention credited to the target's terms, share_when_present the same over the rows where the target
     exists, present the fraction of rows where it does, and spread the share credited to no positive term."""
-    from .fit import row_softmax
-
     X = np.asarray(X, dtype=np.float64)
     n_rows = len(row_starts)
     p = row_softmax(X @ weights, row_starts)
@@ -83,7 +73,7 @@ def _join(conditions: list[str]) -> str:
     return " or ".join(conditions)
 
 
-def _target_clause(target: str, share_when: float, present: float, terms: list[tuple[Cue, float]]) -> str:
+def _target_clause(target: str, share_when: float, present: float, terms: list[tuple[Feature, float]]) -> str:
     """'often the first token, less so when the current token is punctuation'. terms: (cue, effect) of
     the program's terms, effect = weight times the cue's typical size where it is on. At most
     MAX_CONDITIONS conditions are said, the strongest."""
@@ -104,7 +94,7 @@ def _target_clause(target: str, share_when: float, present: float, terms: list[t
     return f"{quantifier(share_when)} {text}"
 
 
-def program_sentence(X: np.ndarray, weights, row_starts: np.ndarray, cues: list[Cue]) -> str:
+def program_sentence(X: np.ndarray, weights, row_starts: np.ndarray, cues: list[Feature]) -> str:
     """One sentence saying where the program's attention goes (see the module docstring)."""
     X, weights = np.asarray(X, dtype=np.float64), np.asarray(weights, dtype=float)
     shares, spread = attention_shares(X, weights, row_starts, cues)
