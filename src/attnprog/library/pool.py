@@ -101,30 +101,33 @@ def jsd_of(pool: Pool, real: dict, split: str, programs, head: int) -> np.ndarra
                     for outs, heads, n in zip(pool.outputs[split], real[split], lengths)], axis=0)
 
 
-# ---- categories: what kind of cue a program leans on most ----
+# ---- categories: where a program's attention mostly goes, in one word ----
 
-CATEGORY_RULES = [  # (pattern in the strongest positive term or the docstring, category)
+CATEGORY_RULES = [  # (pattern in a clause of the description, or in the docstring or source, category)
     (r"first_token|first token", "first token"),
-    (r"induction|same_token|previous_occurrence|earlier copy", "token match"),
+    (r"induction|same_token|previous_occurrence|earlier cop", "token match"),
     (r"offset\(n, 0\)|itself", "self"),
-    (r"offset\(n, [1-9]\)|previous token|i - [0-9]", "previous tokens"),
+    (r"offset\(n, [1-9]\)|previous token|i - [0-9]|tokens? \w+ back", "previous tokens"),
     (r"syntactic|noun_phrase|pos_is|part of speech|noun|verb", "syntax"),
-    (r"punctuation|sentence_end|most_recent|comma", "punctuation"),
-    (r"word|sentence", "word/sentence structure"),
-    (r"is_token|stopword|capitalized|is_number|determiner", "token identity"),
-    (r"distance|position", "position"),
+    (r"punctuation|sentence_end|sentence end|most_recent|comma", "punctuation"),
+    (r"function word|stopword|capitalized|is_number|numbers|determiner|is_token|'[^']+'", "token identity"),
+    (r"word|sentence|clause", "word/sentence structure"),
+    (r"distance|position|nearby|far-back", "position"),
+    (r"spread", "diffuse"),
 ]
+FIRST_TOKEN_CLAUSE = re.compile(r"\bthe first token\b(?!s)", flags=re.IGNORECASE)
 
 
 def category_of(source: str, docstring: str) -> str:
-    """A short label for the report: the kind of cue of the strongest positive term (offline programs) or
-    the first matching cue in the docstring (other programs). Nearly every head parks attention on the
-    first token, so that cue names the category only when a program has no other positive one."""
-    terms = re.findall(r"score \+= ([0-9.eE+-]+) \* (.*)", source)
-    positive = [(float(w), text) for w, text in terms if float(w) > 0]
-    other = [(w, text) for w, text in positive if "first_token" not in text]
-    text = max(other or positive)[1] if positive else docstring
-    for pattern, category in CATEGORY_RULES:
-        if re.search(pattern, text, flags=re.IGNORECASE):
-            return category
+    """A short label for the report: the kind of cue named first in the program's description (the
+    docstring's first line; an offline program's sentence names where its attention goes, largest share
+    first), else the first matching cue in the docstring, else in the source. Nearly every head parks
+    attention on the first token, so that cue names the category only when the description names no other."""
+    lines = docstring.strip().splitlines()
+    clauses = [c for c in lines[0].split(";") if c.strip()] if lines else []
+    others = [c for c in clauses if not FIRST_TOKEN_CLAUSE.search(c)]
+    for text in others + clauses + [docstring, source]:
+        for pattern, category in CATEGORY_RULES:
+            if re.search(pattern, text, flags=re.IGNORECASE):
+                return category
     return "other"

@@ -103,17 +103,26 @@ def predicted_iou(X: np.ndarray, w: np.ndarray, data: SplitData) -> float:
     return float(np.mean(low / high))
 
 
-def greedy_fit(data: SplitData, sizes: list[int], l2: float = 1e-3) -> list[tuple[list[int], np.ndarray]]:
-    """Forward selection of primitives. Returns, for each size in `sizes`, (chosen columns, weights).
+INNER_NEWTON_STEPS = 2
+
+
+def greedy_fit(data: SplitData, sizes: list[int], l2: float = 1e-3,
+               start: list[int] = ()) -> list[tuple[list[int], np.ndarray]]:
+    """Forward selection of primitives (columns of data.X), from the columns in `start` on. Returns, for each
+    size in `sizes`, (chosen columns, weights).
 
     Columns are rescaled to unit root-mean-square while fitting so one l2 suits all of them; the returned
     weights apply to the unscaled primitives."""
-    scale = np.sqrt(np.mean(data.X ** 2, axis=0))
+    scale = np.sqrt(np.einsum("dk,dk->k", data.X, data.X) / len(data.X))
     usable = scale > 0
-    Xs = data.X / np.where(usable, scale, 1.0)
-    chosen, w, out = [], np.zeros(0), []
-    p = row_softmax(np.zeros(len(data.y)), data.row_starts)
-    for step in range(1, max(sizes) + 1):
+    Xs = np.asfortranarray(data.X / np.where(usable, scale, 1.0))  # columns contiguous: cheap to pick
+    steps = max(sizes)
+    chosen, out = list(start), []
+    Xc = np.empty((len(data.y), max(steps, len(chosen))), order="F")  # the chosen columns, filled as chosen
+    Xc[:, :len(chosen)] = Xs[:, chosen]
+    w = fit_weights(Xc[:, :len(chosen)], data.y, data.row_starts, l2) if chosen else np.zeros(0)
+    p = row_softmax(Xc[:, :len(chosen)] @ w, data.row_starts)
+    for step in range(len(chosen) + 1, steps + 1):
         pull = np.abs(Xs.T @ (p - data.y))
         pull[chosen] = -1.0
         pull[~usable] = -1.0
@@ -121,8 +130,12 @@ def greedy_fit(data: SplitData, sizes: list[int], l2: float = 1e-3) -> list[tupl
         if pull[best] <= 1e-9 * data.n_rows:
             break
         chosen.append(best)
-        w = fit_weights(Xs[:, chosen], data.y, data.row_starts, l2, start=np.append(w, 0.0))
-        p = row_softmax(Xs[:, chosen] @ w, data.row_starts)
+        Xc[:, step - 1] = Xs[:, best]
+        # between the sizes asked for, a few Newton steps suffice to pick the next column (the next fit
+        # starts from these weights); at a size asked for, the fit converges
+        w = fit_weights(Xc[:, :step], data.y, data.row_starts, l2, start=np.append(w, 0.0),
+                        max_iter=50 if step in sizes else INNER_NEWTON_STEPS)
+        p = row_softmax(Xc[:, :step] @ w, data.row_starts)
         if step in sizes:
             out.append((list(chosen), w / scale[chosen]))
     return out
