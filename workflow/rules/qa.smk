@@ -34,6 +34,7 @@ rule qa:
         best="results/{model}/library/best.parquet",
         programs="results/{model}/library/programs.parquet",
         program_files="results/{model}/library/programs",
+        orders="results/{model}/substitution/orders.parquet",
         data=lambda w: f"resources/qa/{w.task}.jsonl" if QA_TASKS[w.task].offline else [],
         task_yaml=lambda w: QA_TASKS[w.task].yaml or [],
     output:

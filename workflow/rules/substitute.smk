@@ -12,6 +12,7 @@ rule substitute:
     output:
         sweep="results/{model}/substitution/sweep.parquet",
         single="results/{model}/substitution/single_heads.parquet",
+        orders="results/{model}/substitution/orders.parquet",
         summary="results/{model}/substitution/summary.json",
     # torch runs on exactly these threads (attnprog.models.use_threads); Snakemake lowers them to --cores.
     threads: 8

@@ -10,4 +10,4 @@ use_threads(snakemake.threads)
 i, o = snakemake.input, snakemake.output
 library = LibraryFiles(best=Path(i.best), programs=Path(i.programs), program_dir=Path(i.program_files))
 substitution_sweep(ModelInfo.read(i.info), library, i.examples, i.heldout, snakemake.params.settings, o.sweep,
-                   o.single, o.summary, snakemake.params.device)
+                   o.single, o.orders, o.summary, snakemake.params.device)

@@ -82,7 +82,7 @@ def evaluate(lm, spec: str, limit: int | None, manager) -> dict:
 # Records kept on disk as they are computed
 
 
-def fingerprint(info, task: QATask, library, data_file, settings: dict, noncausal: str) -> dict:
+def fingerprint(info, task: QATask, library, data_file, settings: dict, noncausal: str, orders_path=None) -> dict:
     """What a run's result depends on besides its method and fraction: saved records are reused only under
     the same fingerprint."""
     from dataclasses import asdict
@@ -90,7 +90,8 @@ def fingerprint(info, task: QATask, library, data_file, settings: dict, noncausa
     programs = hashlib.sha256()
     for path in sorted(Path(library.program_dir).glob("*.py")):
         programs.update(path.name.encode() + b"\0" + path.read_bytes())
-    files = {"best": library.best, "programs_table": library.programs, "data": data_file, "task_yaml": task.yaml}
+    files = {"best": library.best, "programs_table": library.programs, "data": data_file, "task_yaml": task.yaml,
+             "orders": orders_path}
     return {"model": asdict(info), "task": task.as_dict(), "questions": settings["questions"],
             "batch_size": settings["batch_size"], "noncausal": noncausal, "programs": programs.hexdigest(),
             **{name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in files.items() if path}}
@@ -191,10 +192,11 @@ def results_line(record: dict, name: str) -> str:
 
 
 def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncausal: str, out_path,
-            device: str = "auto", log=print, include_path=None) -> dict:
+            device: str = "auto", log=print, include_path=None, orders_path=None) -> dict:
     """The `qa` rule: one task (a QATask, or as configured: an offline or registry name, a YAML path, or a
     name defined under `include_path`) at each (method, fraction), for a ModelInfo and the LibraryFiles of
-    its library; writes {name}.json (see `task_row`)."""
+    its library; writes {name}.json (see `task_row`). Heads are replaced in the substitution sweep's headline
+    order (orders.parquet at `orders_path`), or without one in descending val IoU."""
     from functools import partial
 
     from lm_eval.models.huggingface import HFLM
@@ -206,13 +208,15 @@ def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncau
 
     task = task if isinstance(task, QATask) else resolve_task(task, include_path)
     saved = PartialResults(partial_path(out_path),
-                           fingerprint(info, task, library, data_file, settings, noncausal), log)
+                           fingerprint(info, task, library, data_file, settings, noncausal, orders_path), log)
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     replacer = substitute.install(model, partial(token_strings, tokenizer))
     best = substitute.read_best(library.best)
     programs = substitute.program_replacements(library.program_dir, library.programs, best, info.tokenizer_dir,
                                                noncausal, log)
-    ranked = [(int(r.layer), int(r.head)) for r in best.itertuples() if (r.layer, r.head) in programs]
+    order_name, order = (substitute.read_headline_order(orders_path) if orders_path else
+                         ("programs", [(int(r.layer), int(r.head)) for r in best.itertuples()]))
+    ranked = [head for head in order if head in programs]
     runs = plan_runs(ranked, info.n_heads_total, settings)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"])
 
@@ -234,7 +238,7 @@ def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncau
     rows = [{"method": method, "fraction": fraction, "n_replaced": len(heads),
              **task_row(task.name, record, saved.records[BASELINE], metric)}
             for (method, fraction, heads), record in zip(runs, records)]
-    result = {"model": info.model, "task": task.name, "metric": metric,
+    result = {"model": info.model, "task": task.name, "metric": metric, "order": order_name,
               "question_ids": question_ids(saved.records[BASELINE]), "rows": rows}
     write_json(out_path, result)
     saved.remove()

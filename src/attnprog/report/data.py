@@ -78,6 +78,12 @@ def main_split(sweep: pd.DataFrame, substitution: dict | None) -> str:
     return named if named in splits else ("heldout" if "heldout" in splits else sorted(splits)[0])
 
 
+def headline_method(sweep: pd.DataFrame, substitution: dict | None) -> str:
+    """The sweep method the substitution summary chose on val (the programs' IoU order without a choice)."""
+    named = ((substitution or {}).get("best") or {}).get("method")
+    return named if named in set(sweep["method"]) else "programs"
+
+
 def read_model_results(inputs: ModelInputs, name: str) -> ModelResults:
     """Everything the report shows about one model (substitution and QA optional)."""
     programs = _read(PROGRAMS, inputs.programs)

@@ -160,6 +160,7 @@ def layer_iou_figure(heads: pd.DataFrame, baselines: pd.DataFrame) -> str:
 
 
 METHODS = {"programs": ("programs, best val IoU first", "#2c5fa8"),
+           "attribution": ("programs, least estimated KL first", "#9467bd"),
            "random": ("programs, random order", "#2ca02c"),
            "uniform": ("uniform matrix, same heads", "#d62728")}
 
@@ -220,7 +221,9 @@ def perplexity_figure(sweep: pd.DataFrame, first_split: str) -> tuple[str, str]:
     figure.tight_layout()
     _legend_above(figure)
     note = ("Bands: 95% bootstrap intervals over the evaluation sequences. Heads are replaced in order of their "
-            "best program's val IoU; the uniform baseline replaces the same heads with uniform causal attention.")
+            "best program's val IoU, or (attribution) greedily by the KL their replacement is estimated to add "
+            "given the heads already replaced, estimated on val; the uniform baseline replaces the heads of the IoU "
+            "order with uniform causal attention.")
     return _svg_of(figure), note
 
 

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from ..atomic import write_text
 from ..contracts import BEST, SWEEP, ModelInfo
-from .data import main_split, read_json
+from .data import headline_method, main_split, read_json
 from .figures import _inline, _plain_log_labels, _svg_of, qa_cell
 from .pages import DEFAULTS, environment
 
@@ -41,10 +41,11 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
 
 def perplexity_cells(sweep: pd.DataFrame | None, substitution: dict | None, fraction: float) -> tuple[str, str]:
     """(perplexity with no head replaced, perplexity at the fraction nearest `fraction` with its relative
-    increase and interval) for the programs method on the main evaluation set."""
+    increase and interval) for the headline method on the main evaluation set."""
     if sweep is None or not len(sweep):
         return "–", "–"
-    rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == main_split(sweep, substitution))]
+    rows = sweep[(sweep["method"] == headline_method(sweep, substitution))
+                 & (sweep["split"] == main_split(sweep, substitution))]
     if not len(rows):
         return "–", "–"
     base = rows.loc[rows["fraction"].idxmin()]
@@ -69,7 +70,7 @@ def model_row(model: ModelSummary, fraction: float) -> dict:
 
 def models_figure(models: list[ModelSummary]) -> Markup:
     """Inline SVG: each model's distribution of best-program test IoU, and its perplexity increase against the
-    fraction of heads replaced (programs, best first, with intervals)."""
+    fraction of heads replaced (the headline order, chosen on val, with intervals)."""
     figure = Figure(figsize=(11, 3.8))
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for i, model in enumerate(models):
@@ -80,7 +81,7 @@ def models_figure(models: list[ModelSummary]) -> Markup:
         sweep = model.sweep
         if sweep is not None and len(sweep):
             split = main_split(sweep, model.substitution)
-            rows = sweep[(sweep["method"] == "programs") & (sweep["split"] == split)]
+            rows = sweep[(sweep["method"] == headline_method(sweep, model.substitution)) & (sweep["split"] == split)]
             rows = rows.sort_values("fraction")
             right.plot(rows["fraction"], 1 + rows["rel_increase"], "o-", ms=3, color=f"C{i}", label=name)
             right.fill_between(rows["fraction"], 1 + rows["rel_lo"], 1 + rows["rel_hi"], color=f"C{i}",

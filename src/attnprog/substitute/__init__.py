@@ -3,6 +3,7 @@
     mechanism.py      the replacement attention function (transformers' AttentionInterface)
     replacements.py   each head's library program as a replacement
     orders.py         the orders in which heads are replaced (one per sweep method)
+    attribution.py    the attribution order: least estimated KL first, given the heads already replaced
     sweep.py          the perplexity sweep, its intervals, the single-head costs, summary.json
 """
 
@@ -14,13 +15,16 @@ from functools import partial
 from pathlib import Path
 
 from ..atomic import write_json
-from ..contracts import SINGLE_HEADS, SWEEP, ModelInfo
+from ..contracts import ORDERS, SINGLE_HEADS, SWEEP, ModelInfo
 from ..data import read_examples, token_strings
 from ..models import load_model, load_tokenizer
 from .mechanism import HeadReplacer, install, uniform_attention
 from .replacements import UniformOnFailure, program_replacements, read_best
 from . import orders
-from .sweep import plan_sweep, run_sweep, single_head_costs, spread_over_ranking, summarise_sweep
+from .orders import read_headline_order
+from .attribution import attribution_order
+from .sweep import (count_for, plan_sweep, run_sweep, single_head_costs, spread_over_ranking,
+                    summarise_sweep)
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,10 @@ def compute_matrices_once(programs: dict, sequences: list[list[str]], log=print)
 
 
 def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, heldout_path, settings: dict,
-                       sweep_path, single_path, summary_path, device: str = "auto", log=print) -> dict:
+                       sweep_path, single_path, orders_path, summary_path, device: str = "auto", log=print) -> dict:
     """The `substitute` rule: the perplexity sweep of one model. Writes sweep.parquet (one row per run and
-    evaluation set), single_heads.parquet (each measured head replaced alone) and summary.json."""
+    evaluation set), single_heads.parquet (each measured head replaced alone), orders.parquet (each method's
+    head order, the headline marked) and summary.json."""
     if 0 not in settings["fractions"]:
         raise ValueError("substitution.fractions must include 0 (the unmodified model is the baseline)")
     tokenizer, model = load_tokenizer(info), load_model(info, device)
@@ -80,6 +85,14 @@ def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, he
     ranked = orders.iou_order(best, programs)
     methods = settings["methods"]
     chosen = {("programs", None): ranked}
+    estimates = {}
+    if "attribution" in methods:
+        if "val" not in eval_sets:
+            raise ValueError("substitution: the attribution order is chosen on the val split, which is empty")
+        counts = [count_for(f, info.n_heads_total, len(ranked)) for f in settings["fractions"]]
+        chosen[("attribution", None)], estimates = attribution_order(
+            model, replacer, programs, counts, eval_sets["val"], settings["batch_size"],
+            settings["attribution_samples"], log)
     if "random" in methods:
         chosen.update({("random", seed): orders.random_order(ranked, seed) for seed in settings["random_seeds"]})
     runs = plan_sweep(chosen, info.n_heads_total, settings["fractions"], uniform="uniform" in methods)
@@ -89,9 +102,11 @@ def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, he
     single = single_head_costs(model, replacer, single_heads, programs, eval_sets[settings["single_head_split"]],
                                settings["batch_size"], log)
 
-    summary = summarise_sweep(sweep, single, best, info.model, "heldout" if "heldout" in eval_sets else "test")
+    summary = summarise_sweep(sweep, single, best, info.model, "heldout" if "heldout" in eval_sets else "test",
+                              estimates)
     summary["program_failures"] = sum(r.failures for r in {id(p): p for p in programs.values()}.values())
     SWEEP.write(sweep, sweep_path)
     SINGLE_HEADS.write(single, single_path)
+    ORDERS.write(orders.orders_table(chosen, summary["best"]["method"]), orders_path)
     write_json(summary_path, summary)
     return summary

@@ -43,6 +43,10 @@ class HeadReplacer:
     padding_mask: torch.Tensor | None = None
     _tokens: list[list[str]] | None = None
     _token_cache: dict[tuple[int, ...], list[str]] = field(default_factory=dict)  # the sweep reruns the same texts
+    # With `recording` on, each layer's probabilities as used (gradients retained) and its attention mask, for
+    # attribution (attribution.py).
+    recording: bool = False
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def set_heads(self, heads: dict[tuple[int, int], Replacement]) -> None:
         self.heads = dict(heads)
@@ -82,9 +86,22 @@ class HeadReplacer:
         heads = self.layer_heads(layer)
         if not heads:
             return probs
+        new, real_rows = self.replacement_matrices(layer, heads, self.heads, probs.shape, attention_mask,
+                                                   probs.device)
+        head_index = torch.tensor(heads, device=probs.device)
+        replaced = torch.where(real_rows[:, None, :, None], new.to(probs.dtype), probs[:, head_index])
+        probs = probs.clone()
+        probs[:, head_index] = replaced
+        return probs
+
+    def replacement_matrices(self, layer: int, heads: list[int], replacements: dict[tuple[int, int], Replacement],
+                             shape: torch.Size, attention_mask: torch.Tensor | None, device
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(matrices, real_rows) for the running batch: (batch, len(heads), q, k) float32, each head's replacement
+        masked as the model masks and row-normalised, and (batch, q) bool, the rows of real (unpadded) tokens."""
         if self.input_ids is None:
             raise RuntimeError("substitution saw no input_ids: call the model with input_ids (not inputs_embeds)")
-        batch, _, q_len, k_len = probs.shape
+        batch, _, q_len, k_len = shape
         if q_len != k_len or k_len != self.input_ids.shape[1]:
             raise RuntimeError("substitution needs whole-sequence forward passes, not cached decoding (use_cache=False)")
         spans, tokens = self.example_spans(), self.example_tokens()
@@ -93,18 +110,14 @@ class HeadReplacer:
         for b, (start, end) in enumerate(spans):
             real_rows[b, start:end] = True
         for j, head in enumerate(heads):
-            for b, ((start, end), matrix) in enumerate(zip(spans, matrices_for(self.heads[(layer, head)], tokens))):
+            for b, ((start, end), matrix) in enumerate(zip(spans, matrices_for(replacements[(layer, head)], tokens))):
                 matrix = np.asarray(matrix, dtype=np.float32)
                 if matrix.shape != (end - start, end - start):
                     raise ValueError(f"replacement for L{layer}H{head} returned shape {matrix.shape} "
                                      f"for {end - start} tokens")
                 new[b, j, start:end, start:end] = torch.from_numpy(matrix)
-        new = mask_and_normalise(new.to(probs.device), visible_keys(attention_mask, batch, q_len, k_len, probs.device))
-        head_index = torch.tensor(heads, device=probs.device)
-        replaced = torch.where(real_rows.to(probs.device)[:, None, :, None], new.to(probs.dtype), probs[:, head_index])
-        probs = probs.clone()
-        probs[:, head_index] = replaced
-        return probs
+        new = mask_and_normalise(new.to(device), visible_keys(attention_mask, batch, q_len, k_len, device))
+        return new, real_rows.to(device)
 
 
 def matrices_for(replacement: Replacement, examples: list[list[str]]) -> list[np.ndarray]:
@@ -148,6 +161,9 @@ def substituted_attention(module, query, key, value, attention_mask, scaling=Non
     replacer = getattr(module, "attnprog_replacer", None)
     if replacer is not None:
         probs = replacer.overwrite(module.layer_idx, probs, attention_mask)
+        if replacer.recording and probs.requires_grad:
+            probs.retain_grad()
+            replacer.recorded[module.layer_idx] = (probs, attention_mask)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs

@@ -1,7 +1,10 @@
 """Orders in which heads are replaced by their programs: each sweep method is one (`sweep.plan_sweep`).
 
 - `programs`: descending val IoU of each head's program (the paper's order);
+- `attribution`: cheapest estimated KL first, given the heads already chosen (`attribution.py`);
 - `random`: the same programs in a seeded random head order (a baseline: what any order should beat).
+
+All of them are written to orders.parquet (the ORDERS contract); QA replaces heads in the headline order.
 """
 
 from __future__ import annotations
@@ -18,3 +21,20 @@ def iou_order(best: pd.DataFrame, heads_with_programs) -> list[tuple[int, int]]:
 
 def random_order(heads: list[tuple[int, int]], seed: int) -> list[tuple[int, int]]:
     return [heads[i] for i in np.random.default_rng(seed).permutation(len(heads))]
+
+
+def orders_table(orders: dict[tuple[str, int | None], list[tuple[int, int]]], headline: str) -> list[dict]:
+    """The ORDERS rows of the sweep's orders, keyed (method, seed)."""
+    return [{"method": method, "seed": seed, "rank": rank, "layer": layer, "head": head, "headline": method == headline}
+            for (method, seed), order in orders.items() for rank, (layer, head) in enumerate(order)]
+
+
+def read_headline_order(path) -> tuple[str, list[tuple[int, int]]]:
+    """(method, heads in replacement order) of the headline order in orders.parquet."""
+    from ..contracts import ORDERS, ContractError
+
+    table = ORDERS.read(path)
+    table = table[table.headline].sort_values("rank")
+    if table.empty:
+        raise ContractError(f"orders: {path} marks no headline order")
+    return str(table.method.iloc[0]), [(int(r.layer), int(r.head)) for r in table.itertuples()]

@@ -175,11 +175,12 @@ def choose_headline(sweep: pd.DataFrame, split: str = "val") -> str:
 
 
 def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFrame, model: str,
-                    main_split: str) -> dict:
+                    main_split: str, estimates: dict[tuple[int, int], float] | None = None) -> dict:
     """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
     (random order: the mean over seeds), with 95% paired bootstrap intervals, per evaluation set; the headline
     method (chosen on val) also under "best"; and the Spearman correlation between each head's test IoU and
-    the cost of replacing it alone."""
+    the cost of replacing it alone, and between the attribution order's estimated KL (val, nothing replaced)
+    and that measured cost."""
     from scipy.stats import spearmanr
 
     def per_split(split):
@@ -212,4 +213,8 @@ def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFram
         rho, p = spearmanr(merged.test_iou, merged.rel_increase)
         summary["single_head"] = {"n_heads": len(merged), "iou": "test_iou", "spearman_rho": float(rho),
                                   "p_value": float(p)}
+        if estimates:
+            kl = [estimates[(int(r.layer), int(r.head))] for r in merged.itertuples()]
+            rho, p = spearmanr(kl, merged.rel_increase)
+            summary["single_head"]["estimated_kl"] = {"spearman_rho": float(rho), "p_value": float(p)}
     return summary
