@@ -135,7 +135,7 @@ def summarise(model, heads, gathered, table, best, baselines, curve, iou, unrest
         "per_layer_test_iou": {str(int(l)): float(v) for l, v in best.groupby("layer")["test_iou"].mean().items()},
         "n_causal_programs": int(table["causal"].sum()),
         "splits": {s: len(inputs.examples(s).example_ids) for s in SPLITS},
-        "selection": (f"library: greedy set cover of the causal programs until every head is within "
+        "selection": (f"greedy set cover of the causal programs until every head is within "
                       f"{settings['tolerance']} val IoU of the pool's best; each head takes the library program "
                       f"with the fewest terms within {settings['prefer_shorter']} of the library's best on val; "
                       f"test IoU is reported"),

@@ -365,6 +365,7 @@ def library_curve_figure(curve: list[dict], library_size: int, cover_iou: float)
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.grid(alpha=.3, which="both")
     ax.legend(fontsize=8)
-    note = ("Nested libraries in greedy set-cover order (chosen on val); each head takes its best program in the "
-            "library. The last point is the whole pool of causal programs.")
+    note = ("The curve: the best library of each size by greedy facility location (most summed val IoU over heads; "
+            "each head takes its best program in the library). The last point is the whole pool of causal "
+            "programs; the square is the library itself (greedy set cover).")
     return _svg_of(figure), note
