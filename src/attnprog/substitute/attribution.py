@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from .mechanism import HeadReplacer, Replacement
+from .sweep import padded_batches
 
 
 @contextmanager
@@ -58,16 +59,8 @@ def estimated_kl(model, replacer: HeadReplacer, replaced: list[tuple[int, int]],
         by_layer.setdefault(layer, []).append(head)
     kl = {head: 0.0 for head in candidates}
     replacer.set_heads({head: programs[head] for head in replaced})
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     with gradients_through_attention(model, replacer):
-        for start in range(0, len(order), batch_size):
-            batch = [sequences[i] for i in order[start: start + batch_size]]
-            length = max(map(len, batch))
-            ids = torch.zeros(len(batch), length, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)], mask[row, : len(seq)] = torch.as_tensor(seq), 1
-            ids, mask = ids.to(device), mask.to(device)
+        for _, ids, mask in padded_batches(sequences, batch_size, device):
             replacer.recorded = {}
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
             logp = torch.log_softmax(logits, -1)

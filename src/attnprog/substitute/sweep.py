@@ -57,12 +57,8 @@ def plan_sweep(orders: dict[tuple[str, int | None], list[tuple[int, int]]], n_he
     return runs
 
 
-def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens, per sequence.
-
-    Sequences are batched by length and right-padded with an attention mask."""
-    device = next(model.parameters()).device
-    nll, count = np.zeros(len(sequences)), np.zeros(len(sequences), dtype=np.int64)
+def padded_batches(sequences: list[list[int]], batch_size: int, device):
+    """(indices, ids, mask) per batch: sequences batched by length, right-padded, with an attention mask."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
@@ -72,10 +68,18 @@ def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[n
         for row, i in enumerate(batch):
             ids[row, : len(sequences[i])] = torch.as_tensor(sequences[i])
             mask[row, : len(sequences[i])] = 1
+        yield batch, ids.to(device), mask.to(device)
+
+
+def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens, per sequence."""
+    device = next(model.parameters()).device
+    nll, count = np.zeros(len(sequences)), np.zeros(len(sequences), dtype=np.int64)
+    for batch, ids, mask in padded_batches(sequences, batch_size, device):
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
-        valid = mask[:, 1:].bool()
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        valid = mask[:, 1:].bool().cpu()
         nll[batch] = -(logp * valid).sum(1).double().numpy()
         count[batch] = valid.sum(1).numpy()
     return nll, count
