@@ -138,8 +138,8 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
             else:
                 error = predicted_output_error(X, weights, data, values)
                 note = (f"Fitted by attnprog's offline synthesizer to the output of layer {head.layer}, head "
-                        f"{head.head} of {model} on {len(data.lengths)} synthesis examples (output error "
-                        f"{error:.3f} of the uniform matrix's, soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
+                        f"{head.head} of {model} on {len(data.lengths)} synthesis examples (output error {error:.3f} "
+                        f"relative to the uniform matrix's, soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
             sentence = program_sentence(X, weights, data.row_starts, features)
             source = program_source(sentence, terms, f"{model} {head.name}", textwrap.fill(note, 100))
             (Path(folder) / f"{name}.py").write_text(source)
