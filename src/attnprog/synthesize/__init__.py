@@ -117,7 +117,8 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
         primitives, modifiers = stored_features(z), stored_features(z, "modifier_")
         X, M, lengths = z["X_synth"], z["M_synth"], z["lengths_synth"]
     data = split_data(X, lengths, attention)
-    values = None if grams is None else ValueGrams(grams, data)
+    output = settings.get("objective", "iou") == "output"
+    values = ValueGrams(grams, data) if output and grams is not None else None
     fits = offline_fits(data, M, primitives, modifiers, settings, values)
     candidates, seen = [], set()
     with atomic_dir(out_dir) as folder:

@@ -99,9 +99,11 @@ def _objective(u: np.ndarray, Xs: np.ndarray, data: SplitData, grams: ValueGrams
     return loss + 0.5 * l2 * float(u @ u), Xs.T @ ds + l2 * u
 
 
-def _scaled(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scale = np.sqrt(np.einsum("dk,dk->k", X, X) / len(X))
-    return scale, np.where(scale > 0, scale, 1.0)
+def _column_scales(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's root-mean-square (1 where a column is all zero) and whether it is usable (not zero).
+    Fitting on unit columns lets one L2 suit them all, as in fit.greedy_fit."""
+    rms = np.sqrt(np.einsum("dk,dk->k", X, X) / len(X))
+    return np.where(rms > 0, rms, 1.0), rms > 0
 
 
 def _minimise(u0, Xs, data, grams, ce_weight, l2, max_iter) -> np.ndarray:
@@ -116,7 +118,7 @@ def refit_for_output(X: np.ndarray, w: np.ndarray, data: SplitData, grams: Value
                      ce_weight: float = CE_WEIGHT, l2: float = L2, max_iter: int = MAX_ITER) -> np.ndarray:
     """The weights on the columns X (a fitted candidate's terms) that minimise L, by L-BFGS from w (the
     cross-entropy fit's weights). Returns weights on the unscaled columns."""
-    _, scale = _scaled(X)
+    scale, _ = _column_scales(X)
     u = _minimise(np.asarray(w, dtype=float) * scale, X / scale, data, grams, ce_weight, l2, max_iter)
     return u / scale
 
@@ -127,8 +129,7 @@ def greedy_output_fit(data: SplitData, sizes: list[int], start: list[int] = (), 
     adds the column whose weight L's gradient pulls on hardest (a new column enters at weight 0) and refits
     all the chosen weights. Returns (chosen columns, weights on the unscaled columns) for each size in
     `sizes`, as fit.greedy_fit does."""
-    raw, scale = _scaled(data.X)
-    usable = raw > 0
+    scale, usable = _column_scales(data.X)
     Xs = np.asfortranarray(data.X / scale)
     chosen, out = list(start), []
     u = _minimise(np.zeros(len(chosen)), Xs[:, chosen], data, grams, ce_weight, l2, MAX_ITER) if chosen \
