@@ -129,8 +129,8 @@ class ValueGramRecorder:
         v = self.values[layer].float()
         if self.kind in GPT2_STYLE:  # c_attn's output is [q | k | v]
             v = v[..., 2 * v.shape[-1] // 3:]
-        batch, width = v.shape[0], v.shape[1]
-        v = v.reshape(batch, width, -1, self.head_dim).transpose(1, 2)  # (batch, kv heads, T, d)
+        batch, length = v.shape[0], v.shape[1]
+        v = v.reshape(batch, length, -1, self.head_dim).transpose(1, 2)  # (batch, kv heads, T, d)
         v = v.repeat_interleave(self.n_heads // v.shape[1], dim=1)       # head h reads kv group h // group size
         return (v @ self.metrics[layer]) @ v.transpose(-1, -2)
 
