@@ -95,7 +95,8 @@ def test_output_objective_records_value_grams_and_fits_for_the_output(tiny_model
     run_snakemake(tmp_path, config, "results/tiny-llama/library/summary.json")
     root = tmp_path / "results/tiny-llama"
     info = ModelInfo.read(root / "model/info.json")
-    assert sorted(p.name for p in (root / "value_grams").iterdir()) == [f"layer{l}.parquet" for l in range(info.n_layers)]
+    assert sorted(p.name for p in (root / "value_grams").glob("*.parquet")) == [f"layer{layer}.parquet" for layer
+                                                                                in range(info.n_layers)]
     inputs = HeadInputs(root / "synthesis/head_inputs.npz")
     for head in info.heads:
         for split in ("synth", "val", "test"):
