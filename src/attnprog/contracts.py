@@ -284,6 +284,12 @@ EXAMPLES = Table("examples", (("example_id", "int64"), ("split", "string"), ("te
 ATTENTION = Table("attention", (("example_id", "int64"), ("head", "int32"), ("n", "int32"),
                                 ("attention", "list<float32>")))
 
+# results/{model}/value_grams/layer{L}.parquet (only with synthesis.offline.objective: output): one row per
+# (example, head), the lower triangle of G = U U^T row by row, U (n x model width) the head's value vectors
+# projected by its slice of the output projection. G is symmetric; the triangle holds all of it.
+VALUE_GRAMS = Table("value_grams", (("example_id", "int64"), ("head", "int32"), ("n", "int32"),
+                                    ("gram", "list<float32>")))
+
 # results/{model}/library/programs.parquet: the deduplicated pool of programs. `in_library`: chosen for the
 # library (its file is in library/programs/); `library_rank`: the step of the set cover that chose it.
 PROGRAMS = Table("programs", (
@@ -349,7 +355,8 @@ class HeadInputs:
     them (packed lower triangles, concatenated), so a per-head job reads one file and imports only numpy.
 
     Keys: `example_ids_{split}`, `lengths_{split}`, `tokens_{split}` and `texts_{split}` (JSON), and
-    `{head.name}_{split}` per head."""
+    `{head.name}_{split}` per head; with value Grams recorded (synthesis.offline.objective: output) also
+    `gram_{head.name}_{split}`, in the same layout."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -357,8 +364,10 @@ class HeadInputs:
             raise ContractError(f"head inputs: missing file {path}")
 
     @staticmethod
-    def write(path, examples: dict[str, SplitExamples], attention: dict[tuple[HeadId, str], np.ndarray]) -> None:
-        """examples: {split: SplitExamples}; attention: {(head, split): packed triangles concatenated}."""
+    def write(path, examples: dict[str, SplitExamples], attention: dict[tuple[HeadId, str], np.ndarray],
+              grams: dict[tuple[HeadId, str], np.ndarray] | None = None) -> None:
+        """examples: {split: SplitExamples}; attention (and grams, if recorded): {(head, split): packed
+        triangles concatenated}."""
         arrays = {}
         for split, part in examples.items():
             arrays[f"example_ids_{split}"] = np.asarray(part.example_ids, dtype=np.int64)
@@ -370,6 +379,10 @@ class HeadInputs:
             if len(flat) != expected:
                 raise ContractError(f"head inputs: {head} on {split} has {len(flat)} values, expected {expected}")
             arrays[f"{head.name}_{split}"] = np.asarray(flat, dtype=np.float32)
+        for (head, split), flat in (grams or {}).items():
+            if (head, split) not in attention or len(flat) != len(attention[head, split]):
+                raise ContractError(f"head inputs: value Grams of {head} on {split} do not match its attention")
+            arrays[f"gram_{head.name}_{split}"] = np.asarray(flat, dtype=np.float32)
         _write_npz(path, arrays)
 
     def examples(self, split: str) -> SplitExamples:
@@ -385,6 +398,16 @@ class HeadInputs:
             key = f"{head.name}_{split}"
             if key not in z.files:
                 raise ContractError(f"head inputs: {self.path} has no attention for {head} on split '{split}'")
+            return z[key]
+
+    def value_grams(self, head: HeadId, split: str) -> np.ndarray:
+        """One head's packed value Grams on one split, in the attention's layout (`matrices.unpack_symmetric`
+        gives each example's n x n matrix)."""
+        with np.load(self.path) as z:
+            key = f"gram_{head.name}_{split}"
+            if key not in z.files:
+                raise ContractError(f"head inputs: {self.path} has no value Grams for {head} on split '{split}' "
+                                    "(they are recorded with synthesis.offline.objective: output)")
             return z[key]
 
 

@@ -2,8 +2,8 @@
 
 A causal head's matrix is lower-triangular, so files hold only the lower triangle, row by row (row i holds
 i + 1 values), and several examples are stored as their triangles concatenated. This module is the one
-place that packs and unpacks that layout, normalises a program's output into attention, and builds the
-uniform causal matrix (the paper's baseline).
+place that packs and unpacks that layout (the symmetric value Grams of extraction use it too), normalises a
+program's output into attention, and builds the uniform causal matrix (the paper's baseline).
 """
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def unpack(flat: np.ndarray, n: int) -> np.ndarray:
     matrix = np.zeros((n, n), dtype=np.float32)
     matrix[tril_indices(n)] = flat
     return matrix
+
+
+def unpack_symmetric(flat: np.ndarray, n: int) -> np.ndarray:
+    """The symmetric n x n matrix (float64) whose lower triangle, row by row, is `flat`: how value Grams
+    (extraction, `contracts.VALUE_GRAMS`) are stored, in the attention's layout."""
+    lower = unpack(flat, n).astype(np.float64)
+    return lower + np.tril(lower, -1).T
 
 
 def split_packed(flat: np.ndarray, lengths) -> list[np.ndarray]:

@@ -70,6 +70,20 @@ def corpus_input(wildcards):
     return inputs
 
 
+# The offline synthesizer's output objective weighs attention errors by what they change in the head's
+# output, so extraction then also records every head's value Grams (results/{model}/value_grams/).
+RECORD_VALUE_GRAMS = (
+    config["synthesis"]["backend"] == "offline"
+    and config["synthesis"]["offline"]["objective"] == "output"
+)
+
+
+def value_grams(mark=str):
+    """{"value_grams": the model's value-Gram folder} when they are recorded, else {}: spread (**) into the
+    input of the rule that reads them, or into the output of the one that writes them (mark=directory)."""
+    return {"value_grams": mark("results/{model}/value_grams")} if RECORD_VALUE_GRAMS else {}
+
+
 def model_info(model):
     """The facts about a model written by the checkpoint `model_info` (layers, heads, load path)."""
     return ModelInfo.read(checkpoints.model_info.get(model=model).output[0])

@@ -1,5 +1,7 @@
 # Extraction: one batched forward pass per model, every head's attention to Parquet (one file per layer),
-# then every head's attention on every split gathered into one file for the per-head jobs.
+# then every head's attention on every split gathered into one file for the per-head jobs. With the offline
+# synthesizer's output objective, the same pass records every head's value Grams too (value_grams() in
+# common.smk: empty otherwise, so the default rules are as before).
 
 
 rule extract:
@@ -7,7 +9,8 @@ rule extract:
         info="results/{model}/model/info.json",
         examples="results/{model}/data/examples.parquet",
     output:
-        directory("results/{model}/attention"),
+        attention=directory("results/{model}/attention"),
+        **value_grams(directory),
     params:
         batch_size=batch_size,
         device=config["device"],
@@ -23,6 +26,7 @@ rule head_inputs:
     input:
         attention="results/{model}/attention",
         examples="results/{model}/data/examples.parquet",
+        **value_grams(),
     output:
         "results/{model}/synthesis/head_inputs.npz",
     log:

@@ -4,5 +4,5 @@ from attnprog.contracts import ModelInfo
 
 log_to(snakemake.log)
 
-extract_model(ModelInfo.read(snakemake.input.info), snakemake.input.examples, snakemake.output[0],
-              snakemake.params.batch_size, snakemake.params.device)
+extract_model(ModelInfo.read(snakemake.input.info), snakemake.input.examples, snakemake.output.attention,
+              snakemake.params.batch_size, snakemake.params.device, snakemake.output.get("value_grams"))

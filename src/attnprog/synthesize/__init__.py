@@ -10,6 +10,8 @@ score over j <= i:
     primitives.py   the primitives (expressions over attnprog.helpers) and the modifiers that multiply them,
                     computed once per model
     fit.py          the fit: convex row cross-entropy by Newton's method, greedy forward selection, IoU polish
+    output_fit.py   the opt-in output-aware fit (synthesis.offline.objective: output): weights, and terms,
+                    chosen for the error in the head's output, which the model pays for, not in its attention
     sentence.py     one plain-English sentence per candidate: where its attention goes (the docstring's first line)
     writing.py      a fitted candidate as a program file a person can read
 
@@ -23,6 +25,7 @@ candidates on val.
 """
 from __future__ import annotations
 
+import functools
 import textwrap
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import numpy as np
 from ..atomic import atomic_dir
 from ..contracts import Candidate, HeadId, HeadInputs, Manifest
 from .fit import SplitData, flat_jsd, greedy_fit, predicted_iou, refine_for_iou, row_softmax, split_data
+from .output_fit import ValueGrams, greedy_output_fit, predicted_output_error, refit_for_output
 from .primitives import Feature, compute_features, product, stored_features
 from .sentence import program_sentence
 from .writing import program_source
@@ -44,14 +48,20 @@ DEFAULT_INTERACT_AFTER = 4
 
 def fit_candidates(data: SplitData, modifier_columns: np.ndarray, primitives: list[Feature],
                    modifiers: list[Feature], sizes: list[int], l2: float = 1e-3,
-                   interact_after: int = DEFAULT_INTERACT_AFTER) -> list[tuple[list[Feature], np.ndarray, np.ndarray]]:
+                   interact_after: int = DEFAULT_INTERACT_AFTER,
+                   greedy=None) -> list[tuple[list[Feature], np.ndarray, np.ndarray]]:
     """Greedy forward selection over the primitives (columns of data.X); once `interact_after` are chosen,
     their products with the modifiers (modifier_columns, same rows) and with each other join the candidates
-    (0: no products). Returns, per size: (the terms, their columns on the split, weights)."""
+    (0: no products). Returns, per size: (the terms, their columns on the split, weights).
+
+    greedy(data, sizes, start=columns) does the selection: by default the cross-entropy's (fit.greedy_fit
+    with this l2); output_fit.greedy_output_fit selects by the head's output instead."""
+    if greedy is None:
+        greedy = functools.partial(greedy_fit, l2=l2)
     early, late = [s for s in sizes if s <= interact_after], [s for s in sizes if s > interact_after]
     if interact_after <= 0 or not late:
-        return [([primitives[c] for c in cols], data.X[:, cols], w) for cols, w in greedy_fit(data, sizes, l2)]
-    fits = greedy_fit(data, sorted(set(early + [interact_after])), l2)
+        return [([primitives[c] for c in cols], data.X[:, cols], w) for cols, w in greedy(data, sizes)]
+    fits = greedy(data, sorted(set(early + [interact_after])))
     out = [([primitives[c] for c in cols], data.X[:, cols], w) for cols, w in fits if len(cols) in early]
     if not fits or len(fits[-1][0]) < interact_after:  # the selection stopped early: nothing left to explain
         return out
@@ -63,30 +73,56 @@ def fit_candidates(data: SplitData, modifier_columns: np.ndarray, primitives: li
                         for _, (a, b, is_modifier) in pairs], axis=1)
     extended = SplitData(np.hstack([data.X, columns]), data.y, data.lengths, data.row_starts, data.example_starts)
     terms = primitives + [feature for feature, _ in pairs]
-    out += [([terms[c] for c in cols], extended.X[:, cols], w) for cols, w in greedy_fit(extended, late, l2, first)]
+    out += [([terms[c] for c in cols], extended.X[:, cols], w) for cols, w in greedy(extended, late, start=first)]
     return out
 
 
+def offline_fits(data: SplitData, modifier_columns: np.ndarray, primitives: list[Feature], modifiers: list[Feature],
+                 settings: dict, values: ValueGrams | None = None) -> list[tuple[list[Feature], np.ndarray, np.ndarray]]:
+    """Every candidate's (terms, columns on the synth split, weights) as settings["objective"] asks:
+
+    iou     (default) terms chosen by the cross-entropy, weights fitted to it and polished for IoU
+    output  the head's output error (output_fit.py; `values`: the head's value Grams on the same examples):
+            the cross-entropy's terms with weights refitted for the output, and terms chosen by the output
+            too; both kinds, as each was the better one on about half the heads where this was measured."""
+    sizes = sorted(set(settings.get("sizes", DEFAULT_SIZES)))
+    interact_after = settings.get("interact_after", DEFAULT_INTERACT_AFTER)
+    fits = fit_candidates(data, modifier_columns, primitives, modifiers, sizes, settings.get("l2", 1e-3),
+                          interact_after)
+    objective = settings.get("objective", "iou")
+    if objective == "iou":
+        if settings.get("polish", True):
+            fits = [(f, X, refine_for_iou(X, w, data, steps=settings.get("polish_steps", 30))) for f, X, w in fits]
+        return fits
+    if objective != "output":
+        raise ValueError(f"unknown offline objective '{objective}' (expected iou or output)")
+    if values is None:
+        raise ValueError("the offline objective 'output' needs the head's value Grams (recorded at extraction)")
+    # no IoU polish here: it would trade the output fit back for IoU
+    refits = [(f, X, refit_for_output(X, w, data, values)) for f, X, w in fits]
+    return refits + fit_candidates(data, modifier_columns, primitives, modifiers, sizes, interact_after=interact_after,
+                                   greedy=functools.partial(greedy_output_fit, grams=values))
+
+
 def synthesize_offline(features_path, example_ids: list[int], attention: np.ndarray, out_dir, model: str,
-                       head: HeadId, settings: dict) -> Manifest:
+                       head: HeadId, settings: dict, grams: np.ndarray | None = None) -> Manifest:
     """Fit one head's candidates and write them (program files + manifest.json) into out_dir, atomically.
 
     example_ids, attention: the synth examples and the head's packed attention on them; settings: the
-    config's `synthesis.offline` section (sizes, l2, interact_after, polish). Returns the manifest."""
+    config's `synthesis.offline` section (sizes, l2, interact_after, polish, objective); grams: the head's
+    packed value Grams on the same examples (objective output only). Returns the manifest."""
     with np.load(features_path) as z:
         if list(z["example_ids_synth"]) != list(example_ids):
             raise ValueError(f"{features_path} was computed on other synth examples than the head's attention")
         primitives, modifiers = stored_features(z), stored_features(z, "modifier_")
         X, M, lengths = z["X_synth"], z["M_synth"], z["lengths_synth"]
     data = split_data(X, lengths, attention)
-    sizes = sorted(set(settings.get("sizes", DEFAULT_SIZES)))
-    fits = fit_candidates(data, M, primitives, modifiers, sizes, settings.get("l2", 1e-3),
-                          settings.get("interact_after", DEFAULT_INTERACT_AFTER))
+    output = settings.get("objective", "iou") == "output"
+    values = ValueGrams(grams, data) if output and grams is not None else None
+    fits = offline_fits(data, M, primitives, modifiers, settings, values)
     candidates, seen = [], set()
     with atomic_dir(out_dir) as folder:
         for features, X, weights in fits:
-            if settings.get("polish", True):
-                weights = refine_for_iou(X, weights, data, steps=settings.get("polish_steps", 30))
             weights = np.array([float(f"{w:.6g}") for w in weights])  # exactly what the file will say
             key = tuple(sorted(zip([f.name for f in features], np.round(weights, 3))))
             if key in seen:
@@ -96,8 +132,15 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
             iou = predicted_iou(X, weights, data)
             jsd = flat_jsd(row_softmax(X @ weights, data.row_starts), data)
             terms = [(float(w), f.expression, f.description) for f, w in zip(features, weights)]
-            note = (f"Fitted by attnprog's offline synthesizer to layer {head.layer}, head {head.head} of {model} on "
-                    f"{len(data.lengths)} synthesis examples (soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
+            if values is None:
+                note = (f"Fitted by attnprog's offline synthesizer to layer {head.layer}, head {head.head} of {model} "
+                        f"on {len(data.lengths)} synthesis examples (soft IoU {iou:.3f}, row JS distance {jsd:.3f} "
+                        "there).")
+            else:
+                error = predicted_output_error(X, weights, data, values)
+                note = (f"Fitted by attnprog's offline synthesizer to the output of layer {head.layer}, head "
+                        f"{head.head} of {model} on {len(data.lengths)} synthesis examples (output error {error:.3f} "
+                        f"relative to the uniform matrix's, soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
             sentence = program_sentence(X, weights, data.row_starts, features)
             source = program_source(sentence, terms, f"{model} {head.name}", textwrap.fill(note, 100))
             (Path(folder) / f"{name}.py").write_text(source)
@@ -121,8 +164,10 @@ def synthesize_head(settings: dict, model: str, head: HeadId, head_inputs, out_d
     if backend == "offline":
         if features_path is None:
             raise ValueError("synthesis backend 'offline' needs the per-model features file")
+        offline = settings.get("offline", {})
+        grams = inputs.value_grams(head, "synth") if offline.get("objective", "iou") == "output" else None
         return synthesize_offline(features_path, inputs.examples("synth").example_ids, attention, out_dir, model, head,
-                                  settings.get("offline", {}))
+                                  offline, grams)
     if backend in ("claude", "open_weights"):
         from ..explainers import synthesize_head_with_llm
 
