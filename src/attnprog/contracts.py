@@ -74,7 +74,7 @@ def _from_dict(cls, data: dict, where: str):
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _read_json(path: str | os.PathLike) -> dict:
+def read_json(path: str | os.PathLike) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -115,7 +115,7 @@ class ModelInfo:
 
     @classmethod
     def read(cls, path) -> "ModelInfo":
-        return _from_dict(cls, _read_json(path), str(path))
+        return _from_dict(cls, read_json(path), str(path))
 
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
@@ -177,7 +177,7 @@ class Manifest:
     @classmethod
     def read(cls, folder) -> "Manifest":
         path = Path(folder) / cls.FILE
-        data = _read_json(path)
+        data = read_json(path)
         data["candidates"] = [_from_dict(Candidate, c, f"{path}: candidate") for c in data.get("candidates", [])]
         return _from_dict(cls, data, str(path))
 

@@ -6,14 +6,13 @@ The report runs no program and reads no raw attention file: real attention comes
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..contracts import (BASELINES, BEST, PROGRAMS, SCORES, SINGLE_HEADS, SWEEP, ContractError, HeadId, HeadInputs,
-                         ModelInfo, RerankResult)
+                         ModelInfo, RerankResult, read_json as read_contract_json)
 from ..matrices import split_packed, unpack
 
 
@@ -57,11 +56,9 @@ class ModelResults:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ReportError(f"report: missing input {path}") from None
-    except json.JSONDecodeError as error:
-        raise ReportError(f"report: {path} is not valid JSON ({error})") from None
+        return read_contract_json(path)
+    except ContractError as error:
+        raise ReportError(f"report: {error}") from None
 
 
 def _read(table, path):
