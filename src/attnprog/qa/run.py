@@ -214,9 +214,11 @@ def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncau
     best = substitute.read_best(library.best)
     programs = substitute.program_replacements(library.program_dir, library.programs, best, info.tokenizer_dir,
                                                noncausal, log)
-    order_name, order = (substitute.read_headline_order(orders_path) if orders_path else
-                         ("programs", [(int(r.layer), int(r.head)) for r in best.itertuples()]))
-    ranked = [head for head in order if head in programs]
+    if orders_path:
+        order_name, order = substitute.read_headline_order(orders_path)
+        ranked = [head for head in order if head in programs]
+    else:
+        order_name, ranked = "programs", substitute.orders.iou_order(best, programs)
     runs = plan_runs(ranked, info.n_heads_total, settings)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"])
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..contracts import ORDERS, ContractError
+
 
 def iou_order(best: pd.DataFrame, heads_with_programs) -> list[tuple[int, int]]:
     """Heads by descending val IoU of their program (ties: layer, head)."""
@@ -31,8 +33,6 @@ def orders_table(orders: dict[tuple[str, int | None], list[tuple[int, int]]], he
 
 def read_headline_order(path) -> tuple[str, list[tuple[int, int]]]:
     """(method, heads in replacement order) of the headline order in orders.parquet."""
-    from ..contracts import ORDERS, ContractError
-
     table = ORDERS.read(path)
     table = table[table.headline].sort_values("rank")
     if table.empty:
