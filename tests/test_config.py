@@ -57,15 +57,3 @@ def test_synthesis_settings_keep_what_the_backend_reads():
     assert synthesis_settings({**synthesis, "backend": "claude"}) == {"backend": "claude", "claude": {"model": "x"},
                                                                      "prompt": {"n_examples": 2}}
 
-
-def test_the_default_objective_goes_unsaid_in_the_synthesis_settings():
-    """A run made before `objective` existed passed the same settings to its synthesize jobs: it stays up to
-    date. The output objective is passed."""
-    from attnprog.config import synthesis_settings
-
-    offline = {"sizes": [1], "objective": "iou"}
-    assert synthesis_settings({"backend": "offline", "offline": offline}) == {"backend": "offline",
-                                                                            "offline": {"sizes": [1]}}
-    assert offline == {"sizes": [1], "objective": "iou"}  # the config itself is left as it was
-    output = {"backend": "offline", "offline": {"sizes": [1], "objective": "output"}}
-    assert synthesis_settings(output) == output

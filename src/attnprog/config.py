@@ -96,8 +96,4 @@ def synthesis_settings(synthesis: dict) -> dict:
     reruns nothing."""
     backend = synthesis.get("backend", "offline")
     keep = ("backend", backend) + (("prompt",) if backend != "offline" else ())
-    settings = {key: synthesis[key] for key in keep if key in synthesis}
-    if settings.get("offline", {}).get("objective") == "iou":
-        # the default objective goes unsaid, so that adding the option left earlier runs up to date
-        settings["offline"] = {k: v for k, v in settings["offline"].items() if k != "objective"}
-    return settings
+    return {key: synthesis[key] for key in keep if key in synthesis}
