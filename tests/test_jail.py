@@ -410,3 +410,73 @@ def test_the_jail_dies_with_its_parent(tmp_path):
     while time.monotonic() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.05)
     assert not [pid for pid in pids if alive(pid)]
+
+
+# ---- where the checkout and the environment live ---------------------------------------------------------
+
+IN_TMP_CHECK = r'''
+import json, os, sys
+import attnprog, numpy
+from attnprog.sandbox import UNGUARDED, Job, Sandbox
+root = sys.argv[1]
+assert attnprog.__file__.startswith(root) and numpy.__file__.startswith(root), (attnprog.__file__, numpy.__file__)
+program = ("import attnprog, numpy\ndef attention(tokens):\n"
+           "    raise RuntimeError('REPORT ' + repr([attnprog.__file__, numpy.__file__]))\n")
+with Sandbox(workers=1, policy=UNGUARDED) as box:
+    run = box.run(Job(program, "p.py", "attention", "tokens", [(["a", "b"], "a b")]))
+    ok = box.run(Job("import numpy as np\ndef attention(tokens):\n    return np.eye(len(tokens))\n", "q.py",
+                     "attention", "tokens", [(["a", "b"], "a b")]))
+    worker = [pid for pid in box.host_pids()
+              if b"attnprog.sandbox.server" in open(f"/proc/{pid}/cmdline", "rb").read()][-1]
+    mounts = open(f"/proc/{worker}/mountinfo").read()
+    read_only = [os.statvfs(f"/proc/{worker}/root{os.path.dirname(p)}").f_flag & os.ST_RDONLY != 0
+                 for p in (attnprog.__path__[0], numpy.__path__[0])]
+print(json.dumps({"error": run.error, "ok": ok.status, "mounts": mounts, "read_only": read_only}))
+'''
+
+
+def test_the_jail_runs_from_a_checkout_and_an_environment_under_tmp():
+    """A checkout and a Python environment under /tmp (a CI clone, a user's scratch folder): the jail's own
+    /tmp must not hide them, and they stay read-only inside."""
+    import ast
+    import json
+    import shutil
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="attnprog-tmp-check-", dir="/tmp"))  # 0700, as a clone in a private folder
+    try:
+        shutil.copytree(Path(attnprog.__file__).parent, root / "src" / "attnprog",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip",
+                        str(root / "venv")], check=True)
+        packages = next((root / "venv" / "lib").glob("python3*/site-packages"))
+        here = Path(np.__file__).parent.parent
+
+        def link_or_copy(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        for name in ("numpy", "numpy.libs"):
+            if (here / name).is_dir():
+                shutil.copytree(here / name, packages / name, copy_function=link_or_copy,
+                                ignore=shutil.ignore_patterns("tests", "__pycache__"))
+        import pyseccomp
+        shutil.copy2(pyseccomp.__file__, packages / "pyseccomp.py")
+        out = subprocess.run([str(root / "venv" / "bin" / "python"), "-c", IN_TMP_CHECK, str(root)],
+                             capture_output=True, text=True, cwd=root, timeout=120,
+                             env={"PATH": os.environ["PATH"], "PYTHONPATH": str(root / "src")})
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen = json.loads(out.stdout.splitlines()[-1])
+    finally:
+        shutil.rmtree(root)
+    assert seen["ok"] == "ok"
+    files = ast.literal_eval(seen["error"].rsplit("REPORT ", 1)[1])
+    assert files[0] == f"{root}/src/attnprog/__init__.py"
+    assert files[1].startswith(f"{root}/venv/lib/") and files[1].endswith("/site-packages/numpy/__init__.py")
+    assert seen["read_only"] == [True, True]
+    # Every mount is read-only but the jail's own /tmp, /proc and /dev.
+    writable = [line.split()[4] for line in seen["mounts"].splitlines() if line.split()[5].split(",")[0] == "rw"]
+    assert "/tmp" in writable and all(p in ("/tmp", "/proc") or p.startswith("/dev") for p in writable), writable
+    under_tmp = [line.split()[4] for line in seen["mounts"].splitlines() if line.split()[4].startswith(str(root))]
+    assert len(under_tmp) == 2, under_tmp

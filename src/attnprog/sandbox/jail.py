@@ -125,13 +125,15 @@ def jail_command(argv: list[str], seccomp_fd: int) -> tuple[list[str], str | Non
                "--new-session", "--hostname", "jail", "--clearenv"]
     for name, value in _passed_env().items():
         command += ["--setenv", name, value]
+    # The private /tmp first: mounted after the binds, it would hide those under /tmp (a checkout or an
+    # environment there); mounted first, the binds land on top of it and stay read-only.
+    command += ["--size", str(TMPFS_BYTES), "--tmpfs", "/tmp"]
     for source, path in zip(sources, paths):
         command += ["--ro-bind", source, path]
     for link in TOP_LEVEL_LIBRARIES + ("/bin",):
         if os.path.islink(link):
             command += ["--symlink", os.readlink(link), link]
-    command += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
-                "--remount-ro", "/", "--chdir", "/", "--seccomp", str(seccomp_fd), "--"] + argv
+    command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/", "--chdir", "/", "--seccomp", str(seccomp_fd), "--"] + argv
     if as_root:
         command = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _STAGE_SCRIPT, "sh",
                    stage, *paths, "--", *command]
