@@ -47,7 +47,8 @@ def _python_paths() -> tuple[list[str], list[str]]:
     site-packages and the folder attnprog is imported from."""
     import attnprog
     source = str(Path(attnprog.__file__).resolve().parents[1])
-    packages = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    # resolved: the jail binds each folder at its real path (a `.venv` may be a link to an environment elsewhere)
+    packages = [str(Path(p).resolve()) for p in site.getsitepackages() if os.path.isdir(p)]
     binds = [str(Path(sys.base_prefix).resolve()), str(Path(sys.executable).resolve().parent)]
     return binds + [source] + packages, [source] + packages
 
