@@ -378,3 +378,28 @@ def test_an_ok_status_without_a_matrix_is_not_ok():
     (p,) = load_programs(FIXTURES / "previous_token.py")
     run = run_programs([p], EXAMPLES, sandbox=LyingSandbox())["previous_token"]
     assert run.status == "bad_output" and run.matrices == [None] * len(EXAMPLES)
+
+
+def test_a_file_over_the_size_limit_fails_in_one_line_without_being_read_whole(tmp_path):
+    import tracemalloc
+    from attnprog.programs import MAX_FILE_CHARS
+    path = tmp_path / "huge.py"
+    path.write_text("x = 1\n" * (20_000_000 // 6))  # 20 M characters
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProgramError) as caught:
+            load_programs(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(caught.value) == f"{path}: file is longer than {MAX_FILE_CHARS} characters"
+    assert caught.value.status == "rejected"
+    assert peak < 4 * MAX_FILE_CHARS + (1 << 20)  # at most the first MAX_FILE_CHARS + 1 characters were held
+
+
+def test_a_file_that_is_not_utf8_fails_in_one_line(tmp_path):
+    path = tmp_path / "latin.py"
+    path.write_bytes(b"def attention(tokens):\n    return '\xe9'\n")
+    with pytest.raises(ProgramError, match=r"latin\.py: not UTF-8 text") as caught:
+        load_programs(path)
+    assert "\n" not in str(caught.value)

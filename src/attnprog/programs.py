@@ -30,6 +30,12 @@ from .contracts import PROGRAM_STATUSES
 from .matrices import normalise
 
 
+# Longest program file read: about twice the largest published reference library (hundreds of programs,
+# ~0.6-1 MB). Checked before a file is parsed, reading no more than this: the host's parse costs ~0.5 kB per
+# character, so the limit bounds the host's memory (a 20 M-character file costs only its first 2 M).
+MAX_FILE_CHARS = 2_000_000
+
+
 class ProgramError(ValueError):
     """A program that cannot be loaded or run; `status` is one of contracts.PROGRAM_STATUSES."""
 
@@ -91,6 +97,8 @@ def programs_from_source(source: str, name: str, *, path=None, trusted: bool = F
     """The programs in one file's source (parsed, never run). `name` is the file stem.
     Raises ProgramError("syntax_error" | "rejected") for a file that does not parse or has neither signature."""
     where = str(path) if path else name
+    if len(source) > MAX_FILE_CHARS:
+        raise ProgramError("rejected", f"{where}: file is longer than {MAX_FILE_CHARS} characters")
     try:
         tree = ast.parse(source, filename=where)
     except SyntaxError as e:
@@ -124,7 +132,20 @@ def load_programs(path, trusted: bool = False) -> list[Program]:
         return [p for f in sorted(path.glob("*.py")) for p in load_programs(f, trusted)]
     if not path.is_file():
         raise FileNotFoundError(f"no program file or folder at {path}")
-    return programs_from_source(path.read_text(), path.stem, path=path, trusted=trusted)
+    return programs_from_source(read_program_file(path), path.stem, path=path, trusted=trusted)
+
+
+def read_program_file(path) -> str:
+    """A program file's text, reading at most MAX_FILE_CHARS + 1 characters.
+    Raises ProgramError("rejected") naming the file when it is longer or not UTF-8 text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read(MAX_FILE_CHARS + 1)
+    except UnicodeDecodeError as e:
+        raise ProgramError("rejected", f"{path}: not UTF-8 text ({e.reason})") from None
+    if len(source) > MAX_FILE_CHARS:
+        raise ProgramError("rejected", f"{path}: file is longer than {MAX_FILE_CHARS} characters")
+    return source
 
 # ---------------------------------------------------------------------------------------------------------
 # Normalisation and one call of a program

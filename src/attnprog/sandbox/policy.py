@@ -6,6 +6,8 @@ that gives honest code clear messages and keeps programs to the documented API.
 """
 from dataclasses import dataclass
 
+from ..programs import MAX_FILE_CHARS  # noqa: F401  (a whole file; checked where files are read)
+
 # Modules a program may import. Each is handed out as a view (namespace.py): public names only, no modules
 # hanging off it except the submodules listed below.
 ALLOWED_IMPORTS = ("numpy", "math", "re", "collections", "itertools", "functools", "typing", "__future__",
@@ -43,7 +45,6 @@ DENIED_ATTRIBUTES = DENIED_NAMES | frozenset({
 # Left out of module views on top of DENIED_ATTRIBUTES.
 HIDDEN_FROM_VIEWS = frozenset({"load"})
 
-MAX_FILE_CHARS = 20_000_000   # a whole file (a reference library of hundreds of programs is ~1 MB)
 MAX_PROGRAM_CHARS = 100_000   # one program: its function, the helpers it uses and the module-level code
 MAX_TOKENS = 4096             # longest token list a sandboxed program is called on
 MAX_ERROR_BYTES = 2000        # longest error message a child may send

@@ -12,6 +12,8 @@ definitions they reach by name) and lints only that, so one bad function fails a
 import ast
 import functools
 import string
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..programs import ProgramError
@@ -160,7 +162,17 @@ def _names_used(node) -> set:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
-@functools.lru_cache(maxsize=64)
+# Caches, bounded: parsed files cost ~0.5 kB of host memory per character, so only the last two are kept
+# (a library's programs are checked one after another); lint results are kept for sources totalling at
+# most _CACHED_CHARS characters (each key holds its source).
+_OUTLINES = 2
+_CACHED_CHARS = 8_000_000
+_cache_lock = threading.Lock()
+_checked: "OrderedDict[tuple, dict]" = OrderedDict()   # (source, filename) -> {(function, imports): CheckedProgram}
+_checked_chars = 0
+
+
+@functools.lru_cache(maxsize=_OUTLINES)
 def _file_outline(source: str, filename: str):
     """(AST, {defined name: statement indexes}, per statement: names it uses), parsed once per file (the
     lru_cache keys on the source text; its hash is computed once per string)."""
@@ -191,7 +203,27 @@ def program_statements(tree: ast.Module, defined: dict, uses: list, function: st
     return tuple(sorted(keep))
 
 
-@functools.lru_cache(maxsize=4096)
+def _cached_check(source: str, filename: str, function: str, allowed_imports) -> CheckedProgram:
+    global _checked_chars
+    key, inner = (source, filename), (function, allowed_imports)
+    with _cache_lock:
+        found = _checked.get(key, {}).get(inner)
+        if found is not None:
+            _checked.move_to_end(key)
+            return found
+    checked = _check_program(source, filename, function, allowed_imports)
+    with _cache_lock:
+        if key not in _checked:
+            _checked[key] = {}
+            _checked_chars += len(source)
+        _checked[key][inner] = checked
+        _checked.move_to_end(key)
+        while _checked_chars > _CACHED_CHARS and len(_checked) > 1:
+            (old_source, _), _ = _checked.popitem(last=False)
+            _checked_chars -= len(old_source)
+    return checked
+
+
 def _check_program(source: str, filename: str, function: str, allowed_imports) -> CheckedProgram:
     tree, defined, uses = _file_outline(source, filename)
     try:
@@ -218,7 +250,7 @@ def _check_program(source: str, filename: str, function: str, allowed_imports) -
 def check_program(source: str, filename: str, function: str, allowed_imports=ALLOWED_IMPORTS) -> CheckedProgram:
     """Lint what program `function` of a file needs (cached per file and function).
     Raises ProgramError("syntax_error" | "rejected")."""
-    return _check_program(source, filename, function, tuple(allowed_imports))
+    return _cached_check(source, filename, function, tuple(allowed_imports))
 
 
 def unchecked_program(source: str, filename: str, function: str) -> CheckedProgram:
