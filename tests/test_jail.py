@@ -480,3 +480,45 @@ def test_the_jail_runs_from_a_checkout_and_an_environment_under_tmp():
     assert "/tmp" in writable and all(p in ("/tmp", "/proc") or p.startswith("/dev") for p in writable), writable
     under_tmp = [line.split()[4] for line in seen["mounts"].splitlines() if line.split()[4].startswith(str(root))]
     assert len(under_tmp) == 2, under_tmp
+
+
+# ---- programs see nothing of each other ----------------------------------------------------------------------
+
+MEMORY_SCAN = r"""
+import re
+def attention(tokens):
+    marker = 'MARK' + str(40000 + 2) + 'ER'  # built at run time: a positive control for the scan
+    patterns = [re.compile(p.encode()) for p in ({secret_pattern!r}, 'MARK4000[2]ER')]
+    found = [0, 0]
+    with open('/proc/self/maps') as maps:
+        regions = [line.split() for line in maps.read().splitlines()]
+    for region in regions:  # anonymous memory (the heap, arenas, large objects, stacks): read in place
+        if not region[1].startswith('r') or (len(region) > 5 and region[5] not in ('[heap]', '[stack]')):
+            continue
+        start, end = (int(x, 16) for x in region[0].split('-'))
+        for position in range(start, end, 1 << 22):
+            chunk = ctypes.string_at(position, min(end - position, (1 << 22) + 64))
+            for i, pattern in enumerate(patterns):
+                found[i] += len(pattern.findall(chunk))
+    raise RuntimeError('REPORT ' + repr(found) + marker[:0])
+"""
+
+
+def test_a_later_program_finds_no_earlier_programs_source_in_its_memory(jail):
+    secret = f"Q7Z-{os.getpid()}-{time.monotonic_ns()}-SECRET"
+    first = escape(jail, f"def attention(tokens):\n    key = {secret!r}\n    return np.eye(len(tokens))\n"
+                   f"# {secret} in a comment too\n", name="first")
+    assert first.status == "ok"
+    # A regex with a character class: the pattern's own text is not the secret, so only a copy of the
+    # first program's source can match.
+    pattern = secret[:-1].replace("-", "\\-") + "[" + secret[-1] + "]"
+    run = escape(jail, MEMORY_SCAN.format(secret_pattern=pattern), name="scan",
+                 limits=Limits(seconds_per_call=20, memory_mb=256))
+    secret_copies, markers = ast_literal(report_of(run))
+    assert markers > 0  # the scan reads the program's whole memory
+    assert secret_copies == 0
+
+
+def ast_literal(text: str):
+    import ast
+    return ast.literal_eval(text)

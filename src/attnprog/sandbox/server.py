@@ -3,11 +3,12 @@ spaCy and NLTK loaded, and forks one child per program run.
 
 Requests come from the host on stdin as pickles (the host is trusted); results go back on stdout only as
 frames (channel.py), which the host parses without trusting them. The worker never runs program code
-itself: it parses sources (once per file), prepares the parses a program will read, then forks. The child
-cuts itself off (descriptors, resource limits, a tighter seccomp filter) before it compiles the program.
+itself, nor keeps any: a program's text (only the lines it needs) arrives with its job as raw bytes, the
+worker prepares the libraries and parses the program will read, forks, and wipes its copy, so a later
+program finds no earlier one in the memory it inherits. The child cuts itself off (descriptors, resource
+limits, a tighter seccomp filter) before it compiles the program.
 The worker is not dumpable, so a child (same uid) cannot read or write its memory through /proc.
 """
-import ast
 import builtins
 import ctypes
 import gc
@@ -35,6 +36,16 @@ _PR_SET_DUMPABLE = 4
 def read_message(fd: int):
     (n,) = struct.unpack("<q", _read_exact(fd, 8))
     return pickle.loads(_read_exact(fd, n))
+
+
+def _read_into(fd: int, buffer: bytearray) -> None:
+    """Fill `buffer` from `fd` in place (no intermediate copies left in the heap)."""
+    view, done = memoryview(buffer), 0
+    while done < len(buffer):
+        n = os.readv(fd, [view[done:]])
+        if not n:
+            raise EOFError
+        done += n
 
 
 def write_message(fd: int, obj) -> None:
@@ -66,19 +77,9 @@ class Worker:
         self.tokenizer = _load_tokenizer(setup["tokenizer_files"]) if setup["tokenizer_files"] else None
         self.modules = ModuleTable(self.policy.allowed_imports) if self.policy.python_guards else None
         self.filter = FilterLoader(setup["program_filter"])
-        self.sources: dict = {}   # source id -> (source, AST)
 
     def send(self, job_id: int, index: int, status: str, payload=b"") -> None:
         _write_all(self.out_fd, channel.encode(job_id, index, status, payload))
-
-    def add_source(self, source_id: str, source: str, filename: str) -> None:
-        try:
-            tree = ast.parse(source, filename=filename)
-        except BaseException as e:  # the host parsed it already; this only guards the worker
-            tree = e
-        self.sources[source_id] = (source, tree)
-        while len(self.sources) > 256:
-            self.sources.pop(next(iter(self.sources)))
 
     def prepare(self, job: dict) -> None:
         """Load what the program imports and the parses it will read, here, so every later child shares them."""
@@ -99,12 +100,14 @@ class Worker:
                     last_beat = time.monotonic()
         self.send(job["job_id"], channel.HEARTBEAT, "ok")
 
-    def run(self, job: dict) -> None:
+    def run(self, job: dict, text: bytearray) -> None:
+        """Run one program: `text` is its source (only the lines it needs), which only its child decodes;
+        the worker wipes its copy once the child has forked, so no later program finds it here."""
         job_id, calls = job["job_id"], job["calls"]
-        source, tree = self.sources[job["source_id"]]
         try:
             self.prepare(job)
         except Exception as e:
+            text[:] = bytes(len(text))
             return self._fail_from(job_id, 0, len(calls), "runtime_error",
                                    f"could not prepare the program's libraries: {type(e).__name__}: {e}")
         with open("/proc/self/statm") as f:
@@ -113,7 +116,8 @@ class Worker:
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)
-            _child_main(self, job, source, tree, write_fd, used)
+            _child_main(self, job, text, write_fd, used)
+        text[:] = bytes(len(text))
         os.close(write_fd)
         self._relay(job, pid, read_fd)
 
@@ -193,7 +197,7 @@ def _signal_status(sig: int) -> tuple[str, str]:
         return "runtime_error", f"crashed (signal {sig})"
 
 
-def _child_main(worker: Worker, job: dict, source: str, tree, write_fd: int, used_bytes: int) -> None:
+def _child_main(worker: Worker, job: dict, text: bytearray, write_fd: int, used_bytes: int) -> None:
     """Run one program on its calls, one frame per call on RESULT_FD. Never returns."""
     job_id = job["job_id"]
 
@@ -215,11 +219,10 @@ def _child_main(worker: Worker, job: dict, source: str, tree, write_fd: int, use
         warnings.simplefilter("ignore")
         np.seterr(all="ignore")
         filename = job["filename"]
+        source = None
         try:
-            if isinstance(tree, BaseException):
-                raise tree
-            body = [tree.body[i] for i in job["statements"] if i < len(tree.body)]
-            code = compile(ast.Module(body=body, type_ignores=[]), filename, "exec")
+            source = text.decode("utf-8", "surrogatepass")
+            code = compile(source, filename, "exec", dont_inherit=True)
         except BaseException as e:
             send(channel.SETUP_FAILED, "syntax_error", f"{filename}: {type(e).__name__}: {e}")
             return
@@ -309,10 +312,10 @@ def serve() -> None:
             return
         if request is None:
             return
-        if request[0] == "source":
-            worker.add_source(*request[1:])
-        else:
-            worker.run(request[1])
+        job = request[1]
+        text = bytearray(job["source_bytes"])
+        _read_into(proto_in, text)
+        worker.run(job, text)
 
 
 if __name__ == "__main__":

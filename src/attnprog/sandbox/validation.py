@@ -30,6 +30,7 @@ LINGUISTIC_HELPERS = frozenset({"prefix_docs", "pos", "syntactic_head", "syntact
 class CheckedProgram:
     """What the lint found one program needs from its file."""
     statements: tuple      # indexes of the file's top-level statements that run for this program
+    lines: tuple           # their (first, last) lines, 1-based, decorators included: what the jail is sent
     imports: frozenset     # the modules its import statements name
     linguistic: bool       # names a helper that parses with spaCy
 
@@ -244,7 +245,8 @@ def _check_program(source: str, filename: str, function: str, allowed_imports) -
             names.add(node.attr)
         elif isinstance(node, ast.Name):
             names.add(node.id)
-    return CheckedProgram(statements, frozenset(imports), bool(names & LINGUISTIC_HELPERS))
+    return CheckedProgram(statements, _line_ranges(tree, statements), frozenset(imports),
+                          bool(names & LINGUISTIC_HELPERS))
 
 
 def check_program(source: str, filename: str, function: str, allowed_imports=ALLOWED_IMPORTS) -> CheckedProgram:
@@ -257,7 +259,26 @@ def unchecked_program(source: str, filename: str, function: str) -> CheckedProgr
     """What `check_program` finds, without the lint (the test-only unguarded policy)."""
     tree, defined, uses = _file_outline(source, filename)
     if function not in defined:
-        return CheckedProgram(tuple(range(len(tree.body))), frozenset(), False)
+        statements = tuple(range(len(tree.body)))
+        return CheckedProgram(statements, _line_ranges(tree, statements), frozenset(), False)
     statements = program_statements(tree, defined, uses, function)
     imports = {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
-    return CheckedProgram(statements, frozenset(imports), False)
+    return CheckedProgram(statements, _line_ranges(tree, statements), frozenset(imports), False)
+
+
+def _line_ranges(tree: ast.Module, statements) -> tuple:
+    ranges = []
+    for i in statements:
+        node = tree.body[i]
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
+        ranges.append((first, node.end_lineno))
+    return tuple(ranges)
+
+
+def program_text(source: str, checked: CheckedProgram) -> str:
+    """What the jail gets of a file for one program: the lines of the statements it needs, every other line
+    blank (line numbers stay the file's). Other programs of a library file are not sent with it."""
+    keep = bytearray(source.count("\n") + 2)
+    for first, last in checked.lines:
+        keep[first:last + 1] = b"\1" * (last + 1 - first)
+    return "\n".join(line if keep[number] else "" for number, line in enumerate(source.split("\n"), start=1))

@@ -6,7 +6,6 @@ checked again here (sizes, order, normalised matrices); a worker that breaks the
 answering is killed (its whole jail) and replaced, and only the job it was running fails. A run's
 result always has one entry per call: a matrix, or None with the reason.
 """
-import hashlib
 import os
 import select
 import signal
@@ -22,8 +21,8 @@ from ..programs import ProgramError
 from . import channel
 from .jail import JailError, compiled, jail_command, jail_python_path, program_filter, write_worker_filter
 from .policy import MAX_ERROR_BYTES, MAX_TOKENS, Limits, Policy
-from .server import write_message
-from .validation import check_program, unchecked_program
+from .server import _write_all, write_message
+from .validation import check_program, program_text, unchecked_program
 
 # The tokenizer's own files are copied into the jail (its folder, which may hold model weights, is not bound).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -95,7 +94,6 @@ class _Worker:
         self.out = self.proc.stdout.fileno()
         self.err = self.proc.stderr.fileno()
         self.stderr_tail = b""
-        self.sources_sent: set = set()
         write_message(self.proc.stdin.fileno(), setup)
 
     def drain_stderr(self) -> None:
@@ -138,16 +136,13 @@ class _Worker:
                 buffer += data
 
     def send_job(self, job: Job, job_id: int, checked, limits: Limits) -> None:
-        source_id = hashlib.sha256(job.source.encode("utf-8", "surrogatepass")).hexdigest()
-        stdin = self.proc.stdin.fileno()
-        if source_id not in self.sources_sent:
-            write_message(stdin, ("source", source_id, job.source, job.filename))
-            self.sources_sent.add(source_id)
-        write_message(stdin, ("job", {
-            "job_id": job_id, "source_id": source_id, "filename": job.filename, "function": job.function,
+        """The job, then its program's text as raw bytes (the worker keeps no source: server.py)."""
+        text = program_text(job.source, checked).encode("utf-8", "surrogatepass")
+        write_message(self.proc.stdin.fileno(), ("job", {
+            "job_id": job_id, "source_bytes": len(text), "filename": job.filename, "function": job.function,
             "kind": job.kind, "calls": job.calls, "causal": job.causal, "last_row": job.last_row,
-            "statements": checked.statements, "imports": checked.imports, "linguistic": checked.linguistic,
-            "limits": limits}))
+            "imports": checked.imports, "linguistic": checked.linguistic, "limits": limits}))
+        _write_all(self.proc.stdin.fileno(), text)
 
     def host_pids(self) -> list[int]:
         """The host pids of this jail's processes (bwrap, its init, the worker, a running child)."""
