@@ -475,9 +475,12 @@ def test_the_jail_runs_from_a_checkout_and_an_environment_under_tmp():
     assert files[0] == f"{root}/src/attnprog/__init__.py"
     assert files[1].startswith(f"{root}/venv/lib/") and files[1].endswith("/site-packages/numpy/__init__.py")
     assert seen["read_only"] == [True, True]
-    # Every mount is read-only but the jail's own /tmp, /proc and /dev.
-    writable = [line.split()[4] for line in seen["mounts"].splitlines() if line.split()[5].split(",")[0] == "rw"]
-    assert "/tmp" in writable and all(p in ("/tmp", "/proc") or p.startswith("/dev") for p in writable), writable
+    # Every mount is read-only but the jail's own /tmp, /proc and /dev (and /dev/null over hidden /proc files).
+    writable = [(line.split()[4], line.split()[3]) for line in seen["mounts"].splitlines()
+                if line.split()[5].split(",")[0] == "rw"]
+    assert ("/tmp", "/") in writable
+    assert all(p in ("/tmp", "/proc") or p.startswith("/dev") or (p.startswith("/proc/") and root_ == "/null")
+               for p, root_ in writable), writable
     under_tmp = [line.split()[4] for line in seen["mounts"].splitlines() if line.split()[4].startswith(str(root))]
     assert len(under_tmp) == 2, under_tmp
 
@@ -522,3 +525,37 @@ def test_a_later_program_finds_no_earlier_programs_source_in_its_memory(jail):
 def ast_literal(text: str):
     import ast
     return ast.literal_eval(text)
+
+
+def test_proc_shows_nothing_of_the_host_a_program_does_not_need(jail):
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot_id = f.read().strip()
+    with open("/proc/cmdline") as f:
+        kernel_cmdline = f.read().strip()
+    report = report_of(escape(jail, reporting("""
+        seen = {}
+        for path in ('/proc/1/cmdline', '/proc/self/cmdline', '/proc/1/environ', '/proc/cmdline', '/proc/version',
+                     '/proc/loadavg', '/proc/meminfo', '/proc/stat', '/proc/uptime', '/proc/pressure/cpu',
+                     '/proc/sys/kernel/random/boot_id', '/proc/sys/kernel/osrelease'):
+            try:
+                seen[path] = open(path).read()
+            except OSError as e:
+                seen[path] = type(e).__name__
+        seen['cwd'] = [os.getcwd()] + [os.readlink(f'/proc/{p}/cwd') for p in (1, 'self')]
+        seen['sys'] = os.listdir('/proc/sys')
+        seen['sysinfo'] = libc.sysinfo(ctypes.create_string_buffer(128))
+        report = repr(seen)
+        """)))
+    import ast
+    seen = ast.literal_eval(report)
+    assert boot_id not in report and kernel_cmdline not in report
+    assert seen["cwd"] == ["/", "/", "/"] and seen["sys"] == []
+    for path in ("/proc/cmdline", "/proc/version", "/proc/loadavg", "/proc/meminfo", "/proc/stat", "/proc/uptime"):
+        assert seen[path] == "", path
+    assert seen["/proc/sys/kernel/random/boot_id"] == "FileNotFoundError"
+    assert seen["/proc/pressure/cpu"] in ("FileNotFoundError", "")
+    # bwrap's own command line holds no option, no bound path, no environment
+    assert "--ro-bind" not in seen["/proc/1/cmdline"] and "--setenv" not in seen["/proc/1/cmdline"]
+    for folder in {str(Path(attnprog.__file__).resolve().parents[1]), os.getcwd()}:
+        assert folder not in seen["/proc/1/cmdline"] and folder not in seen["/proc/self/cmdline"]
+    assert seen["sysinfo"] == -1  # host-wide memory and load through the system call: refused

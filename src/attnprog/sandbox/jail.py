@@ -115,13 +115,28 @@ exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --boundi
 '''
 
 
-def jail_command(argv: list[str], seccomp_fd: int) -> tuple[list[str], str | None]:
-    """(command line that runs `argv` in the jail, staging folder the caller removes afterwards or None)."""
+# What /proc shows of the host that Python does not need, hidden: kernel command line and version, boot
+# id and every other kernel setting (/proc/sys), host-wide load, memory, pressure and device figures.
+PROC_HIDDEN_FILES = ("cmdline", "version", "loadavg", "meminfo", "stat", "uptime", "vmstat", "zoneinfo",
+                     "buddyinfo", "swaps", "partitions", "diskstats", "interrupts", "softirqs", "cpuinfo",
+                     "modules", "kallsyms", "keys", "key-users", "timer_list", "sched_debug", "schedstat",
+                     "mdstat", "consoles", "devices", "filesystems", "misc", "locks", "cgroups", "iomem",
+                     "ioports", "kpagecount", "kpageflags", "kpagecgroup", "pagetypeinfo", "slabinfo",
+                     "vmallocinfo", "sysrq-trigger", "kcore", "crypto", "execdomains", "dma", "fb",
+                     "latency_stats", "mtrr")
+PROC_HIDDEN_DIRS = ("sys", "pressure", "irq", "bus", "fs", "driver", "tty", "acpi", "scsi", "sysvipc",
+                    "dynamic_debug")
+
+
+def jail_command(argv: list[str], seccomp_fd: int, args_fd: int) -> tuple[list[str], bytes, str | None]:
+    """(command line that runs `argv` in the jail, the NUL-separated arguments bwrap reads from `args_fd`,
+    staging folder the caller removes afterwards or None). The arguments go through a descriptor so that
+    the jail's pid 1 (bwrap) shows none of them in /proc/1/cmdline."""
     paths = read_only_paths()
     as_root = os.geteuid() == 0
     stage = tempfile.mkdtemp(prefix="attnprog-jail-") if as_root else None
     sources = [f"{stage}/{i}" for i in range(len(paths))] if as_root else paths
-    command = [bwrap_path(), "--unshare-all", "--unshare-user", "--disable-userns",
+    command = ["--unshare-all", "--unshare-user", "--disable-userns",
                "--uid", str(JAIL_UID), "--gid", str(JAIL_GID), "--cap-drop", "ALL", "--die-with-parent",
                "--new-session", "--hostname", "jail", "--clearenv"]
     for name, value in _passed_env().items():
@@ -134,11 +149,20 @@ def jail_command(argv: list[str], seccomp_fd: int) -> tuple[list[str], str | Non
     for link in TOP_LEVEL_LIBRARIES + ("/bin",):
         if os.path.islink(link):
             command += ["--symlink", os.readlink(link), link]
-    command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/", "--chdir", "/", "--seccomp", str(seccomp_fd), "--"] + argv
+    command += ["--proc", "/proc", "--dev", "/dev"]
+    for name in PROC_HIDDEN_FILES:
+        if os.path.exists(f"/proc/{name}"):
+            command += ["--dev-bind", "/dev/null", f"/proc/{name}"]  # reads as empty
+    for name in PROC_HIDDEN_DIRS:
+        if os.path.isdir(f"/proc/{name}"):
+            command += ["--tmpfs", f"/proc/{name}", "--remount-ro", f"/proc/{name}"]
+    command += ["--remount-ro", "/", "--chdir", "/", "--seccomp", str(seccomp_fd)]
+    args = b"".join(a.encode() + b"\0" for a in command)
+    command = [bwrap_path(), "--args", str(args_fd), "--"] + argv
     if as_root:
         command = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _STAGE_SCRIPT, "sh",
                    stage, *paths, "--", *command]
-    return command, stage
+    return command, args, stage
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,7 +201,7 @@ PROGRAM_SYSCALLS = (
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "futex", "sched_yield",
     "sched_getaffinity", "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday",
     "time", "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid",
-    "getresgid", "getrandom", "getrlimit", "getrusage", "times", "sysinfo", "uname", "exit", "exit_group",
+    "getresgid", "getrandom", "getrlimit", "getrusage", "times", "uname", "exit", "exit_group",
     "restart_syscall")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | 0o20000000  # __O_TMPFILE
 _TCGETS = 0x5401

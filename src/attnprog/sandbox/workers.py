@@ -76,24 +76,43 @@ def _tokenizer_files(tokenizer_dir) -> dict:
     return files
 
 
+# The worker's command line: sys.path (host folders) comes on stdin, so argv names none of it.
+BOOTSTRAP = ("import os, sys; n = int.from_bytes(os.read(0, 4), 'little'); "
+             "sys.path[:0] = os.read(0, n).decode().split('\\0'); "
+             "from attnprog.sandbox.server import serve; serve()")
+
+
 class _Worker:
     """One warm worker process in its own jail, and its pipes."""
 
     def __init__(self, setup: dict):
-        bootstrap = (f"import sys; sys.path[:0] = {jail_python_path()!r}; "
-                     "from attnprog.sandbox.server import serve; serve()")
-        argv = [str(Path(sys.executable).resolve()), "-I", "-S", "-B", "-c", bootstrap]
+        argv = [str(Path(sys.executable).resolve()), "-I", "-S", "-B", "-c", BOOTSTRAP]
         seccomp_fd = write_worker_filter()
+        args_fd, args_write = os.pipe()
         try:
-            command, self.stage = jail_command(argv, seccomp_fd)
+            command, args, self.stage = jail_command(argv, seccomp_fd, args_fd)
+            # cwd "/": the jail's pid 1 keeps the directory it started in, which /proc/1/cwd would show
             self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, pass_fds=[seccomp_fd], start_new_session=True,
+                                         stderr=subprocess.PIPE, pass_fds=[seccomp_fd, args_fd],
+                                         start_new_session=True, cwd="/",
                                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            os.close(args_fd)
+            with os.fdopen(args_write, "wb") as out:
+                args_write = None
+                out.write(args)
         finally:
             os.close(seccomp_fd)
+            for fd in (args_fd, args_write):
+                try:
+                    if fd is not None:
+                        os.close(fd)
+                except OSError:
+                    pass
         self.out = self.proc.stdout.fileno()
         self.err = self.proc.stderr.fileno()
         self.stderr_tail = b""
+        path = "\0".join(jail_python_path()).encode()
+        _write_all(self.proc.stdin.fileno(), len(path).to_bytes(4, "little") + path)
         write_message(self.proc.stdin.fileno(), setup)
 
     def drain_stderr(self) -> None:
