@@ -559,3 +559,22 @@ def test_proc_shows_nothing_of_the_host_a_program_does_not_need(jail):
     for folder in {str(Path(attnprog.__file__).resolve().parents[1]), os.getcwd()}:
         assert folder not in seen["/proc/1/cmdline"] and folder not in seen["/proc/self/cmdline"]
     assert seen["sysinfo"] == -1  # host-wide memory and load through the system call: refused
+
+
+def test_bytes_after_a_good_result_fail_only_that_program(jail):
+    pid = worker_pid(jail)
+    run = escape(jail, """
+        import sys
+        from attnprog.sandbox import channel
+        from attnprog.matrices import tril_indices
+        def attention(tokens):
+            frame = sys._getframe()
+            while 'job' not in frame.f_locals:
+                frame = frame.f_back
+            n = len(tokens)
+            good = channel.encode(frame.f_locals['job']['job_id'], 0, 'ok', np.eye(n, dtype=np.float32)[tril_indices(n)])
+            os.write(3, good + b'trailing bytes')
+            os._exit(0)
+        """)
+    assert run.status == "bad_output" and run.matrices == [None] and "after the end" in run.error
+    assert worker_pid(jail) == pid and still_serves(jail)  # the jail was not restarted

@@ -133,7 +133,7 @@ class Worker:
         reader = channel.FrameReader(job_id, [len(t) for t, _ in job["calls"]], job["causal"], job["last_row"],
                                      host_side=False)
         deadline = time.monotonic() + 2 * limits.seconds_per_call  # module set-up + first call
-        failure = None
+        failure, start = None, 0  # start: the first call whose frame has not been passed on
         while not reader.done and failure is None:
             wait = deadline - time.monotonic()
             if wait <= 0:
@@ -144,9 +144,10 @@ class Worker:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 break
+            start = reader.next_index
             try:
                 events = reader.feed(chunk)
-            except channel.ChannelError as e:
+            except channel.ChannelError as e:  # this chunk's frames are not passed on: they fail with it
                 failure = ("bad_output", f"malformed result stream: {e}")
                 break
             for event in events:
@@ -156,6 +157,7 @@ class Worker:
                     deadline = time.monotonic() + limits.seconds_per_call
                 elif event[0] == "setup_failed":
                     failure = (event[1], event[2])
+            start = reader.next_index
         os.close(fd)
         exit_status, killed = _reap(pid, kill_now=failure is not None or not reader.done)
         if failure is None and not reader.done:  # the child ended (or closed its pipe) before every result
@@ -165,8 +167,8 @@ class Worker:
                 failure = _signal_status(os.WTERMSIG(exit_status))
             else:
                 failure = ("runtime_error", "the program's process exited before returning all results")
-        if failure is not None:
-            return self._fail_from(job_id, reader.next_index, m, *failure)
+        if failure is not None:  # one frame per remaining call, then the end: the host's stream stays whole
+            return self._fail_from(job_id, start, m, *failure)
         self.send(job_id, channel.END, "ok")
 
 
