@@ -578,3 +578,24 @@ def test_bytes_after_a_good_result_fail_only_that_program(jail):
         """)
     assert run.status == "bad_output" and run.matrices == [None] and "after the end" in run.error
     assert worker_pid(jail) == pid and still_serves(jail)  # the jail was not restarted
+
+
+def test_the_worker_runs_under_limits_it_cannot_raise(jail):
+    from attnprog.sandbox.jail import WORKER_ADDRESS_SPACE, WORKER_CPU_SECONDS, WORKER_FILES
+    with open(f"/proc/{worker_pid(jail)}/limits") as f:
+        limits = {line[:26].strip(): line[26:].split()[:2] for line in f.read().splitlines()[1:]}
+    assert limits["Max address space"] == [str(WORKER_ADDRESS_SPACE)] * 2
+    assert limits["Max cpu time"] == [str(WORKER_CPU_SECONDS), str(WORKER_CPU_SECONDS + 60)]
+    assert limits["Max open files"] == [str(WORKER_FILES)] * 2
+    assert limits["Max core file size"] == ["0", "0"]
+    if os.geteuid() == 0:
+        assert limits["Max processes"][1] != "unlimited"
+    report = report_of(escape(jail, reporting("""
+        import resource
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            report = 'raised'
+        except (ValueError, OSError) as e:
+            report = type(e).__name__
+        """)))
+    assert report != "raised"

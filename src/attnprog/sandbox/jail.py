@@ -296,3 +296,27 @@ def program_rlimits(seconds_per_call: float, memory_mb: int, n_calls: int, used_
     return [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
             (resource.RLIMIT_NPROC, 0, 0), (resource.RLIMIT_NOFILE, 32, 32), (resource.RLIMIT_FSIZE, 0, 0),
             (resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_MEMLOCK, 0, 0), (resource.RLIMIT_MSGQUEUE, 0, 0)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resource limits of the warm worker itself
+
+WORKER_ADDRESS_SPACE = 16 << 30   # the worker and each program's child (numpy, spaCy loaded: ~0.3 GB)
+WORKER_CPU_SECONDS = 4 * 3600     # its own CPU (not its children's); SIGXCPU then SIGKILL: the host replaces it
+WORKER_PROCESSES = 512            # processes of uid 65534 on the host (every jail's), only when that uid is its own
+WORKER_FILES = 64
+
+
+def worker_rlimits(own_uid: bool) -> list:
+    """(limit, soft, hard) the worker sets on itself before it reads any job; with no capability in the
+    jail it cannot raise them again. No cgroup: the jail's limits must hold wherever bubblewrap runs, and
+    a cgroup needs a writable hierarchy the host may not have. The process limit counts the uid's
+    processes host-wide, so it is set only when the jail runs as uid 65534 (`own_uid`, the host is root),
+    not as the calling user."""
+    limits = [(resource.RLIMIT_AS, WORKER_ADDRESS_SPACE, WORKER_ADDRESS_SPACE),
+              (resource.RLIMIT_CPU, WORKER_CPU_SECONDS, WORKER_CPU_SECONDS + 60),
+              (resource.RLIMIT_NOFILE, WORKER_FILES, WORKER_FILES), (resource.RLIMIT_FSIZE, TMPFS_BYTES, TMPFS_BYTES),
+              (resource.RLIMIT_CORE, 0, 0)]
+    if own_uid:
+        limits.append((resource.RLIMIT_NPROC, WORKER_PROCESSES, WORKER_PROCESSES))
+    return limits

@@ -297,7 +297,13 @@ def serve() -> None:
     ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        worker = Worker(read_message(proto_in), proto_out)
+        setup = read_message(proto_in)
+        for limit, soft, hard in setup["worker_rlimits"]:  # never above what it inherited
+            inherited = resource.getrlimit(limit)[1]
+            if inherited != resource.RLIM_INFINITY:
+                soft, hard = min(soft, inherited), min(hard, inherited)
+            resource.setrlimit(limit, (soft, hard))
+        worker = Worker(setup, proto_out)
     except BaseException as e:
         _write_all(proto_out, channel.encode(0, channel.SETUP_FAILED, "runtime_error", f"{type(e).__name__}: {e}"))
         return

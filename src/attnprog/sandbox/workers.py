@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..programs import ProgramError
 from . import channel
-from .jail import JailError, compiled, jail_command, jail_python_path, program_filter, write_worker_filter
+from .jail import (WORKER_ADDRESS_SPACE, JailError, compiled, jail_command, jail_python_path, program_filter,
+                   worker_rlimits, write_worker_filter)
 from .policy import MAX_ERROR_BYTES, MAX_TOKENS, Limits, Policy
 from .server import _write_all, write_message
 from .validation import check_program, program_text, unchecked_program
@@ -228,7 +229,8 @@ class Sandbox:
         self.policy = policy
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self._setup = {"policy": policy, "tokenizer_files": _tokenizer_files(tokenizer_dir),
-                       "program_filter": compiled(program_filter())}
+                       "program_filter": compiled(program_filter()),
+                       "worker_rlimits": worker_rlimits(own_uid=os.geteuid() == 0)}
         self._lock = threading.Lock()
         self._next_job_id = 1
         self._pool: list = []
@@ -247,6 +249,9 @@ class Sandbox:
         return self.run_many([job], limits)[0]
 
     def run_many(self, jobs: list, limits: Limits = Limits()) -> list:
+        if (limits.memory_mb << 20) > WORKER_ADDRESS_SPACE // 2:
+            raise ValueError(f"sandbox: memory_mb {limits.memory_mb} is more than a worker allows a program "
+                             f"({WORKER_ADDRESS_SPACE // 2 >> 20} MB)")
         results: list = [None] * len(jobs)
         todo = deque()
         for i, job in enumerate(jobs):
