@@ -304,7 +304,7 @@ def program_rlimits(seconds_per_call: float, memory_mb: int, n_calls: int, used_
 WORKER_ADDRESS_SPACE = 16 << 30   # the worker and each program's child (numpy, spaCy loaded: ~0.3 GB)
 WORKER_CPU_SECONDS = 4 * 3600     # its own CPU (not its children's); SIGXCPU then SIGKILL: the host replaces it
 WORKER_PROCESSES = 512            # processes of uid 65534 on the host (every jail's), only when that uid is its own
-WORKER_FILES = 64
+WORKER_FILES = 256
 
 
 def worker_rlimits(own_uid: bool) -> list:
