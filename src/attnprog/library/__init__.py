@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_dir, write_json
-from ..contracts import BASELINES, BEST, PROGRAMS, SCORES, SPLITS, HeadId, HeadInputs
+from ..contracts import BASELINES, BEST, PROGRAMS, SCORES, SPLITS, HeadId, HeadInputs, is_trusted
 from ..matrices import pack
 from ..programs import programs_from_source
 from ..scoring import BASELINE_NAMES, baseline_matrices, iou_table
@@ -78,7 +78,7 @@ def describe(pool: pooling.Pool, synthesis_dirs: list, heads: list[HeadId]) -> p
         rows.append({"name": row.name, "origin": row.origin, "source_layer": row.layer, "source_head": row.head,
                      "description": program.description,
                      "category": pooling.category_of(source, program.docstring), "causal": bool(row.causal),
-                     "trusted": row.origin == "offline", "n_terms": row.n_terms, "source_chars": row.source_chars,
+                     "trusted": is_trusted(row.origin), "n_terms": row.n_terms, "source_chars": row.source_chars,
                      "file": str(path)})
     return pd.DataFrame(rows)
 
