@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from attnprog.contracts import ModelInfo
 from test_qa_user_tasks import write_user_tasks
@@ -101,12 +102,15 @@ def test_changing_another_backends_settings_reruns_nothing(finished):
 
 @contextlib.contextmanager
 def edited(path: Path):
-    """`path` as if edited now (its mtime past every output's); its own mtime again afterwards."""
-    before = path.stat()
+    """`path` edited (a byte appended: Snakemake reruns on a newer input only if its checksum changed too);
+    its content and mtime as before afterwards."""
+    content, before = path.read_bytes(), path.stat()
+    path.write_bytes(content + b"\n")
     os.utime(path, ns=(before.st_atime_ns, time.time_ns() + 10**9))
     try:
         yield
     finally:
+        path.write_bytes(content)
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
@@ -146,6 +150,22 @@ def test_editing_a_task_file_reruns_that_task_only(path, finished):
         jobs = dry_run_jobs(snakemake(workdir, config, "-n"))
     assert [w for rule, w in jobs if rule == "qa"] == [{"model": "tiny-gpt2", "task": "my_facts"}]
     assert {rule for rule, _ in jobs} == {"qa", "qa_summary", "report_model", "report", "all"}
+
+
+def test_a_failing_qa_task_does_not_stop_the_others(finished):
+    """A task that passes the start-up checks but fails in lm-eval (its data file is not JSON) fails its own
+    job; the other task's job still runs to the end (keep-going, profiles/default)."""
+    workdir, config = finished
+    folder = workdir / "inputs" / "tasks"
+    (folder / "garbled.jsonl").write_text("this is not JSON\n")
+    (folder / "garbled.yaml").write_text(yaml.safe_dump({"include": "base.yaml", "task": "my_garbled",
+                                                         "dataset_kwargs": {"data_files": {"test": str(folder / "garbled.jsonl")}}}))
+    changed = {**config, "qa": {**config["qa"], "tasks": [*config["qa"]["tasks"], "my_garbled", "my_facts_norm"]}}
+    run = subprocess.run(snakemake_cmd(workdir, changed, "--cores", "2"), capture_output=True, text=True, timeout=1800)
+    assert run.returncode != 0
+    qa_dir = workdir / "results" / "tiny-gpt2" / "qa"
+    assert (qa_dir / "my_facts_norm.json").is_file() and not (qa_dir / "my_garbled.json").exists()
+    assert_results_valid(workdir)  # every result of the run reads through its contract
 
 
 def sorted_jobs(dry_run: str) -> list:
