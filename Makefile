@@ -33,7 +33,7 @@ run: setup
 test: setup system
 	$(PY) -m pytest
 
-# The unit tests: no jail, no network, no Snakemake run (tests/conftest.py); about a minute on 2 cores.
+# The unit tests: no jail, no network, no Snakemake run (tests/conftest.py); about 50 CPU-seconds.
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not jail and not network and not workflow"
 
