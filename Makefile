@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system jail run test lint clean
+.PHONY: setup system jail run test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ run: setup
 
 test: setup system
 	$(PY) -m pytest
+
+# The unit tests: no jail, no network, no Snakemake run (tests/conftest.py); about 50 CPU-seconds.
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not jail and not network and not workflow"
 
 lint: setup
 	$(VENV)/bin/snakemake --lint

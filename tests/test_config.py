@@ -17,6 +17,7 @@ def test_defaults_are_filled_in():
     assert config["corpus"]["max_words"] == 60
     assert config["extract"]["batch_size"] == 8
     assert config["synthesis"]["offline"]["objective"] == "iou"
+    assert config["qa"]["questions"] == 100  # as the shipped config (the schema's default was 200)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -40,6 +41,7 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.workflow
 def test_snakemake_stops_on_bad_config_with_one_line(tmp_path):
     config = tiny_config({"m": tmp_path}) | {"extract": {"batch_size": "eight"}}
     result = run_snakemake(tmp_path, config, "-n", check=False)

@@ -70,6 +70,7 @@ def run(tmp_path, api, cache="cache", **prompt):
     return asdict(manifest), out
 
 
+@pytest.mark.jail  # the replies' programs run in the sandbox
 def test_candidates_are_run_ranked_refined_and_recorded(tmp_path):
     api = FakeAPI(message(fenced(SELF, PREVIOUS_TOKEN, BROKEN), input_tokens=3000, output_tokens=600,
                           cache_write=2500),
@@ -102,6 +103,7 @@ def test_candidates_are_run_ranked_refined_and_recorded(tmp_path):
     assert sum(c["output_tokens"] for c in manifest["candidates"]) == 800
 
 
+@pytest.mark.jail  # the replies' programs run in the sandbox
 def test_a_rerun_asks_nothing_and_reproduces_the_manifest(tmp_path):
     replies = (message(fenced(SELF, PREVIOUS_TOKEN)), message(fenced(PREVIOUS_TOKEN)))
     manifest, out = run(tmp_path, FakeAPI(*replies))
@@ -113,6 +115,7 @@ def test_a_rerun_asks_nothing_and_reproduces_the_manifest(tmp_path):
     assert all(c["from_cache"] for c in again["candidates"])
 
 
+@pytest.mark.jail  # the replies' programs run in the sandbox
 def test_junk_replies_become_failed_candidates(tmp_path):
     api = FakeAPI(message(fenced(ESCAPES, CRASHES) + "Hypothesis 3.\n```python\ndef attention(tokens):\n    ret",
                           stop="max_tokens"),
@@ -127,6 +130,7 @@ def test_junk_replies_become_failed_candidates(tmp_path):
     assert manifest["candidates"][3]["file"] is None and not (out / "L3H5_r0.py").exists()
 
 
+@pytest.mark.jail  # the replies' programs run in the sandbox
 def test_refinement_can_be_switched_off(tmp_path):
     api = FakeAPI(message(fenced(SELF)))
     manifest, _ = run(tmp_path, api, refine=False, candidates=1)

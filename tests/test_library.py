@@ -228,6 +228,23 @@ def test_failed_candidates_score_worst_and_stay_out(tmp_path):
     assert list(tables["programs"]["name"]) == ["prev"]
 
 
+def test_trust_in_the_programs_table_comes_from_the_contracts(tmp_path, monkeypatch):
+    """programs.parquet's `trusted` (whether substitution runs a program in-process) is contracts.is_trusted
+    of its origin, the one place that decides, not a comparison of its own."""
+    from attnprog import contracts
+
+    examples = make_examples()
+    head = HeadId(0, 0)
+    write_head_inputs(tmp_path / "head_inputs.npz", examples, {head: previous_token})
+    folder = write_candidates(tmp_path / "synthesis" / head.name, head, {"prev": PREVIOUS})
+    _, tables = run_library(tmp_path, [head], {head: folder})
+    assert tables["programs"]["trusted"].tolist() == [True]  # origin offline
+    monkeypatch.setattr(contracts, "TRUSTED_ORIGINS", ())
+    library.build_library("tiny", [head], [folder], [tmp_path / "rerank" / "L0H0.npz"], tmp_path / "head_inputs.npz",
+                          tmp_path / "library")
+    assert PROGRAMS.read(tmp_path / "library/programs.parquet")["trusted"].tolist() == [False]
+
+
 # ---- the set cover, on constructed score tables ----
 
 def test_set_cover_finds_the_known_smallest_library():

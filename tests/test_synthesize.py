@@ -172,12 +172,13 @@ def test_unknown_backend_is_a_clear_error(examples, tmp_path):
         S.synthesize_head({"backend": "gpt"}, "tiny", HeadId(0, 0), tmp_path / "inputs.npz", tmp_path / "o")
 
 
-def test_polish_does_not_lower_synth_fit(examples, features):
+def test_polish_raises_synth_fit(examples, features):
     data = synth_data(features, planted(examples, first_and_same_token_head))
     (columns, weights), = S.fit.greedy_fit(data, [1])  # one primitive cannot fit it: room to polish
     X = data.X[:, columns]
     polished = S.fit.refine_for_iou(X, weights, data)
-    assert S.fit.predicted_iou(X, polished, data) >= S.fit.predicted_iou(X, weights, data) - 1e-9
+    before, after = S.fit.predicted_iou(X, weights, data), S.fit.predicted_iou(X, polished, data)
+    assert after > before + 0.01  # measured 0.63 -> 0.72; a polish that changed nothing fails
 
 
 @pytest.mark.slow

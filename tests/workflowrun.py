@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from tinyworld import snakemake_cmd  # noqa: F401  (re-exported for the operations tests)
 
@@ -33,16 +32,42 @@ def result_files(workdir: Path) -> dict[str, float]:
             for p in sorted((workdir / "results").rglob("*")) if p.is_file()}
 
 
+# Each Parquet file the workflow writes, by the end of its path, and the contract it is read through.
+PARQUET_CONTRACTS = {"data/examples.parquet": "EXAMPLES", "data/heldout.parquet": "EXAMPLES",
+                     "library/programs.parquet": "PROGRAMS", "library/scores.parquet": "SCORES",
+                     "library/best.parquet": "BEST", "library/baselines.parquet": "BASELINES",
+                     "substitution/sweep.parquet": "SWEEP", "substitution/single_heads.parquet": "SINGLE_HEADS",
+                     "substitution/orders.parquet": "ORDERS"}
+PARQUET_FOLDERS = {"attention": "ATTENTION", "value_grams": "VALUE_GRAMS"}
+
+
 def assert_results_valid(workdir: Path) -> None:
-    """Every Parquet file under results/ reads, every JSON file parses, every .npz loads, every program file
-    compiles."""
+    """Every result file reads through its contract (attnprog.contracts: a Parquet file with a wrong schema,
+    a rerank result or manifest that breaks its record, a head-inputs file without its splits fails), every
+    other JSON file parses, every .npz loads, every program file compiles."""
+    from attnprog import contracts
+
     files = [p for p in (workdir / "results").rglob("*") if p.is_file()]
     assert files, f"no results under {workdir}"
     for path in files:
+        where = path.relative_to(workdir / "results").as_posix()
         if path.suffix == ".parquet":
-            pq.read_table(path)
+            name = next((c for end, c in PARQUET_CONTRACTS.items() if where.endswith("/" + end)), None)
+            name = name or PARQUET_FOLDERS.get(path.parent.name)
+            assert name is not None, f"{where}: a Parquet file with no contract"
+            getattr(contracts, name).read(path)
+        elif path.name == "info.json" and path.parent.name == "model":
+            contracts.ModelInfo.read(path)
+        elif path.name == "manifest.json":
+            contracts.Manifest.read(path.parent)
         elif path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.parent.name == "rerank" and path.suffix == ".npz":
+            contracts.RerankResult.read(path)
+        elif path.name == "head_inputs.npz":
+            inputs = contracts.HeadInputs(path)
+            for split in contracts.SPLITS:
+                inputs.examples(split)
         elif path.suffix == ".npz":
             with np.load(path) as arrays:
                 [arrays[key] for key in arrays.files]

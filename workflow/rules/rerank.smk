@@ -4,6 +4,7 @@
 
 rule rerank:
     input:
+        script=SCRIPTS / "rerank.py",  # a shell rule's script: declared, so editing it reruns
         candidates="results/{model}/synthesis/L{layer}H{head}",
         head_inputs="results/{model}/synthesis/head_inputs.npz",
         info="results/{model}/model/info.json",
@@ -11,12 +12,11 @@ rule rerank:
         "results/{model}/rerank/L{layer}H{head}.npz",
     params:
         causal_check_examples=config["rerank"]["causal_check_examples"],
-        script=SCRIPTS / "rerank.py",
     log:
         "logs/{model}/rerank/L{layer}H{head}.log",
     conda:
         CONDA_ENV
     shell:
-        "python {params.script} --layer {wildcards.layer} --head {wildcards.head} --candidates {input.candidates}"
+        "python {input.script} --layer {wildcards.layer} --head {wildcards.head} --candidates {input.candidates}"
         " --head-inputs {input.head_inputs} --info {input.info}"
         " --causal-check-examples {params.causal_check_examples} --out {output} --log {log}"

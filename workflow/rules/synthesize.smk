@@ -21,6 +21,7 @@ rule synth_features:
 
 rule synthesize:
     input:
+        script=SCRIPTS / "synthesize.py",  # a shell rule's script: declared, so editing it reruns
         head_inputs="results/{model}/synthesis/head_inputs.npz",
         # the offline synthesizer's primitives; the LLM backends need none
         features=lambda w: (
@@ -32,7 +33,6 @@ rule synthesize:
         directory("results/{model}/synthesis/L{layer}H{head}"),
     params:
         settings=json.dumps(synthesis_settings(config["synthesis"]), sort_keys=True),
-        script=SCRIPTS / "synthesize.py",
         features=lambda w, input: f"--features {input.features}" if input.features else "",
     resources:
         # an open-weights explainer runs a chat model per head (on SLURM: a GPU job)
@@ -42,6 +42,6 @@ rule synthesize:
     conda:
         CONDA_ENV
     shell:
-        "python {params.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
+        "python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
         " --settings {params.settings:q} --head-inputs {input.head_inputs} {params.features}"
         " --out {output} --log {log}"

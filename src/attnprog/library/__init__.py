@@ -19,13 +19,12 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_dir, write_json
-from ..contracts import BASELINES, BEST, PROGRAMS, SCORES, SPLITS, HeadId, HeadInputs
+from ..config import schema_defaults
+from ..contracts import BASELINES, BEST, PROGRAMS, SCORES, SPLITS, HeadId, HeadInputs, is_trusted
 from ..matrices import pack
 from ..programs import programs_from_source
 from ..scoring import BASELINE_NAMES, baseline_matrices, iou_table
 from . import choice, pool as pooling
-
-DEFAULTS = {"dedup_decimals": 3, "jsd_top_k": 5, "tolerance": 0.01, "prefer_shorter": 0.005}
 
 
 def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_results: list, head_inputs, out_dir,
@@ -33,7 +32,7 @@ def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_
     """The `library` rule: write results/{model}/library/ (programs/, programs.parquet, scores.parquet,
     best.parquet, baselines.parquet, summary.json; see docs/ARCHITECTURE.md). Returns the summary.
     The i-th synthesis folder and rerank result belong to heads[i]."""
-    settings = {**DEFAULTS, **(settings or {})}
+    settings = {**schema_defaults("library"), **(settings or {})}
     inputs = HeadInputs(head_inputs)
     gathered = pooling.gather(rerank_results)
     pool = pooling.deduplicate(gathered, settings["dedup_decimals"])
@@ -78,7 +77,7 @@ def describe(pool: pooling.Pool, synthesis_dirs: list, heads: list[HeadId]) -> p
         rows.append({"name": row.name, "origin": row.origin, "source_layer": row.layer, "source_head": row.head,
                      "description": program.description,
                      "category": pooling.category_of(source, program.docstring), "causal": bool(row.causal),
-                     "trusted": row.origin == "offline", "n_terms": row.n_terms, "source_chars": row.source_chars,
+                     "trusted": is_trusted(row.origin), "n_terms": row.n_terms, "source_chars": row.source_chars,
                      "file": str(path)})
     return pd.DataFrame(rows)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .langtest import QAError
 from .paired import paired_comparison
-from .tasks import QATask, lm_eval_task, resolve_task
+from .tasks import QATask, lm_eval_task, resolve_task, task_files
 
 METRICS = ("acc", "acc_norm")
 BASELINE = "none"  # the record key of the unmodified model (no head replaced), shared by every method
@@ -90,8 +90,8 @@ def fingerprint(info, task: QATask, library, data_file, settings: dict, noncausa
     programs = hashlib.sha256()
     for path in sorted(Path(library.program_dir).glob("*.py")):
         programs.update(path.name.encode() + b"\0" + path.read_bytes())
-    files = {"best": library.best, "programs_table": library.programs, "data": data_file, "task_yaml": task.yaml,
-             "orders": orders_path}
+    files = {"best": library.best, "programs_table": library.programs, "data": data_file, "orders": orders_path,
+             **{f"task_file {path}": path for path in task_files(task)}}  # the YAML, its includes and data
     return {"model": asdict(info), "task": task.as_dict(), "questions": settings["questions"],
             "batch_size": settings["batch_size"], "noncausal": noncausal, "programs": programs.hexdigest(),
             **{name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in files.items() if path}}
