@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from attnprog import report
+from attnprog.report.index import depth_profile
 from attnprog.atomic import write_json
 from attnprog.contracts import BASELINES, SCORES, SINGLE_HEADS, SWEEP, HeadId, HeadInputs, ModelInfo, RerankResult
 from attnprog.contracts import BEST as BEST_TABLE
@@ -337,3 +338,11 @@ def test_head_page_says_where_its_program_failed(results, tmp_path):
     page = (out / "heads" / "L1H0.html").read_text()
     assert page.count("The program failed on this example") == 2
     assert page.count("data:image/png;base64,") == 3 + 1  # every real map, the program's only where it ran
+
+
+def test_depth_profile_puts_models_of_different_depths_on_one_axis():
+    best = pd.DataFrame({"layer": [0, 0, 2, 2, 3], "head": [0, 1, 0, 1, 0], "test_iou": [.2, .4, .5, .7, .9]})
+    profile = depth_profile(best, n_layers=4)
+    assert profile["layer"].tolist() == [0, 2, 3]
+    np.testing.assert_allclose(profile["depth"], [0, .5, .75])
+    np.testing.assert_allclose(profile["test_iou"], [.3, .6, .9])
