@@ -281,8 +281,15 @@ def test_index_compares_models_and_links_to_each(tmp_path):
               "tiny-no-downstream": make_results(tmp_path / "results", "tiny-no-downstream", with_downstream=False)}
     models = [report.ModelSummary.read(name, i.info, i.library, i.best, i.sweep, i.substitution, i.qa)
               for name, i in inputs.items()]
-    index = report.write_index(models, tmp_path / "report" / "index.html", {"fraction": 0.25})
+    transfer = {"library_model": "tiny", "target_model": "tiny-no-downstream", "n_programs": 7, "n_heads": 8,
+                "mean_test_iou": 0.25, "own_mean_test_iou": 0.5, "programs_used": 3, "universal_margin": 0.05,
+                "universal_heads": 2, "programs": [{"name": "prog_first", "description": "the first token",
+                                                    "heads": 3, "universal_heads": 2, "mean_test_iou": 0.4}]}
+    index = report.write_index(models, tmp_path / "report" / "index.html", {"fraction": 0.25}, transfers=[transfer])
     page = index.read_text()
+    transfer_row = page[page.index('id="transfer"'):]
+    assert "0.250" in transfer_row and "0.500" in transfer_row and "50%" in transfer_row
+    assert "prog_first (2 heads): the first token" in transfer_row and "2 of 8" in transfer_row
     assert 'href="tiny/index.html"' in page and 'href="tiny-no-downstream/index.html"' in page
     sweep = pd.read_parquet(inputs["tiny"].sweep)
     at = sweep[(sweep["method"] == "programs") & (sweep["fraction"] == 0.25)].iloc[0]

@@ -53,6 +53,10 @@ def test_adding_a_model_reruns_only_its_jobs_and_the_cross_model_outputs(finishe
     assert ("model_info", {"model": added}) in jobs
     for rule, wildcards in jobs:
         assert wildcards.get("model") == added or rule in CROSS_MODEL_RULES, f"reruns {rule} {wildcards}:\n{dry}"
+        if rule == "transfer":  # only the pairs the new model is in
+            assert added in (wildcards["source"], wildcards["target"]), f"reruns {rule} {wildcards}:\n{dry}"
+    assert {(w["source"], w["target"]) for rule, w in jobs if rule == "transfer"} == {("tiny-gpt2", added),
+                                                                                    (added, "tiny-gpt2")}
     # Every cross-model output of the workflow is redone (it now covers the new model).
     everything = {rule for rule, _ in dry_run_jobs(snakemake(workdir, bigger, "-n", "--forceall"))}
     assert CROSS_MODEL_RULES & everything <= {rule for rule, _ in jobs}

@@ -127,13 +127,32 @@ def models_figure(models: list[ModelSummary]) -> Markup:
     return _inline(_svg_of(figure))
 
 
-def write_index(models: list[ModelSummary], out_path: str | Path, options: dict | None = None) -> Path:
-    """Write the cross-model page."""
+def transfer_rows(transfers: list[dict], top: int = 5) -> list[dict]:
+    """One line per ordered pair (library model, target model) of `library.transfer` results, with the
+    library's programs that are universal on the target (most heads within the margin first)."""
+    rows = []
+    for t in sorted(transfers, key=lambda t: (t["library_model"], t["target_model"])):
+        universal = [p for p in t["programs"] if p["universal_heads"]][:top]
+        rows.append({"source": t["library_model"], "target": t["target_model"], "n_heads": t["n_heads"],
+                     "transfer_iou": _fmt(t["mean_test_iou"]), "own_iou": _fmt(t["own_mean_test_iou"]),
+                     "share": _fmt(t["mean_test_iou"] / t["own_mean_test_iou"] if t["own_mean_test_iou"] else None,
+                                   "{:.0%}"),
+                     "programs_used": t["programs_used"], "n_programs": t["n_programs"],
+                     "universal_heads": t["universal_heads"], "margin": t["universal_margin"],
+                     "universal": [f"{p['name']} ({p['universal_heads']} heads): {p['description']}"
+                                   for p in universal]})
+    return rows
+
+
+def write_index(models: list[ModelSummary], out_path: str | Path, options: dict | None = None,
+                transfers: list[dict] | None = None) -> Path:
+    """Write the cross-model page; `transfers`: the `transfer` rule's results, one per ordered model pair."""
     options = {**DEFAULTS, **(options or {})}
     fraction = float(options["fraction"])
     rows = [model_row(model, fraction) for model in models]
     page = environment().get_template("index.html").render(
         models=rows, fraction_label=f"{fraction:.0%}", figure=models_figure(models),
+        transfers=transfer_rows(transfers or []),
         note="Perplexity on the substitution summary's evaluation set (held-out text when there is some), programs "
              "replacing heads in order of val IoU, with the relative increase and its 95% bootstrap interval.")
     write_text(out_path, page)
