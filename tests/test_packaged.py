@@ -70,3 +70,13 @@ def test_config_accepts_both_forms_and_pins_every_part():
     for bad in ({"parts": [part, unpinned], "sha256": "1" * 64}, {"parts": [part]}, {"parts": [], "sha256": "1" * 64}):
         with pytest.raises(ConfigError):
             validate_config({**base, "models": {"m": {"pypi_gguf": bad}}})
+
+
+def test_opt_in_gemma_config_merges_over_the_default():
+    from conftest import default_with_gemma
+
+    config = default_with_gemma()
+    assert list(config["models"]) == ["smollm2-135m", "gemma3-270m"]
+    parts, sha256 = packaged.gguf_parts(config["models"]["gemma3-270m"]["pypi_gguf"])
+    assert [p["file"][-6:] for p in parts] == ["part00", "part01", "part02", "part03"]
+    assert sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
