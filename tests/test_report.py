@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from attnprog import report
+from attnprog.report.index import depth_profile
 from attnprog.atomic import write_json
 from attnprog.contracts import BASELINES, SCORES, SINGLE_HEADS, SWEEP, HeadId, HeadInputs, ModelInfo, RerankResult
 from attnprog.contracts import BEST as BEST_TABLE
@@ -280,8 +281,15 @@ def test_index_compares_models_and_links_to_each(tmp_path):
               "tiny-no-downstream": make_results(tmp_path / "results", "tiny-no-downstream", with_downstream=False)}
     models = [report.ModelSummary.read(name, i.info, i.library, i.best, i.sweep, i.substitution, i.qa)
               for name, i in inputs.items()]
-    index = report.write_index(models, tmp_path / "report" / "index.html", {"fraction": 0.25})
+    transfer = {"library_model": "tiny", "target_model": "tiny-no-downstream", "n_programs": 7, "n_heads": 8,
+                "mean_test_iou": 0.25, "own_mean_test_iou": 0.5, "programs_used": 3, "universal_margin": 0.05,
+                "universal_heads": 2, "programs": [{"name": "prog_first", "description": "the first token",
+                                                    "heads": 3, "universal_heads": 2, "mean_test_iou": 0.4}]}
+    index = report.write_index(models, tmp_path / "report" / "index.html", {"fraction": 0.25}, transfers=[transfer])
     page = index.read_text()
+    transfer_row = page[page.index('id="transfer"'):]
+    assert "0.250" in transfer_row and "0.500" in transfer_row and "50%" in transfer_row
+    assert "prog_first (2 heads): the first token" in transfer_row and "2 of 8" in transfer_row
     assert 'href="tiny/index.html"' in page and 'href="tiny-no-downstream/index.html"' in page
     sweep = pd.read_parquet(inputs["tiny"].sweep)
     at = sweep[(sweep["method"] == "programs") & (sweep["fraction"] == 0.25)].iloc[0]
@@ -337,3 +345,11 @@ def test_head_page_says_where_its_program_failed(results, tmp_path):
     page = (out / "heads" / "L1H0.html").read_text()
     assert page.count("The program failed on this example") == 2
     assert page.count("data:image/png;base64,") == 3 + 1  # every real map, the program's only where it ran
+
+
+def test_depth_profile_puts_models_of_different_depths_on_one_axis():
+    best = pd.DataFrame({"layer": [0, 0, 2, 2, 3], "head": [0, 1, 0, 1, 0], "test_iou": [.2, .4, .5, .7, .9]})
+    profile = depth_profile(best, n_layers=4)
+    assert profile["layer"].tolist() == [0, 2, 3]
+    np.testing.assert_allclose(profile["depth"], [0, .5, .75])
+    np.testing.assert_allclose(profile["test_iou"], [.3, .6, .9])

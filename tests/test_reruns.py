@@ -56,14 +56,20 @@ def finished(tiny_models, tmp_path_factory):
     return workdir, config
 
 
-def test_adding_a_model_reruns_only_its_jobs_and_the_cross_model_outputs(finished, tiny_models):
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_adding_a_model_reruns_only_its_jobs_and_the_cross_model_outputs(finished, tiny_models, kind):
     workdir, config = finished
-    bigger = {**config, "models": {**config["models"], "tiny-llama": {"local_dir": str(tiny_models["llama"])}}}
+    added = f"tiny-{kind}"
+    bigger = {**config, "models": {**config["models"], added: {"local_dir": str(tiny_models[kind])}}}
     dry = snakemake(workdir, bigger, "-n")
     jobs = dry_run_jobs(dry)
-    assert ("model_info", {"model": "tiny-llama"}) in jobs
+    assert ("model_info", {"model": added}) in jobs
     for rule, wildcards in jobs:
-        assert wildcards.get("model") == "tiny-llama" or rule in CROSS_MODEL_RULES, f"reruns {rule} {wildcards}:\n{dry}"
+        assert wildcards.get("model") == added or rule in CROSS_MODEL_RULES, f"reruns {rule} {wildcards}:\n{dry}"
+        if rule == "transfer":  # only the pairs the new model is in
+            assert added in (wildcards["source"], wildcards["target"]), f"reruns {rule} {wildcards}:\n{dry}"
+    assert {(w["source"], w["target"]) for rule, w in jobs if rule == "transfer"} == {("tiny-gpt2", added),
+                                                                                    (added, "tiny-gpt2")}
     # Every cross-model output of the workflow is redone (it now covers the new model).
     everything = {rule for rule, _ in dry_run_jobs(snakemake(workdir, bigger, "-n", "--forceall"))}
     assert CROSS_MODEL_RULES & everything <= {rule for rule, _ in jobs}

@@ -15,6 +15,7 @@ from attnprog.substitute import orders
 from attnprog.substitute import sweep as sweeps
 
 VOCAB = 64
+SLIDING_WINDOW = 4  # the tiny Gemma-3's layer 0: key j is visible to query i when i - j < 4
 
 
 def tiny_model(arch: str):
@@ -25,11 +26,13 @@ def tiny_model(arch: str):
     elif arch == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              hidden_size=32, intermediate_size=64, vocab_size=VOCAB))
-    else:  # Gemma-3: GQA, a sliding-window layer and a global one, attention softcapping off
+    else:  # Gemma-3-270M's attention in small: one key/value head shared by 4 query heads, query/key norms,
+        # scaling by query_pre_attn_scalar (not the head size), a sliding-window layer (a window shorter than
+        # the tests' sequences) and a global one; softcapping on (Gemma-2 style) so that path is exercised too.
         model = Gemma3ForCausalLM(Gemma3TextConfig(
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
-            intermediate_size=64, vocab_size=VOCAB, sliding_window=4,
-            layer_types=["sliding_attention", "full_attention"]))
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32, head_dim=8,
+            intermediate_size=64, vocab_size=VOCAB, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=20,
+            attn_logit_softcapping=2.0, layer_types=["sliding_attention", "full_attention"]))
     model.set_attn_implementation("eager")
     return model.eval()
 
@@ -128,6 +131,34 @@ def test_matrix_entries_above_the_diagonal_never_reach_the_model(arch):
     replacer.set_heads({(0, 0): leaky_matrix, (1, 1): leaky_matrix})
     if arch != "gemma3":  # layer 0 of the Gemma model is a sliding window, where the two differ
         torch.testing.assert_close(logits(model, ids), uniform)
+
+
+def first_token(tokens):
+    n = len(tokens)
+    matrix = np.zeros((n, n), dtype=np.float32)
+    matrix[:, 0] = 1.0
+    return matrix
+
+
+def test_a_sliding_window_layer_masks_the_program_by_its_window():
+    """A program's matrix is cut to the layer's window before it is used (then row-normalised; a row left empty
+    attends to its first visible key), while a global layer uses it whole. The model returns the
+    probabilities it used as its attentions."""
+    model = tiny_model("gemma3")
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    replacer = substitute.install(model, id_strings)
+    replacer.set_heads({(0, 2): first_token, (1, 2): first_token})
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        used = model(ids, output_attentions=True).attentions
+    rows, cols = np.indices((12, 12))
+    window = SLIDING_WINDOW
+    expected_sliding = ((cols == np.maximum(rows - window + 1, 0)) & (cols <= rows)).astype(np.float32)
+    for b in range(2):
+        np.testing.assert_array_equal(used[0][b, 2].numpy(), expected_sliding)
+        np.testing.assert_array_equal(used[1][b, 2].numpy(), first_token(["x"] * 12))
+        # the model's own heads of the sliding layer respect the same window
+        assert float(used[0][b, 0].numpy()[rows - cols >= window].max()) == 0.0
 
 
 def first_token_or_nothing(tokens):

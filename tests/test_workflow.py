@@ -61,6 +61,14 @@ def test_every_stage_writes_its_summary_with_plausible_values(tiny_run):
         assert (workdir / f"results/report/{model}/index.html").stat().st_size > 0
     index = (workdir / "results/report/index.html").read_text()
     assert all(model in index for model in config["models"])
+    # Cross-model transfer: each model's library on the other's heads, in the index.
+    for source, target in (("tiny-gpt2", "tiny-llama"), ("tiny-llama", "tiny-gpt2")):
+        transfer = json.loads((workdir / f"results/transfer/{source}/{target}.json").read_text())
+        assert (transfer["library_model"], transfer["target_model"], transfer["n_heads"]) == (source, target, 8)
+        assert 0 < transfer["mean_test_iou"] <= 1 and len(transfer["heads"]) == 8
+        own = BEST.read(workdir / f"results/{target}/library/best.parquet")
+        assert transfer["own_mean_test_iou"] == pytest.approx(own["test_iou"].mean())
+    assert 'id="transfer"' in index
 
 
 def test_each_heads_recorded_score_reproduces_when_its_program_runs_again(tiny_run):

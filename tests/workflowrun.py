@@ -12,7 +12,7 @@ from tinyworld import snakemake_cmd  # noqa: F401  (re-exported for the operatio
 
 # Rules whose outputs cover every model (the cross-model outputs). Other rules without a {model} wildcard
 # (downloads, QA data per task) do not depend on the models.
-CROSS_MODEL_RULES = {"all", "report"}
+CROSS_MODEL_RULES = {"all", "report", "transfer"}
 
 
 def dry_run_jobs(output: str) -> list[tuple[str, dict]]:

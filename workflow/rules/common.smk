@@ -41,6 +41,8 @@ SCRIPTS = Path(workflow.basedir) / "workflow/scripts"
 
 wildcard_constraints:
     model="|".join(re.escape(m) for m in MODELS),
+    source="|".join(re.escape(m) for m in MODELS),  # transfer: whose library
+    target="|".join(re.escape(m) for m in MODELS),  # transfer: on whose heads
     layer=r"\d+",
     head=r"\d+",
 

@@ -24,3 +24,22 @@ rule library:
         CONDA_ENV
     script:
         "../scripts/library.py"
+
+
+# Cross-model transfer: one model's library run on another model's val and test examples (token strings) and
+# scored against that model's heads. One job per ordered pair, so adding a model leaves the old pairs alone.
+rule transfer:
+    input:
+        programs="results/{source}/library/programs.parquet",
+        program_files="results/{source}/library/programs",
+        head_inputs="results/{target}/synthesis/head_inputs.npz",
+        best="results/{target}/library/best.parquet",
+        info="results/{target}/model/info.json",
+    output:
+        "results/transfer/{source}/{target}.json",
+    log:
+        "logs/transfer/{source}/{target}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/transfer.py"

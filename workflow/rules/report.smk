@@ -35,6 +35,7 @@ rule report_model:
 rule report:
     input:
         pages=expand("results/report/{model}/index.html", model=MODELS),  # the overviews the index links to
+        transfer=[f"results/transfer/{a}/{b}.json" for a in MODELS for b in MODELS if a != b],
         **{
             kind: expand(f"results/{{model}}/{path}", model=MODELS)
             for kind, path in MODEL_SUMMARY_FILES.items()

@@ -1,4 +1,5 @@
 """Rule report: the cross-model index."""
+from attnprog.contracts import read_json
 from attnprog.joblog import log_to
 from attnprog.report import ModelSummary, write_index
 
@@ -7,4 +8,5 @@ i = snakemake.input
 models = [ModelSummary.read(name, i.info[k], i.library[k], i.best[k], i.sweep[k], i.substitution[k],
                             i.qa[k] if "qa" in i.keys() else None)
           for k, name in enumerate(snakemake.params.models)]
-write_index(models, snakemake.output[0], snakemake.params.options)
+write_index(models, snakemake.output[0], snakemake.params.options,
+            transfers=[read_json(path) for path in i.transfer])

