@@ -1,0 +1,278 @@
+"""Tuning programs through the model they replace: the weights of the replaced heads' programs, jointly, for the
+model's predictions rather than each head's attention.
+
+An offline program is softmax(sum_k w_k cue_k) over j <= i (synthesize/writing.py). Its cues stay exactly as
+written; only the weights move. With a set of heads replaced, the weights of all of them are tuned together by
+Adam on the KL between the unmodified model's next-token distributions and the substituted model's, on
+training text only (the synth split and passages that are in none of val, test or held-out; `training_texts`).
+The cue matrices of a text are fixed, so a program is a differentiable function of its weights, run through
+the model by the ordinary substitution mechanism (HeadReplacer): no attention code is copied.
+
+Weights move in units of each cue's root-mean-square on the training text (as the fit does), so one learning
+rate suits an indicator and a distance alike, and an L2 pull to the untuned weights keeps the tuned program
+near the readable fit. A program that is not a softmax of weighted cues (an LLM-written one) stays as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import helpers
+from .mechanism import HeadReplacer, Replacement
+from .sweep import padded_batches
+
+# One term of a program written by synthesize.writing.program_source.
+_TERM = re.compile(r"^    score \+= (?P<weight>\S+) \* (?P<expression>.+?)  # (?P<description>.*)$", re.M)
+_SOFTMAX_RETURN = "    return h.causal_softmax(score)"
+
+
+@dataclass(frozen=True)
+class WeightedCues:
+    """A program that is a softmax of weighted cues: its weights and, per term, the cue's expression (over
+    `h`, `tokens`, `n`) and its description."""
+    weights: tuple[float, ...]
+    expressions: tuple[str, ...]
+    descriptions: tuple[str, ...]
+
+
+def weighted_cues(source: str) -> WeightedCues | None:
+    """The terms of a program file as the offline synthesizer writes it; None for any other program."""
+    if _SOFTMAX_RETURN not in source:
+        return None
+    terms = _TERM.findall(source)
+    if not terms:
+        return None
+    return WeightedCues(tuple(float(w) for w, _, _ in terms), tuple(e for _, e, _ in terms),
+                        tuple(d for _, _, d in terms))
+
+
+class CueCache:
+    """Each cue's n x n matrix per text, computed once: cues are shared by programs and heads, and every
+    tuning step reruns the same texts."""
+
+    def __init__(self):
+        self._matrices: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+
+    def matrix(self, expression: str, tokens: list[str]) -> torch.Tensor:
+        key = (expression, tuple(tokens))
+        if key not in self._matrices:
+            value = eval(expression, {"np": np, "h": helpers}, {"tokens": list(tokens), "n": len(tokens)})
+            self._matrices[key] = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        return self._matrices[key]
+
+    def stack(self, expressions, tokens: list[str]) -> torch.Tensor:
+        return torch.stack([self.matrix(e, tokens) for e in expressions])
+
+    def scales(self, expressions, texts: list[list[str]]) -> torch.Tensor:
+        """Each cue's root-mean-square over the lower triangles of `texts` (1 where it is all zero)."""
+        out = []
+        for e in expressions:
+            total, count = 0.0, 0
+            for tokens in texts:
+                m = self.matrix(e, tokens)
+                total += float((m.tril() ** 2).sum())
+                count += len(tokens) * (len(tokens) + 1) // 2
+            rms = (total / max(count, 1)) ** 0.5
+            out.append(rms if rms > 0 else 1.0)
+        return torch.tensor(out, dtype=torch.float32)
+
+
+class TunableProgram:
+    """A replacement (mechanism.Replacement) computing softmax(sum_k w_k cue_k) in torch, so its matrix carries
+    gradients to the weights. Weights are held as u = w * scale (scale: the cues' rms)."""
+
+    def __init__(self, cues: WeightedCues, cache: CueCache, scale: torch.Tensor):
+        self.cues, self.cache, self.scale = cues, cache, scale
+        self.u = torch.nn.Parameter(torch.tensor(cues.weights, dtype=torch.float32) * scale)
+        self.u0 = self.u.detach().clone()
+
+    @property
+    def weights(self) -> np.ndarray:
+        return (self.u.detach() / self.scale).double().numpy()
+
+    def __call__(self, tokens: list[str]) -> torch.Tensor:
+        n = len(tokens)
+        scores = torch.einsum("k,kij->ij", self.u / self.scale, self.cache.stack(self.cues.expressions, tokens))
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+    def many(self, examples: list[list[str]]) -> list[torch.Tensor]:
+        return [self(tokens) for tokens in examples]
+
+
+@contextmanager
+def frozen(model):
+    """No weight gradients (only the programs' weights learn); the model is handed back as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def reference_log_probs(model, replacer: HeadReplacer, sequences: list[list[int]], batch_size: int):
+    """The unmodified model's next-token log-probabilities per batch (what tuning matches)."""
+    device = next(model.parameters()).device
+    replacer.set_heads({})
+    out = []
+    with torch.no_grad():
+        for batch, ids, mask in padded_batches(sequences, batch_size, device):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
+            out.append((batch, ids, mask, torch.log_softmax(logits, -1)))
+    return out
+
+
+def substituted_kl(model, replacer: HeadReplacer, heads: dict[tuple[int, int], Replacement], reference,
+                   backward: bool = False) -> tuple[float, int]:
+    """Summed KL(unmodified || substituted) over the predicted tokens of the reference batches, and the token
+    count; with `backward`, gradients of the mean KL reach the tunable programs' weights."""
+    replacer.set_heads(heads)
+    total, tokens = 0.0, sum(int(mask[:, 1:].sum()) for _, _, mask, _ in reference)
+    try:
+        for _, ids, mask, before in reference:
+            with torch.set_grad_enabled(backward):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
+                after = torch.log_softmax(logits, -1)
+                kl = ((before.exp() * (before - after)).sum(-1) * mask[:, 1:]).sum()
+            if backward:
+                (kl / tokens).backward()
+            total += float(kl.detach())
+    finally:
+        replacer.set_heads({})
+    return total, tokens
+
+
+@dataclass
+class TuningResult:
+    kl_before: float    # mean KL per predicted token on the training text, untuned weights
+    kl_after: float     # ... with the tuned weights
+    steps: int
+    tokens: int
+    seconds: float
+
+
+def tune(model, replacer: HeadReplacer, tunable: dict[tuple[int, int], TunableProgram],
+         fixed: dict[tuple[int, int], Replacement], sequences: list[list[int]], *, steps: int, learning_rate: float,
+         l2: float, batch_size: int, log=print) -> TuningResult:
+    """Tune the weights of `tunable` (with `fixed` replaced too) by Adam on the mean KL per predicted token over
+    `sequences`, plus l2/2 |u - u0|^2 per program (u: weights in units of the cues' rms). Each step is one pass
+    over all the sequences (full batch, so the step count is the budget). Keeps the weights of the step with the
+    lowest KL seen, the untuned ones included, so tuning never leaves the training KL higher than it found it."""
+    started = time.time()
+    heads = {**fixed, **tunable}
+    params = [p.u for p in tunable.values()]
+    optimiser = torch.optim.Adam(params, lr=learning_rate)
+    reference = reference_log_probs(model, replacer, sequences, batch_size)
+    best_kl, best, first, tokens = np.inf, None, None, 0
+    with frozen(model):
+        for step in range(steps + 1):
+            optimiser.zero_grad()
+            total, tokens = substituted_kl(model, replacer, heads, reference, backward=step < steps)
+            kl = total / max(tokens, 1)
+            first = kl if first is None else first
+            if kl < best_kl:
+                best_kl, best = kl, [p.detach().clone() for p in params]
+            if step == steps:
+                break
+            for program in tunable.values():  # the pull to the untuned weights
+                if program.u.grad is not None:
+                    program.u.grad += l2 * (program.u.detach() - program.u0)
+            optimiser.step()
+            log(f"tuning: step {step + 1}/{steps}: KL {kl:.4f} nats/token ({len(tunable)} heads tuned)")
+    with torch.no_grad():
+        for p, value in zip(params, best):
+            p.copy_(value)
+    return TuningResult(first, best_kl, steps, tokens, time.time() - started)
+
+
+def tunable_programs(sources: dict[tuple[int, int], str], texts: list[list[str]], cache: CueCache | None = None
+                     ) -> dict[tuple[int, int], TunableProgram]:
+    """A TunableProgram per head whose program source is a softmax of weighted cues (each head its own copy of
+    the weights, also where heads share a library program)."""
+    cache = cache or CueCache()
+    out = {}
+    for head, source in sources.items():
+        cues = weighted_cues(source)
+        if cues is not None:
+            out[head] = TunableProgram(cues, cache, cache.scales(cues.expressions, texts))
+    return out
+
+
+def copy_of(program: TunableProgram) -> TunableProgram:
+    """A program with the same cues and cache and a snapshot of the weights (for a later stage to move on)."""
+    out = TunableProgram(program.cues, program.cache, program.scale)
+    with torch.no_grad():
+        out.u.copy_(program.u)
+    out.u0 = program.u0
+    return out
+
+
+# ---- training text: the synth split and passages that are none of val, test or held-out ----
+
+def training_texts(examples, heldout, passages, tokenize, n_tokens: int, min_words: int, max_words: int,
+                   max_tokens: int) -> list[list[int]]:
+    """Token ids of the text tuning may read: the synth split of `examples`, then chunks of `passages` (cut as
+    the corpus cuts them) that are no example of any split and inside no held-out sequence, until n_tokens
+    tokens in all. `tokenize(text)` gives token ids."""
+    from ..data import chunk_passage
+
+    synth = examples[examples["split"] == "synth"]
+    out = [list(ids) for ids in synth["input_ids"]]
+    total = sum(map(len, out))
+    seen = set(examples["text"])
+    held = list(heldout["text"])
+    for passage in passages:
+        if total >= n_tokens:
+            break
+        for chunk in chunk_passage(passage, min_words, max_words):
+            if total >= n_tokens:
+                break
+            if chunk in seen or any(chunk in text for text in held):
+                continue
+            seen.add(chunk)
+            ids = list(tokenize(chunk))
+            if len(ids) <= max_tokens:
+                out.append(ids)
+                total += len(ids)
+    return out
+
+
+# ---- staged tuning for the sweep: one set of tuned weights per fraction ----
+
+def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], Replacement],
+                sources: dict[tuple[int, int], str], order: list[tuple[int, int]], counts: dict[float, int],
+                sequences: list[list[int]], token_strings, settings: dict, batch_size: int, log=print
+                ) -> tuple[dict[float, dict[tuple[int, int], Replacement]], list[dict]]:
+    """For each fraction (ascending count), the first `count` heads of `order` replaced and their programs' weights
+    tuned together on `sequences` (training text only), starting from the previous fraction's tuned weights.
+    Returns per fraction the replacements to run (tuned programs; others as they are) and one record per stage."""
+    cache = CueCache()
+    texts = [token_strings(ids) for ids in sequences]
+    current: dict[tuple[int, int], TunableProgram] = {}
+    stages, records = {}, []
+    for fraction, count in sorted(counts.items(), key=lambda fc: fc[1]):
+        heads = order[:count]
+        if not heads:
+            continue
+        new = tunable_programs({h: sources[h] for h in heads if h not in current and h in sources}, texts, cache)
+        tunable = {h: copy_of(current[h]) if h in current else new[h] for h in heads if h in current or h in new}
+        fixed = {h: programs[h] for h in heads if h not in tunable}
+        result = tune(model, replacer, tunable, fixed, sequences, steps=settings["steps"],
+                      learning_rate=settings["learning_rate"], l2=settings["l2"], batch_size=batch_size, log=log)
+        log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): training KL "
+            f"{result.kl_before:.4f} -> {result.kl_after:.4f} nats/token in {result.seconds:.0f}s")
+        current = {**current, **tunable}
+        stages[fraction] = {**fixed, **tunable}
+        records.append({"fraction": fraction, "n_replaced": len(heads), "n_tuned": len(tunable),
+                        "kl_before": result.kl_before, "kl_after": result.kl_after, "steps": result.steps,
+                        "tokens": result.tokens, "seconds": result.seconds})
+    return stages, records
