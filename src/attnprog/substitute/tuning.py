@@ -131,21 +131,24 @@ def reference_log_probs(model, replacer: HeadReplacer, sequences: list[list[int]
     return out
 
 
-def substituted_kl(model, replacer: HeadReplacer, heads: dict[tuple[int, int], Replacement], reference,
-                   backward: bool = False) -> tuple[float, int]:
+def batch_kl(model, ids, mask, before) -> torch.Tensor:
+    """Summed KL(unmodified || substituted) over the predicted tokens of one batch, with the heads now set."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
+    after = torch.log_softmax(logits, -1)
+    return ((before.exp() * (before - after)).sum(-1) * mask[:, 1:]).sum()
+
+
+def substituted_kl(model, replacer: HeadReplacer, heads: dict[tuple[int, int], Replacement], reference
+                   ) -> tuple[float, int]:
     """Summed KL(unmodified || substituted) over the predicted tokens of the reference batches, and the token
-    count; with `backward`, gradients of the mean KL reach the tunable programs' weights."""
+    count."""
     replacer.set_heads(heads)
-    total, tokens = 0.0, sum(int(mask[:, 1:].sum()) for _, _, mask, _ in reference)
+    total, tokens = 0.0, 0
     try:
-        for _, ids, mask, before in reference:
-            with torch.set_grad_enabled(backward):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
-                after = torch.log_softmax(logits, -1)
-                kl = ((before.exp() * (before - after)).sum(-1) * mask[:, 1:]).sum()
-            if backward:
-                (kl / tokens).backward()
-            total += float(kl.detach())
+        with torch.no_grad():
+            for _, ids, mask, before in reference:
+                total += float(batch_kl(model, ids, mask, before))
+                tokens += int(mask[:, 1:].sum())
     finally:
         replacer.set_heads({})
     return total, tokens
@@ -161,37 +164,47 @@ class TuningResult:
 
 
 def tune(model, replacer: HeadReplacer, tunable: dict[tuple[int, int], TunableProgram],
-         fixed: dict[tuple[int, int], Replacement], sequences: list[list[int]], *, steps: int, learning_rate: float,
-         l2: float, batch_size: int, log=print) -> TuningResult:
+         fixed: dict[tuple[int, int], Replacement], sequences: list[list[int]], *, epochs: int, learning_rate: float,
+         l2: float, batch_size: int, reference=None, log=print) -> TuningResult:
     """Tune the weights of `tunable` (with `fixed` replaced too) by Adam on the mean KL per predicted token over
-    `sequences`, plus l2/2 |u - u0|^2 per program (u: weights in units of the cues' rms). Each step is one pass
-    over all the sequences (full batch, so the step count is the budget). Keeps the weights of the step with the
-    lowest KL seen, the untuned ones included, so tuning never leaves the training KL higher than it found it."""
+    `sequences`, plus l2/2 |u - u0|^2 per program (u: weights in units of the cues' rms): one step per batch,
+    `epochs` passes over the text (a step on a batch costs what a forward and backward pass of it cost, so
+    steps on batches learn more per second than steps on the whole text). The KL of the whole text is measured
+    before and after; where tuning did not lower it, the untuned weights are put back, so tuning never leaves
+    the training KL higher than it found it. `reference`: reference_log_probs of `sequences`, if computed."""
     started = time.time()
     heads = {**fixed, **tunable}
     params = [p.u for p in tunable.values()]
+    untuned = [p.detach().clone() for p in params]
     optimiser = torch.optim.Adam(params, lr=learning_rate)
-    reference = reference_log_probs(model, replacer, sequences, batch_size)
-    best_kl, best, first, tokens = np.inf, None, None, 0
+    reference = reference if reference is not None else reference_log_probs(model, replacer, sequences, batch_size)
+    before, tokens = substituted_kl(model, replacer, heads, reference)
+    step = 0
     with frozen(model):
-        for step in range(steps + 1):
-            optimiser.zero_grad()
-            total, tokens = substituted_kl(model, replacer, heads, reference, backward=step < steps)
-            kl = total / max(tokens, 1)
-            first = kl if first is None else first
-            if kl < best_kl:
-                best_kl, best = kl, [p.detach().clone() for p in params]
-            if step == steps:
-                break
-            for program in tunable.values():  # the pull to the untuned weights
-                if program.u.grad is not None:
-                    program.u.grad += l2 * (program.u.detach() - program.u0)
-            optimiser.step()
-            log(f"tuning: step {step + 1}/{steps}: KL {kl:.4f} nats/token ({len(tunable)} heads tuned)")
-    with torch.no_grad():
-        for p, value in zip(params, best):
-            p.copy_(value)
-    return TuningResult(first, best_kl, steps, tokens, time.time() - started)
+        replacer.set_heads(heads)
+        try:
+            for epoch in range(epochs):
+                total = 0.0
+                for _, ids, mask, reference_batch in reference:
+                    optimiser.zero_grad()
+                    kl = batch_kl(model, ids, mask, reference_batch)
+                    (kl / mask[:, 1:].sum()).backward()
+                    for program in tunable.values():  # the pull to the untuned weights
+                        if program.u.grad is not None:
+                            program.u.grad += l2 * (program.u.detach() - program.u0)
+                    optimiser.step()
+                    total, step = total + float(kl.detach()), step + 1
+                log(f"tuning: epoch {epoch + 1}/{epochs}: KL {total / tokens:.4f} nats/token while tuning "
+                    f"({len(tunable)} heads)")
+        finally:
+            replacer.set_heads({})
+    after, _ = substituted_kl(model, replacer, heads, reference)
+    if after >= before:
+        with torch.no_grad():
+            for p, value in zip(params, untuned):
+                p.copy_(value)
+        after = before
+    return TuningResult(before / max(tokens, 1), after / max(tokens, 1), step, tokens, time.time() - started)
 
 
 def tunable_programs(sources: dict[tuple[int, int], str], texts: list[list[str]], cache: CueCache | None = None
@@ -257,6 +270,7 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], R
     Returns per fraction the replacements to run (tuned programs; others as they are) and one record per stage."""
     cache = CueCache()
     texts = [token_strings(ids) for ids in sequences]
+    reference = reference_log_probs(model, replacer, sequences, batch_size)
     current: dict[tuple[int, int], TunableProgram] = {}
     stages, records = {}, []
     for fraction, count in sorted(counts.items(), key=lambda fc: fc[1]):
@@ -266,8 +280,9 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], R
         new = tunable_programs({h: sources[h] for h in heads if h not in current and h in sources}, texts, cache)
         tunable = {h: copy_of(current[h]) if h in current else new[h] for h in heads if h in current or h in new}
         fixed = {h: programs[h] for h in heads if h not in tunable}
-        result = tune(model, replacer, tunable, fixed, sequences, steps=settings["steps"],
-                      learning_rate=settings["learning_rate"], l2=settings["l2"], batch_size=batch_size, log=log)
+        result = tune(model, replacer, tunable, fixed, sequences, epochs=settings["epochs"],
+                      learning_rate=settings["learning_rate"], l2=settings["l2"], batch_size=batch_size,
+                      reference=reference, log=log)
         log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): training KL "
             f"{result.kl_before:.4f} -> {result.kl_after:.4f} nats/token in {result.seconds:.0f}s")
         current = {**current, **tunable}
@@ -276,3 +291,69 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], R
                         "kl_before": result.kl_before, "kl_after": result.kl_after, "steps": result.steps,
                         "tokens": result.tokens, "seconds": result.seconds})
     return stages, records
+
+
+# ---- what tuning traded: test IoU of tuned and untuned programs; the tuned programs written out ----
+
+def real_attention(model, replacer: HeadReplacer, sequences: list[list[int]], batch_size: int
+                   ) -> list[dict[int, np.ndarray]]:
+    """Per sequence, per layer, the unmodified model's attention (heads, n, n)."""
+    device = next(model.parameters()).device
+    replacer.set_heads({})
+    out: list = [None] * len(sequences)
+    with torch.no_grad():
+        for batch, ids, mask in padded_batches(sequences, batch_size, device):
+            attentions = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True).attentions
+            for row, i in enumerate(batch):
+                n = len(sequences[i])  # right padding: the example's tokens come first
+                out[i] = {layer: a[row, :, :n, :n].float().cpu().numpy() for layer, a in enumerate(attentions)}
+    return out
+
+
+def mean_iou(replacement: Replacement, head: tuple[int, int], texts: list[list[str]], real) -> float:
+    """Mean soft IoU over examples between a replacement's matrices and the head's real attention."""
+    from ..scoring import soft_iou
+
+    values = []
+    for tokens, layers in zip(texts, real):
+        matrix = replacement(tokens)
+        matrix = matrix.detach().numpy() if torch.is_tensor(matrix) else np.asarray(matrix)
+        values.append(soft_iou(matrix, layers[head[0]][head[1]]))
+    return float(np.mean(values))
+
+
+def feature_lookup(features_path) -> dict:
+    """expression -> Feature for every cue the offline synthesizer can write (primitives, and their products
+    with modifiers and with each other), from its features file: what a tuned program's sentence needs."""
+    from ..synthesize.primitives import product, stored_features
+
+    with np.load(features_path) as z:
+        primitives, modifiers = stored_features(z), stored_features(z, "modifier_")
+    out = {f.expression: f for f in primitives}
+    for a in primitives:
+        out.update({product(a, m, True).expression: product(a, m, True) for m in modifiers})
+        out.update({product(a, b, False).expression: product(a, b, False) for b in primitives})
+    return out
+
+
+def tuned_source(program: TunableProgram, head: tuple[int, int], untuned_name: str, model_name: str, features: dict,
+                 synth_texts: list[list[str]], note: str) -> str:
+    """A tuned program as a file: the untuned program's cues with the tuned weights, and its sentence regenerated
+    from them on the synth split (sentence.program_sentence)."""
+    from ..matrices import pack
+    from ..synthesize.primitives import Feature
+    from ..synthesize.sentence import program_sentence
+    from ..synthesize.writing import program_source
+
+    cues = program.cues
+    weights = np.array([float(f"{w:.6g}") for w in program.weights])  # exactly what the file will say
+    terms = [features.get(e) or Feature(e, e, d) for e, d in zip(cues.expressions, cues.descriptions)]
+    X = np.concatenate([np.stack([pack(program.cache.matrix(e, t).numpy()) for e in cues.expressions], axis=1)
+                        for t in synth_texts]).astype(np.float64)
+    row_lengths = np.concatenate([np.arange(1, len(t) + 1) for t in synth_texts])
+    row_starts = np.concatenate([[0], np.cumsum(row_lengths)[:-1]])
+    sentence = program_sentence(X, weights, row_starts, terms)
+    layer, index = head
+    return program_source(sentence, [(float(w), e, d) for w, e, d in zip(weights, cues.expressions,
+                                                                         cues.descriptions)],
+                          f"{model_name} L{layer}H{index}, tuned", note)
