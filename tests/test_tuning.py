@@ -153,3 +153,55 @@ def test_tuned_weights_do_not_depend_on_val_test_or_heldout_text():
         for head, weights in results[0][fraction].items():
             assert np.array_equal(weights, results[1][fraction][head])
             assert not np.allclose(weights, [1.0, 0.5])  # tuning did move them
+
+
+def test_the_sweep_runs_tuned_side_by_side_and_writes_the_tuned_programs(tiny_models, tmp_path):
+    from attnprog import data, models
+    from attnprog.contracts import TUNED
+    from test_substitute import make_library
+    from tinyworld import tiny_config
+
+    info = models.describe_model("tiny", {"local_dir": str(tiny_models["llama"])})
+    corpus = {**tiny_config({})["corpus"], "max_tokens": 96}
+    tokenizer = models.load_tokenizer(info)
+    examples, heldout = data.build_corpus(corpus, tokenizer)
+    examples.to_parquet(tmp_path / "examples.parquet")
+    heldout.to_parquet(tmp_path / "heldout.parquet")
+    heads = {(layer, head): ("previous_token" if head < 2 else "first_token", 0.9 - 0.1 * head)
+             for layer in range(2) for head in range(4)}
+    library = make_library(tmp_path / "library", heads)
+    cue_program = program_source("Mostly the previous token.", [(2.0, "h.offset(n, 1)", "j is the previous token"),
+                                                               (0.5, "h.first_token(n)", "j is the first token")],
+                                 "tiny", "A weighted-cue program.")
+    (library.program_dir / "previous_token.py").write_text(cue_program)
+    settings = {"fractions": [0, 0.5, 1.0], "methods": ["programs", "attribution", "tuned", "uniform"],
+                "random_seeds": [], "heldout_tokens": 200, "batch_size": 4, "bootstrap": 100,
+                "single_head_count": 3, "single_head_split": "test", "noncausal": "prefixwise",
+                "attribution_samples": 1, "tuning": {"epochs": 2, "learning_rate": 0.1, "l2": 0.0,
+                                                     "train_tokens": 400}}
+    passages = [" ".join(f"word{k}x{i}" for i in range(20)) + "." for k in range(30)]
+    out = tmp_path / "substitution"
+    tuning = substitute.TuningInputs(corpus, passages, None, out / "tuned")
+    summary = substitute.substitution_sweep(info, library, tmp_path / "examples.parquet", tmp_path / "heldout.parquet",
+                                            settings, out / "sweep.parquet", out / "single_heads.parquet",
+                                            out / "orders.parquet", out / "summary.json", "cpu",
+                                            log=lambda m: None, tuning=tuning)
+    sweep = pd.read_parquet(out / "sweep.parquet")
+    assert set(sweep.method) == {"programs", "attribution", "tuned", "uniform"}
+    assert summary["tuned"]["0"] == 0 and set(summary["tuned_interval"]) == {"0", "0.5", "1"}
+    stages = summary["tuning"]["stages"]
+    assert [s["fraction"] for s in stages] == [0.5, 1.0] and [s["n_replaced"] for s in stages] == [4, 8]
+    assert stages[1]["n_tuned"] == 4  # the four heads whose program is a softmax of weighted cues
+    assert all(s["kl_after"] <= s["kl_before"] for s in stages)
+    rows = TUNED.read(out / "tuned" / "heads.parquet")
+    assert len(rows) == stages[0]["n_tuned"] + 4 and set(rows.program) == {"previous_token"}
+    for row in rows.itertuples():
+        source = (out / "tuned" / row.file).read_text()
+        cues = weighted_cues(source)
+        assert set(cues.expressions) == {"h.offset(n, 1)", "h.first_token(n)"}  # the cues, as written
+        assert 0 < row.test_iou_tuned <= 1 and 0 < row.test_iou_untuned <= 1
+    # the tuned runs are the attribution order's heads with other weights
+    table = pd.read_parquet(out / "orders.parquet")
+    tuned_order = table[table.method == "tuned"].sort_values("rank")
+    attribution = table[table.method == "attribution"].sort_values("rank")
+    assert list(zip(tuned_order.layer, tuned_order["head"])) == list(zip(attribution.layer, attribution["head"]))

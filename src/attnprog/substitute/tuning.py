@@ -16,6 +16,7 @@ near the readable fit. A program that is not a softmax of weighted cues (an LLM-
 from __future__ import annotations
 
 import re
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -357,3 +358,48 @@ def tuned_source(program: TunableProgram, head: tuple[int, int], untuned_name: s
     return program_source(sentence, [(float(w), e, d) for w, e, d in zip(weights, cues.expressions,
                                                                          cues.descriptions)],
                           f"{model_name} L{layer}H{index}, tuned", note)
+
+
+def write_tuned(stages: dict[float, dict[tuple[int, int], Replacement]], programs: dict[tuple[int, int], Replacement],
+                names: dict[tuple[int, int], str], model_name: str, features_path, synth: list[list[int]],
+                test: list[list[int]], model, replacer: HeadReplacer, token_strings, batch_size: int, out_dir,
+                records: list[dict]) -> list[dict]:
+    """Write each fraction's tuned programs (out_dir/f{fraction}/L{layer}H{head}.py, the sentence regenerated)
+    and return the TUNED rows: per tuned head, its untuned library program and both programs' test IoU."""
+    from pathlib import Path
+
+    from ..atomic import atomic_dir, write_json
+
+    features = feature_lookup(features_path) if features_path else {}
+    synth_texts = [token_strings(ids) for ids in synth]
+    test_texts = [token_strings(ids) for ids in test]
+    real = real_attention(model, replacer, test, batch_size) if test else []
+    rows, untuned_iou = [], {}
+    by_fraction = {r["fraction"]: r for r in records}
+    with atomic_dir(out_dir) as folder:
+        for fraction, stage in stages.items():
+            record = by_fraction[fraction]
+            sub = Path(folder) / f"f{fraction:g}"
+            sub.mkdir()
+            for head, program in stage.items():
+                if not isinstance(program, TunableProgram):
+                    continue
+                note = (f"The weights of library program {names[head]} (fitted to this head's attention), tuned "
+                        f"through {model_name} with {record['n_replaced']} heads replaced ({fraction:g} of all): "
+                        f"{record['steps']} Adam steps on the KL between the unmodified and the substituted model's "
+                        f"next-token distributions over {record['tokens']} training tokens, which fell from "
+                        f"{record['kl_before']:.3f} to {record['kl_after']:.3f} nats per token. The cues are the "
+                        "library program's, unchanged.")
+                source = tuned_source(program, head, names[head], model_name, features, synth_texts,
+                                      textwrap.fill(note, 100))
+                file = f"f{fraction:g}/L{head[0]}H{head[1]}.py"
+                (Path(folder) / file).write_text(source)
+                if head not in untuned_iou and real:
+                    untuned_iou[head] = mean_iou(programs[head], head, test_texts, real)
+                rows.append({"fraction": float(fraction), "layer": head[0], "head": head[1], "program": names[head],
+                             "file": file, "test_iou_untuned": untuned_iou.get(head, float("nan")),
+                             "test_iou_tuned": mean_iou(program, head, test_texts, real) if real else float("nan")})
+        from ..contracts import TUNED
+        TUNED.write(rows, Path(folder) / "heads.parquet")
+        write_json(Path(folder) / "stages.json", records)
+    return rows
