@@ -205,3 +205,23 @@ def test_the_sweep_runs_tuned_side_by_side_and_writes_the_tuned_programs(tiny_mo
     tuned_order = table[table.method == "tuned"].sort_values("rank")
     attribution = table[table.method == "attribution"].sort_values("rank")
     assert list(zip(tuned_order.layer, tuned_order["head"])) == list(zip(attribution.layer, attribution["head"]))
+
+
+def test_the_written_tuned_program_runs_what_was_tuned():
+    from attnprog.programs import programs_from_source
+    from attnprog.substitute.tuning import tuned_source
+
+    cues = WeightedCues((2.0, -0.3, 1.0), ("h.offset(n, 1)", "h.log_distance(n)", "h.first_token(n)"),
+                        ("j is the previous token", "log(1 + i - j)", "j is the first token"))
+    cache = CueCache()
+    texts = [["The", " cat", " sat", "."], ["A", " dog", ",", " ran", " off", "."]]
+    program = TunableProgram(cues, cache, cache.scales(cues.expressions, texts))
+    with torch.no_grad():
+        program.u.mul_(torch.tensor([0.5, 2.0, -1.0]))  # as if tuned
+    source = tuned_source(program, (0, 1), "L0H1_c2", "tiny", {}, texts, "note")
+    assert source.startswith('"""') and "L0H1, tuned" in source
+    written = programs_from_source(source, "tuned", trusted=True)[0]
+    namespace = {}
+    exec(compile(written.source, "tuned.py", "exec"), namespace)
+    for tokens in texts:
+        np.testing.assert_allclose(namespace["attention"](tokens), program(tokens).detach().numpy(), atol=1e-5)
