@@ -326,6 +326,12 @@ SWEEP = Table("sweep", (
 SINGLE_HEADS = Table("single_heads", (("layer", "int32"), ("head", "int32"), ("ppl", "float64"),
                                       ("rel_increase", "float64")))
 
+# results/{model}/substitution/tuned/heads.parquet: each head whose program the `tuned` method tuned, per fraction:
+# the library program it started from, the tuned program's file (tuned/f{fraction}/L{layer}H{head}.py), and the
+# mean test IoU (against the model's own attention) of both.
+TUNED = Table("tuned", (("fraction", "float64"), ("layer", "int32"), ("head", "int32"), ("program", "string"),
+                        ("file", "string"), ("test_iou_untuned", "float64"), ("test_iou_tuned", "float64")))
+
 # results/{model}/substitution/orders.parquet: each order of the sweep (method; seed for random orders), heads in
 # replacement order (`rank` 0 first). `headline`: the method chosen on val, whose order the QA runs replace in.
 ORDERS = Table("orders", (("method", "string"), ("seed", "int64"), ("rank", "int32"), ("layer", "int32"),

@@ -4,6 +4,7 @@
     replacements.py   each head's library program as a replacement
     orders.py         the orders in which heads are replaced (one per sweep method)
     attribution.py    the attribution order: least estimated KL first, given the heads already replaced
+    tuning.py         the `tuned` method: the replaced heads' program weights tuned through the model
     sweep.py          the perplexity sweep, its intervals, the single-head costs, summary.json
 """
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic import write_json
 from ..contracts import ORDERS, SINGLE_HEADS, SWEEP, ModelInfo
 from ..data import read_examples, token_strings
@@ -23,7 +26,7 @@ from .replacements import UniformOnFailure, program_replacements, read_best
 from . import orders
 from .orders import read_headline_order
 from .attribution import attribution_order
-from .sweep import (count_for, plan_sweep, run_sweep, single_head_costs, spread_over_ranking,
+from .sweep import (count_for, fraction_key, plan_sweep, run_sweep, single_head_costs, spread_over_ranking,
                     summarise_sweep)
 
 
@@ -66,11 +69,24 @@ def compute_matrices_once(programs: dict, sequences: list[list[str]], log=print)
         f"in {time.time() - started:.1f}s")
 
 
+@dataclass(frozen=True)
+class TuningInputs:
+    """What the `tuned` method reads besides the library: the corpus settings and its passages (extra training
+    text, cut and filtered by tuning.training_texts), the offline synthesizer's features file (for the tuned
+    programs' sentences; None: plainer sentences), and where the tuned programs go."""
+    corpus: dict
+    passages: object      # an iterable of passage texts (data.passages)
+    features: Path | None
+    out_dir: Path
+
+
 def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, heldout_path, settings: dict,
-                       sweep_path, single_path, orders_path, summary_path, device: str = "auto", log=print) -> dict:
+                       sweep_path, single_path, orders_path, summary_path, device: str = "auto", log=print,
+                       tuning: TuningInputs | None = None) -> dict:
     """The `substitute` rule: the perplexity sweep of one model. Writes sweep.parquet (one row per run and
     evaluation set), single_heads.parquet (each measured head replaced alone), orders.parquet (each method's
-    head order, the headline marked) and summary.json."""
+    head order, the headline marked) and summary.json; with the `tuned` method, the tuned programs under
+    tuning.out_dir."""
     if 0 not in settings["fractions"]:
         raise ValueError("substitution.fractions must include 0 (the unmodified model is the baseline)")
     tokenizer, model = load_tokenizer(info), load_model(info, device)
@@ -93,20 +109,66 @@ def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, he
         chosen[("attribution", None)], estimates = attribution_order(
             model, replacer, programs, counts, eval_sets["val"], settings["batch_size"],
             settings["attribution_samples"], log)
+    tuned = None
+    if "tuned" in methods:
+        if tuning is None:
+            raise ValueError("substitution: the tuned method needs its training passages (TuningInputs)")
+        tuned, summary_tuning = tuned_method(model, replacer, programs, chosen, info, examples_path, heldout_path,
+                                             settings, tuning, tokenizer, token_strings_of, log)
     if "random" in methods:
         chosen.update({("random", seed): orders.random_order(ranked, seed) for seed in settings["random_seeds"]})
     runs = plan_sweep(chosen, info.n_heads_total, settings["fractions"], uniform="uniform" in methods)
     sweep = run_sweep(model, replacer, runs, programs, eval_sets, settings["batch_size"], settings["bootstrap"],
-                      log=log)
+                      log=log, tuned=tuned)
     single_heads = spread_over_ranking(ranked, settings["single_head_count"])
     single = single_head_costs(model, replacer, single_heads, programs, eval_sets[settings["single_head_split"]],
                                settings["batch_size"], log)
 
     summary = summarise_sweep(sweep, single, best, info.model, "heldout" if "heldout" in eval_sets else "test",
                               estimates)
+    if tuned is not None:
+        summary["tuning"] = summary_tuning
     summary["program_failures"] = sum(r.failures for r in {id(p): p for p in programs.values()}.values())
     SWEEP.write(sweep, sweep_path)
     SINGLE_HEADS.write(single, single_path)
     ORDERS.write(orders.orders_table(chosen, summary["best"]["method"]), orders_path)
     write_json(summary_path, summary)
     return summary
+
+
+def tuned_method(model, replacer, programs, chosen, info: ModelInfo, examples_path, heldout_path, settings: dict,
+                 inputs: TuningInputs, tokenizer, token_strings_of, log=print):
+    """The `tuned` order (the attribution order, else the IoU order) with each fraction's programs tuned on
+    training text only; their files and test IoU written to inputs.out_dir. Adds the order to `chosen`; returns
+    the per-fraction replacements for the sweep and what summary.json reports of tuning."""
+    from .tuning import training_texts, tune_stages, write_tuned
+
+    started = time.time()
+    corpus, tune_settings = inputs.corpus, settings["tuning"]
+    order = chosen.get(("attribution", None), chosen[("programs", None)])
+    examples, heldout = read_examples(examples_path), read_examples(heldout_path)
+    train = training_texts(examples, heldout, inputs.passages, lambda text: tokenizer(text)["input_ids"],
+                           tune_settings["train_tokens"], corpus["min_words"], corpus["max_words"],
+                           corpus.get("max_tokens", 128))
+    counts = {f: count_for(f, info.n_heads_total, len(order)) for f in settings["fractions"] if f > 0}
+    sources = {h: r.runner.program.source for h, r in programs.items()
+               if hasattr(r, "runner") and not r.runner.prefixwise}
+    stages, records = tune_stages(model, replacer, programs, sources, order, counts, train, token_strings_of,
+                                  tune_settings, settings["batch_size"], log)
+    names = {h: r.runner.program.name for h, r in programs.items() if hasattr(r, "runner")}
+    rows = write_tuned(stages, programs, names, info.model, inputs.features,
+                       [list(ids) for ids in examples[examples.split == "synth"].input_ids],
+                       [list(ids) for ids in examples[examples.split == "test"].input_ids], model, replacer,
+                       token_strings_of, settings["batch_size"], inputs.out_dir, records)
+    chosen[("tuned", None)] = order
+    seconds = time.time() - started
+    log(f"substitution: tuned method ready in {seconds:.0f}s ({len(train)} training sequences)")
+    test_iou = {}
+    for fraction in stages:
+        mine = [r for r in rows if r["fraction"] == fraction]
+        if mine:
+            test_iou[fraction_key(fraction)] = {
+                "n_heads": len(mine), "untuned": float(np.mean([r["test_iou_untuned"] for r in mine])),
+                "tuned": float(np.mean([r["test_iou_tuned"] for r in mine]))}
+    return stages, {"stages": records, "test_iou": test_iou, "train_tokens": sum(map(len, train)),
+                    "seconds": seconds}

@@ -111,11 +111,12 @@ class HeadReplacer:
             real_rows[b, start:end] = True
         for j, head in enumerate(heads):
             for b, ((start, end), matrix) in enumerate(zip(spans, matrices_for(replacements[(layer, head)], tokens))):
-                matrix = np.asarray(matrix, dtype=np.float32)
-                if matrix.shape != (end - start, end - start):
+                # a tensor (substitute.tuning's programs) keeps its gradient through to the model's output
+                matrix = matrix.float() if torch.is_tensor(matrix) else torch.from_numpy(np.asarray(matrix, np.float32))
+                if tuple(matrix.shape) != (end - start, end - start):
                     raise ValueError(f"replacement for L{layer}H{head} returned shape {matrix.shape} "
                                      f"for {end - start} tokens")
-                new[b, j, start:end, start:end] = torch.from_numpy(matrix)
+                new[b, j, start:end, start:end] = matrix
         new = mask_and_normalise(new.to(device), visible_keys(attention_mask, batch, q_len, k_len, device))
         return new, real_rows.to(device)
 

@@ -35,6 +35,8 @@ class Run:
         """Runs with the same key compute the same thing (fraction 0 of every method; any order at 100%)."""
         if not self.heads:
             return ("unmodified",)
+        if self.method == "tuned":  # weights tuned for each fraction's set of heads
+            return ("tuned", self.fraction, frozenset(self.heads))
         return ("uniform" if self.method == "uniform" else "programs", frozenset(self.heads))
 
 
@@ -99,19 +101,22 @@ def perplexity(nll: np.ndarray, count: np.ndarray, resamples: np.ndarray | None 
 
 def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tuple[int, int], Replacement],
               eval_sets: dict[str, list[list[int]]], batch_size: int, n_boot: int = 1000, seed: int = 0,
-              log=print) -> pd.DataFrame:
+              log=print, tuned: dict[float, dict[tuple[int, int], Replacement]] | None = None) -> pd.DataFrame:
     """Perplexity of every run on every evaluation set, with 95% intervals from a bootstrap over sequences that
     is paired with the unmodified model (the same resampled sequences for both), so the interval of the
     relative increase is that of the paired difference.
 
     Returns one row per (run, eval set): method, seed, fraction, n_replaced, split, n_tokens, ppl, ppl_lo, ppl_hi,
-    rel_increase, rel_lo, rel_hi."""
+    rel_increase, rel_lo, rel_hi. `tuned`: per fraction, the replacements of the `tuned` method's runs."""
     results: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for run in runs:
         if run.key in results:
             continue
         started = time.time()
-        replacement = (lambda head: uniform_attention) if run.method == "uniform" else programs.__getitem__
+        if run.method == "uniform":
+            replacement = lambda head: uniform_attention
+        else:
+            replacement = (tuned[run.fraction] if run.method == "tuned" else programs).__getitem__
         replacer.set_heads({head: replacement(head) for head in run.heads})
         results[run.key] = {split: sequence_nlls(model, seqs, batch_size) for split, seqs in eval_sets.items()}
         log(f"substitution: {run.method:12s} seed={run.seed} fraction={run.fraction:.2f} "

