@@ -312,6 +312,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
     """Only common.smk and report.smk are included: the upstream files are the fixture's, as a finished run
     would leave them."""
+    # The inputs the config names exist (they are checked at start-up) and are older than the results.
+    model_dir = tmp_path / "tiny-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    (tmp_path / "corpus.txt").write_text("A short passage of English text.\n")
     make_results(tmp_path / "results", "tiny")
     (tmp_path / "results" / "tiny" / "library" / "programs").touch()  # directory inputs older than the outputs
     for name in ("workflow", "src", "envs"):
@@ -321,7 +327,8 @@ def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
         'include: "workflow/rules/report.smk"\n'
         'rule all:\n    input: "results/report/index.html"\n    default_target: True\n')
     (tmp_path / "config.yaml").write_text(
-        "models:\n  tiny: {local_dir: /nowhere/tiny}\ncorpus:\n  source: {files: [corpus.txt]}\n"
+        f"models:\n  tiny: {{local_dir: {model_dir}}}\n"
+        "corpus:\n  source: {files: [corpus.txt]}\n"
         "qa: {tasks: [piqa]}\nreport: {examples_per_head: 2}\n")
     snakemake = [str(Path(sys.executable).with_name("snakemake")), "--cores", "1", "--directory", str(tmp_path),
                  "--snakefile", str(tmp_path / "Snakefile")]
