@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..contracts import HeadlineMethod, SingleHeadStats, SubstitutionSummary
 from .mechanism import HeadReplacer, Replacement, uniform_attention
 
 EVAL_SETS = ("val", "heldout", "test")
@@ -184,12 +185,13 @@ def choose_headline(sweep: pd.DataFrame, split: str = "val") -> str:
 
 
 def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFrame, model: str,
-                    main_split: str, estimates: dict[tuple[int, int], float] | None = None) -> dict:
+                    main_split: str, estimates: dict[tuple[int, int], float] | None = None,
+                    program_failures: int = 0, tuning: dict | None = None) -> SubstitutionSummary:
     """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
     (random order: the mean over seeds), with 95% paired bootstrap intervals, per evaluation set; the headline
     method (chosen on val) also under "best"; and the Spearman correlation between each head's test IoU and
     the cost of replacing it alone, and between the attribution order's estimated KL (val, nothing replaced)
-    and that measured cost."""
+    and that measured cost. program_failures and tuning (the `tuned` method's record) are passed through."""
     from scipy.stats import spearmanr
 
     def per_split(split):
@@ -212,18 +214,21 @@ def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFram
     main = splits[main_split]
     headline = choose_headline(sweep) if "val" in splits else "programs"
     n_replaced = sweep[(sweep.method == headline) & (sweep.split == main_split)]
-    summary = {"model": model, "split": main_split, **main,
-               "best": {"method": headline, "chosen_on": "val" if "val" in splits else None,
-                        "rel_increase": main[headline], "interval": main.get(f"{headline}_interval")},
-               "n_replaced": {fraction_key(r.fraction): int(r.n_replaced) for r in n_replaced.itertuples()},
-               "splits": splits}
+    single_head = None
     if len(single) >= 3:
         merged = single.merge(best[["layer", "head", "val_iou", "test_iou"]], on=["layer", "head"])
         rho, p = spearmanr(merged.test_iou, merged.rel_increase)
-        summary["single_head"] = {"n_heads": len(merged), "iou": "test_iou", "spearman_rho": float(rho),
-                                  "p_value": float(p)}
+        estimated_kl = None
         if estimates:
             kl = [estimates[(int(r.layer), int(r.head))] for r in merged.itertuples()]
-            rho, p = spearmanr(kl, merged.rel_increase)
-            summary["single_head"]["estimated_kl"] = {"spearman_rho": float(rho), "p_value": float(p)}
-    return summary
+            kl_rho, kl_p = spearmanr(kl, merged.rel_increase)
+            estimated_kl = {"spearman_rho": float(kl_rho), "p_value": float(kl_p)}
+        single_head = SingleHeadStats(n_heads=len(merged), iou="test_iou", spearman_rho=float(rho), p_value=float(p),
+                                      estimated_kl=estimated_kl)
+    return SubstitutionSummary(
+        model=model, split=main_split, baseline_ppl=main["baseline_ppl"], n_tokens=main["n_tokens"],
+        baseline_ppl_interval=main["baseline_ppl_interval"],
+        best=HeadlineMethod(method=headline, chosen_on="val" if "val" in splits else None,
+                            rel_increase=main[headline], interval=main.get(f"{headline}_interval")),
+        n_replaced={fraction_key(r.fraction): int(r.n_replaced) for r in n_replaced.itertuples()},
+        splits=splits, program_failures=program_failures, single_head=single_head, tuning=tuning)

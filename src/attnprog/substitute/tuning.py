@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import helpers
+from ..settings import TuningSettings
 from .mechanism import HeadReplacer, Replacement
 from .sweep import padded_batches
 
@@ -264,7 +265,7 @@ def training_texts(examples, heldout, passages, tokenize, n_tokens: int, min_wor
 
 def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], Replacement],
                 sources: dict[tuple[int, int], str], order: list[tuple[int, int]], counts: dict[float, int],
-                sequences: list[list[int]], token_strings, settings: dict, batch_size: int, log=print
+                sequences: list[list[int]], token_strings, settings: TuningSettings, batch_size: int, log=print
                 ) -> tuple[dict[float, dict[tuple[int, int], Replacement]], list[dict]]:
     """For each fraction (ascending count), the first `count` heads of `order` replaced and their programs' weights
     tuned together on `sequences` (training text only), starting from the previous fraction's tuned weights.
@@ -281,8 +282,8 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], R
         new = tunable_programs({h: sources[h] for h in heads if h not in current and h in sources}, texts, cache)
         tunable = {h: copy_of(current[h]) if h in current else new[h] for h in heads if h in current or h in new}
         fixed = {h: programs[h] for h in heads if h not in tunable}
-        result = tune(model, replacer, tunable, fixed, sequences, epochs=settings["epochs"],
-                      learning_rate=settings["learning_rate"], l2=settings["l2"], batch_size=batch_size,
+        result = tune(model, replacer, tunable, fixed, sequences, epochs=settings.epochs,
+                      learning_rate=settings.learning_rate, l2=settings.l2, batch_size=batch_size,
                       reference=reference, log=log)
         log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): training KL "
             f"{result.kl_before:.4f} -> {result.kl_after:.4f} nats/token in {result.seconds:.0f}s")
