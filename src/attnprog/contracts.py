@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Union, get_args, get_origin
+from typing import Literal, NamedTuple, Union, get_args, get_origin
 
 import numpy as np
 
@@ -55,10 +55,10 @@ def is_trusted(origin: str) -> bool:
 _HEAD_NAME = re.compile(r"L(\d+)H(\d+)")
 
 
-@dataclass(frozen=True, order=True)
-class HeadId:
+class HeadId(NamedTuple):
     """One attention head of a model. `name` is the one way a head is written (`L3H5`: folder and file names,
-    pages, messages) and `parse` the one way such a name is read back."""
+    pages, messages) and `parse` the one way such a name is read back. A named pair, so it equals, hashes and
+    sorts as the plain (layer, head) pair: tables' (layer, head) keys and HeadId keys find each other."""
     layer: int
     head: int
 
