@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts import HeadId
 from ..settings import QASettings
 from .langtest import QAError
 from .paired import paired_comparison
@@ -133,7 +134,7 @@ def partial_path(out_path) -> Path:
 # Runs -> rows
 
 
-def plan_runs(ranked: list[tuple[int, int]], n_total: int, settings: QASettings) -> list[tuple[str, float, list]]:
+def plan_runs(ranked: list[HeadId], n_total: int, settings: QASettings) -> list[tuple[str, float, list]]:
     """(method, fraction, heads) of every run; fraction 0 (the unmodified model, which the paired comparisons
     need) always. A fraction replaces round(fraction x all heads) heads, never more than have a program."""
     fractions = sorted({0.0, *map(float, settings.fractions)})

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..contracts import HeadlineMethod, SingleHeadStats, SubstitutionSummary
+from ..contracts import HeadId, HeadlineMethod, SingleHeadStats, SubstitutionSummary
 from .mechanism import HeadReplacer, Replacement, uniform_attention
 
 EVAL_SETS = ("val", "heldout", "test")
@@ -29,7 +29,7 @@ class Run:
     method: str           # an order's name (programs in that order) or "uniform" (the programs order's heads)
     seed: int | None      # random orders only
     fraction: float
-    heads: tuple[tuple[int, int], ...]
+    heads: tuple[HeadId, ...]
 
     @property
     def key(self) -> tuple:
@@ -46,7 +46,7 @@ def count_for(fraction: float, n_heads_total: int, n_available: int) -> int:
     return min(round(fraction * n_heads_total), n_available)
 
 
-def plan_sweep(orders: dict[tuple[str, int | None], list[tuple[int, int]]], n_heads_total: int,
+def plan_sweep(orders: dict[tuple[str, int | None], list[HeadId]], n_heads_total: int,
                fractions: list[float], uniform: bool = True) -> list[Run]:
     """Every run of the sweep: for each fraction, each order's first heads, and (with `uniform`) the uniform
     matrix on the heads of the `programs` order. `orders` maps (method, seed) to heads in replacement order."""
@@ -100,9 +100,9 @@ def perplexity(nll: np.ndarray, count: np.ndarray, resamples: np.ndarray | None 
     return np.exp(nll[resamples].sum(1) / count[resamples].sum(1))
 
 
-def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tuple[int, int], Replacement],
+def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[HeadId, Replacement],
               eval_sets: dict[str, list[list[int]]], batch_size: int, n_boot: int = 1000, seed: int = 0,
-              log=print, tuned: dict[float, dict[tuple[int, int], Replacement]] | None = None) -> pd.DataFrame:
+              log=print, tuned: dict[float, dict[HeadId, Replacement]] | None = None) -> pd.DataFrame:
     """Perplexity of every run on every evaluation set, with 95% intervals from a bootstrap over sequences that
     is paired with the unmodified model (the same resampled sequences for both), so the interval of the
     relative increase is that of the paired difference.
@@ -144,8 +144,8 @@ def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tup
     return pd.DataFrame(rows)
 
 
-def single_head_costs(model, replacer: HeadReplacer, heads: list[tuple[int, int]],
-                      programs: dict[tuple[int, int], Replacement], sequences: list[list[int]], batch_size: int,
+def single_head_costs(model, replacer: HeadReplacer, heads: list[HeadId],
+                      programs: dict[HeadId, Replacement], sequences: list[list[int]], batch_size: int,
                       log=print) -> pd.DataFrame:
     """Perplexity when each head alone is replaced by its program: layer, head, ppl, rel_increase."""
     replacer.set_heads({})
@@ -185,7 +185,7 @@ def choose_headline(sweep: pd.DataFrame, split: str = "val") -> str:
 
 
 def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFrame, model: str,
-                    main_split: str, estimates: dict[tuple[int, int], float] | None = None,
+                    main_split: str, estimates: dict[HeadId, float] | None = None,
                     program_failures: int = 0, tuning: dict | None = None) -> SubstitutionSummary:
     """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
     (random order: the mean over seeds), with 95% paired bootstrap intervals, per evaluation set; the headline
