@@ -28,7 +28,8 @@ def environment() -> Environment:
                       trim_blocks=True, lstrip_blocks=True)
     css = (Path(__file__).parents[1] / "report_templates" / "style.css").read_text()
     css += HtmlFormatter(style="friendly").get_style_defs(".hl")
-    env.globals.update(css=Markup(css), version=__version__)
+    env.globals.update(css=Markup(css), version=__version__,
+                       head_name=lambda layer, head: HeadId(int(layer), int(head)).name)
     return env
 
 
