@@ -115,3 +115,9 @@ def test_fields_a_record_does_not_declare_are_ignored(tmp_path):
     del data["single_head"], data["tuning"], data["program_failures"]
     (tmp_path / "summary.json").write_text(json.dumps(data))
     assert SubstitutionSummary.read(tmp_path / "summary.json") == replace(SUBSTITUTION, single_head=None)
+
+
+def test_a_writer_of_the_wrong_type_fails_before_the_file_exists(tmp_path):
+    with pytest.raises(ContractError, match=r"summary.json \(writing\): field library_size"):
+        replace(LIBRARY, library_size="two").write(tmp_path / "summary.json")
+    assert not (tmp_path / "summary.json").exists()

@@ -148,7 +148,10 @@ class JsonRecord:
         return asdict(self)
 
     def write(self, path) -> None:
-        write_json(path, self.to_dict())
+        """Check the record as `read` will (a writer's wrong type fails here, naming the field), then write it."""
+        data = self.to_dict()
+        type(self).from_dict(data, f"{path} (writing)")
+        write_json(path, data)
 
     @classmethod
     def from_dict(cls, data, where: str):
