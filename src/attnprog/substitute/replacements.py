@@ -53,8 +53,8 @@ def program_replacements(program_dir, programs_path, best: pd.DataFrame, tokeniz
     runners, out, skipped = {}, {}, 0
     for row in best.itertuples():
         if row.program not in loaded or row.program not in table.index:
-            raise ValueError(f"library: program '{row.program}' of {HeadId(int(row.layer), int(row.head))} is not in {program_dir} "
-                             f"and {programs_path}")
+            head = HeadId(int(row.layer), int(row.head))
+            raise ValueError(f"library: program '{row.program}' of {head} is not in {program_dir} and {programs_path}")
         causal = bool(table.loc[row.program, "causal"])
         if not causal and noncausal == "skip":
             skipped += 1
