@@ -25,6 +25,7 @@ from attnprog.matrices import pack, unpack_many  # noqa: E402
 from attnprog.programs import load_programs  # noqa: E402
 from attnprog.runner import run_programs  # noqa: E402
 from attnprog.scoring import mean_iou  # noqa: E402
+from attnprog.settings import OfflineSynthesisSettings  # noqa: E402
 from attnprog.synthesize import synthesize_offline  # noqa: E402
 from attnprog.synthesize.fit import split_data  # noqa: E402
 from attnprog.synthesize.output_fit import ValueGrams, relative_output_error  # noqa: E402
@@ -78,7 +79,7 @@ def main():
                 folder = tmp / objective / head.name
                 start = time.process_time()
                 manifest = synthesize_offline(features, synth.example_ids, inputs.attention(head, "synth"), folder,
-                                              info.model, head, {"objective": objective}, grams)
+                                              info.model, head, OfflineSynthesisSettings.defaults(objective=objective), grams)
                 cpu[objective].append(time.process_time() - start)
                 programs = load_programs(folder, trusted=True)
                 runs = run_programs(programs, val.calls())

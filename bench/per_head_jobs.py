@@ -7,6 +7,7 @@ needed to unpickle the `snakemake` object). With --results, also the whole job: 
 head of a finished run, writing to a temporary folder. Last line: `per_head_startup_s: <slowest of the two>`.
 """
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -46,12 +47,15 @@ def main():
         print(f"{job}: start-up {startup[job]:.3f} s (a `script:` job would start in {with_snakemake:.3f} s)")
 
     if args.results:
+        from attnprog.config import schema_defaults  # the schema's synthesis section, as the rule passes it
+
+        SYNTHESIS = json.dumps({"backend": "offline", "offline": schema_defaults("synthesis")["offline"]})
         results = Path(args.results)
         head = "L0H0"
         with tempfile.TemporaryDirectory() as tmp:
             commands = {
                 "synthesize": [python, str(SCRIPTS / "synthesize.py"), "--model", results.name, "--layer", "0",
-                               "--head", "0", "--settings", '{"backend": "offline", "offline": {}}',
+                               "--head", "0", "--settings", SYNTHESIS,
                                "--head-inputs", str(results / "synthesis/head_inputs.npz"),
                                "--features", str(results / "synthesis/features.npz"), "--out", f"{tmp}/{head}",
                                "--log", f"{tmp}/s.log"],

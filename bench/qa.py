@@ -16,6 +16,7 @@ from attnprog import models, qa, substitute
 from attnprog.substitute import mechanism
 from attnprog.contracts import ModelInfo
 from attnprog.qa import run
+from attnprog.settings import QASettings
 
 
 def main():
@@ -37,8 +38,8 @@ def main():
     folder = results / "library"
     library = substitute.LibraryFiles(best=folder / "best.parquet", programs=folder / "programs.parquet",
                                       program_dir=folder / "programs")
-    settings = {"fractions": args.fractions, "questions": args.questions, "batch_size": args.batch_size,
-                "methods": args.methods}
+    settings = QASettings.defaults(fractions=args.fractions, questions=args.questions, batch_size=args.batch_size,
+                                   methods=args.methods)
 
     in_programs = [0.0]
     matrices_for = mechanism.matrices_for

@@ -26,6 +26,7 @@ from attnprog.substitute import evaluation_sets, install
 from attnprog.substitute.orders import iou_order
 from attnprog.substitute.replacements import program_replacements, read_best
 from attnprog.substitute.sweep import Run, count_for, run_sweep
+from attnprog.settings import TuningSettings
 from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages
 
 
@@ -82,8 +83,8 @@ def main():
 
     counts = {f: count_for(f, info.n_heads_total, len(order)) for f in args.fractions}
     started = time.time()
-    stages, records = tune_stages(model, replacer, programs, sources, order, counts, train, strings, settings,
-                                  batch_size)
+    stages, records = tune_stages(model, replacer, programs, sources, order, counts, train, strings,
+                                  TuningSettings.from_config(settings), batch_size)
     tuning_seconds = time.time() - started
     for r in records:
         print(f"fraction {r['fraction']:g}: {r['n_tuned']}/{r['n_replaced']} heads tuned; training KL "

@@ -13,6 +13,8 @@ from attnprog.library import choice
 from attnprog.matrices import pack, unpack_many
 from attnprog.programs import load_programs
 from attnprog.scoring import mean_iou
+from attnprog.config import schema_defaults
+from attnprog.settings import LibrarySettings
 
 WORDS = [" the", " cat", " dog", " sat", " on", " a", " mat", " and", " ran", " home", ",", " big"]
 
@@ -111,7 +113,7 @@ def run_library(root, heads: list[HeadId], candidate_dirs: dict, settings=None, 
         monkeypatch.setattr(rerank, "run_programs", refuse)
     summary = library.build_library(
         "tiny", heads, [candidate_dirs[h] for h in heads], [root / "rerank" / f"{h.name}.npz" for h in heads],
-        root / "head_inputs.npz", root / "library", settings)
+        root / "head_inputs.npz", root / "library", settings or LibrarySettings.defaults())
     return summary, {"programs": PROGRAMS.read(root / "library/programs.parquet"),
                      "scores": SCORES.read(root / "library/scores.parquet"),
                      "best": BEST.read(root / "library/best.parquet")}
@@ -129,24 +131,25 @@ def test_library_from_synthesized_candidates(tmp_path, monkeypatch):
     dirs = {}
     for head in heads:
         dirs[head] = tmp_path / "synthesis" / head.name
-        S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 2, 4]}}, "tiny", head,
+        synthesis = {"backend": "offline", "offline": {**schema_defaults("synthesis")["offline"], "sizes": [1, 2, 4]}}
+        S.synthesize_head(synthesis, "tiny", head,
                           tmp_path / "head_inputs.npz", dirs[head], tmp_path / "features.npz")
     summary, tables = run_library(tmp_path, heads, dirs, monkeypatch=monkeypatch)
 
-    assert summary["n_heads"] == 4
+    assert summary.n_heads == 4
     # L0H0 and L1H1 are the same head: their candidates behave the same and are kept once
-    assert summary["pool_size"] < summary["n_candidates"]
-    assert summary["pool_size"] == len(tables["programs"])
+    assert summary.pool_size < summary.n_candidates
+    assert summary.pool_size == len(tables["programs"])
     library_names = set(tables["programs"].loc[tables["programs"]["in_library"], "name"])
-    assert summary["library_size"] == len(library_names) == len(list((tmp_path / "library/programs").glob("*.py")))
+    assert summary.library_size == len(library_names) == len(list((tmp_path / "library/programs").glob("*.py")))
     assert set(tables["best"]["program"]) <= library_names  # heads take programs from the library
-    assert len(tables["scores"]) == 3 * 4 * summary["pool_size"]  # every program on every head on every split
+    assert len(tables["scores"]) == 3 * 4 * summary.pool_size  # every program on every head on every split
     assert (tables["best"]["val_iou"] > 0.9).all() and (tables["best"]["test_iou"] > 0.9).all()
-    assert summary["mean_test_iou"] == pytest.approx(tables["best"]["test_iou"].mean())
-    assert summary["unrestricted"]["mean_val_iou"] >= summary["mean_val_iou"] - 0.01
-    assert summary["library_curve"][-1]["size"] == summary["pool_size"]
-    assert summary["baselines"]["first_token"] < summary["mean_test_iou"]
-    assert set(summary["per_layer_test_iou"]) == {"0", "1"}
+    assert summary.mean_test_iou == pytest.approx(tables["best"]["test_iou"].mean())
+    assert summary.unrestricted["mean_val_iou"] >= summary.mean_val_iou - 0.01
+    assert summary.library_curve[-1]["size"] == summary.pool_size
+    assert summary.baselines["first_token"] < summary.mean_test_iou
+    assert set(summary.per_layer_test_iou) == {"0", "1"}
     assert tables["programs"]["category"].notna().all()
     # the best program's recorded scores agree with the score table and with running the program again
     best = tables["best"].iloc[0]
@@ -241,7 +244,7 @@ def test_trust_in_the_programs_table_comes_from_the_contracts(tmp_path, monkeypa
     assert tables["programs"]["trusted"].tolist() == [True]  # origin offline
     monkeypatch.setattr(contracts, "TRUSTED_ORIGINS", ())
     library.build_library("tiny", [head], [folder], [tmp_path / "rerank" / "L0H0.npz"], tmp_path / "head_inputs.npz",
-                          tmp_path / "library")
+                          tmp_path / "library", LibrarySettings.defaults())
     assert PROGRAMS.read(tmp_path / "library/programs.parquet")["trusted"].tolist() == [False]
 
 

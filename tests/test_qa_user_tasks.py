@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from attnprog import models, qa
+from attnprog.contracts import QASummary
 from attnprog.qa import run
+from attnprog.settings import QASettings
 from test_substitute import make_library
 from tinyworld import run_snakemake, tiny_config
 
@@ -49,7 +51,7 @@ def tiny(tiny_models, tmp_path):
     return info, library
 
 
-SETTINGS = {"fractions": [0.25, 0.5], "questions": None, "batch_size": 4, "methods": ["programs"]}
+SETTINGS = QASettings.defaults(fractions=(0.25, 0.5), questions=None, batch_size=4, methods=("programs",))
 
 
 def test_configured_tasks_are_filed_under_their_own_names(tmp_path):
@@ -91,7 +93,7 @@ def test_a_user_task_yaml_runs_through_the_api(tiny, tmp_path):
     assert by_folder["task"] == "my_facts_norm" and by_folder["metric"] == "acc_norm"
     summary = qa.summarise_qa([tmp_path / "out" / "my_facts.json", tmp_path / "out" / "my_facts_norm.json"],
                               tmp_path / "out" / "summary.json")
-    assert summary["metrics"] == {"my_facts": "acc", "my_facts_norm": "acc_norm"}
+    assert summary.metrics == {"my_facts": "acc", "my_facts_norm": "acc_norm"}
 
 
 def test_a_crash_after_the_first_fraction_loses_nothing_and_the_rerun_resumes(tiny, tmp_path, monkeypatch):
@@ -160,10 +162,10 @@ def test_user_tasks_run_through_the_rule(tiny_models, tmp_path):
     run_snakemake(tmp_path / "work", config, "results/tiny/qa/summary.json")
     qa_dir = tmp_path / "work" / "results" / "tiny" / "qa"
     assert sorted(p.name for p in qa_dir.iterdir()) == ["my_facts.json", "my_facts_norm.json", "summary.json"]
-    summary = json.loads((qa_dir / "summary.json").read_text())
-    assert summary["metrics"] == {"my_facts": "acc", "my_facts_norm": "acc_norm"}
-    assert set(summary["tasks"]["my_facts"]["programs"]) == {"0", "0.5"}
-    assert all(row["n_questions"] == 4 for row in summary["results"])
+    summary = QASummary.read(qa_dir / "summary.json")
+    assert summary.metrics == {"my_facts": "acc", "my_facts_norm": "acc_norm"}
+    assert set(summary.tasks["my_facts"]["programs"]) == {"0", "0.5"}
+    assert all(row["n_questions"] == 4 for row in summary.results)
 
 
 # ---------------------------------------------------------------------------------------------------------

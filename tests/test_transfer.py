@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attnprog.contracts import BEST, PROGRAMS, HeadId, HeadInputs, ModelInfo, SplitExamples
+from attnprog.contracts import BEST, PROGRAMS, HeadId, HeadInputs, ModelInfo, SplitExamples, TransferSummary
 from attnprog.library.transfer import UNIVERSAL_MARGIN, transfer
 from attnprog.matrices import pack
 
@@ -61,19 +61,21 @@ def test_each_head_takes_the_best_program_of_the_other_library(tmp_path):
 
     result = transfer(library, tmp_path / "A" / "programs.parquet", tmp_path / "B_inputs.npz",
                       tmp_path / "B_best.parquet", tmp_path / "B_info.json", "A")
-    assert (result["library_model"], result["target_model"], result["n_heads"]) == ("A", "B", 2)
-    by_head = {(h["layer"], h["head"]): h for h in result["heads"]}
-    assert by_head[0, 0]["program"] == "previous_token"
-    assert by_head[0, 0]["test_iou"] == pytest.approx(1.0)
+    assert (result.library_model, result.target_model, result.n_heads) == ("A", "B", 2)
+    by_head = {h.head_id: h for h in result.heads}
+    assert by_head[HeadId(0, 0)].program == "previous_token"
+    assert by_head[HeadId(0, 0)].test_iou == pytest.approx(1.0)
     # No program of A attends to the first token: head 1 is explained worse than by B's own program.
     # (previous token and self agree with the first token on row 0 and 1 resp. / row 0 only: previous wins)
     expected_first = np.mean([_iou(previous(len(t.split())), first(len(t.split()))) for t in SENTENCES])
-    assert by_head[0, 1]["test_iou"] == pytest.approx(expected_first, abs=1e-5)
-    assert by_head[0, 1]["test_iou"] < 1 - UNIVERSAL_MARGIN
-    assert result["own_mean_test_iou"] == pytest.approx(1.0)
-    assert result["mean_test_iou"] == pytest.approx((1 + expected_first) / 2, abs=1e-5)
-    assert result["universal_heads"] == 1
-    assert result["programs"][0]["name"] == "previous_token" and result["programs"][0]["universal_heads"] == 1
+    assert by_head[HeadId(0, 1)].test_iou == pytest.approx(expected_first, abs=1e-5)
+    assert by_head[HeadId(0, 1)].test_iou < 1 - UNIVERSAL_MARGIN
+    assert result.own_mean_test_iou == pytest.approx(1.0)
+    assert result.mean_test_iou == pytest.approx((1 + expected_first) / 2, abs=1e-5)
+    assert result.universal_heads == 1
+    assert result.programs[0].name == "previous_token" and result.programs[0].universal_heads == 1
+    result.write(tmp_path / "A_B.json")  # what the report reads back
+    assert TransferSummary.read(tmp_path / "A_B.json") == result
 
 
 def _iou(a, b):

@@ -6,6 +6,7 @@ import torch
 
 from attnprog import substitute
 from attnprog.matrices import pack
+from attnprog.settings import SubstitutionSettings, TuningSettings
 from attnprog.substitute.tuning import (CueCache, TunableProgram, WeightedCues, substituted_kl, reference_log_probs,
                                         training_texts, tune, tune_stages, weighted_cues)
 from attnprog.synthesize.fit import fit_weights, split_data
@@ -147,7 +148,8 @@ def test_tuned_weights_do_not_depend_on_val_test_or_heldout_text():
                                 "t", "n")
         heads = all_heads(model)[:3]
         stages, _ = tune_stages(model, replacer, {}, {h: source for h in heads}, heads, {0.5: 2, 1.0: 3}, train,
-                                id_strings, {"epochs": 2, "learning_rate": 0.1, "l2": 0.0}, 4, log=lambda *_: None)
+                                id_strings, TuningSettings.defaults(epochs=2, learning_rate=0.1, l2=0.0), 4,
+                                log=lambda *_: None)
         results.append({f: {h: p.weights for h, p in s.items()} for f, s in stages.items()})
     for fraction in (0.5, 1.0):
         for head, weights in results[0][fraction].items():
@@ -174,11 +176,11 @@ def test_the_sweep_runs_tuned_side_by_side_and_writes_the_tuned_programs(tiny_mo
                                                                (0.5, "h.first_token(n)", "j is the first token")],
                                  "tiny", "A weighted-cue program.")
     (library.program_dir / "previous_token.py").write_text(cue_program)
-    settings = {"fractions": [0, 0.5, 1.0], "methods": ["programs", "attribution", "tuned", "uniform"],
-                "random_seeds": [], "heldout_tokens": 200, "batch_size": 4, "bootstrap": 100,
-                "single_head_count": 3, "single_head_split": "test", "noncausal": "prefixwise",
-                "attribution_samples": 1, "tuning": {"epochs": 2, "learning_rate": 0.1, "l2": 0.0,
-                                                     "train_tokens": 400}}
+    settings = SubstitutionSettings.defaults(
+        fractions=(0, 0.5, 1.0), methods=("programs", "attribution", "tuned", "uniform"), random_seeds=(),
+        heldout_tokens=200, batch_size=4, bootstrap=100, single_head_count=3, single_head_split="test",
+        noncausal="prefixwise", attribution_samples=1,
+        tuning=TuningSettings.defaults(epochs=2, learning_rate=0.1, l2=0.0, train_tokens=400))
     passages = [" ".join(f"word{k}x{i}" for i in range(20)) + "." for k in range(30)]
     out = tmp_path / "substitution"
     tuning = substitute.TuningInputs(corpus, passages, None, out / "tuned")
@@ -188,8 +190,9 @@ def test_the_sweep_runs_tuned_side_by_side_and_writes_the_tuned_programs(tiny_mo
                                             log=lambda m: None, tuning=tuning)
     sweep = pd.read_parquet(out / "sweep.parquet")
     assert set(sweep.method) == {"programs", "attribution", "tuned", "uniform"}
-    assert summary["tuned"]["0"] == 0 and set(summary["tuned_interval"]) == {"0", "0.5", "1"}
-    stages = summary["tuning"]["stages"]
+    main = summary.splits[summary.split]
+    assert main["tuned"]["0"] == 0 and set(main["tuned_interval"]) == {"0", "0.5", "1"}
+    stages = summary.tuning["stages"]
     assert [s["fraction"] for s in stages] == [0.5, 1.0] and [s["n_replaced"] for s in stages] == [4, 8]
     assert stages[1]["n_tuned"] == 4  # the four heads whose program is a softmax of weighted cues
     assert all(s["kl_after"] <= s["kl_before"] for s in stages)

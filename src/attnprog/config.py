@@ -101,6 +101,6 @@ def synthesis_settings(synthesis: dict) -> dict:
     """The part of the config's `synthesis` section that the configured backend reads: the synthesize rule
     passes only this, so changing another backend's settings (Claude's prices under the offline backend)
     reruns nothing."""
-    backend = synthesis.get("backend", "offline")
+    backend = synthesis["backend"]
     keep = ("backend", backend) + (("prompt",) if backend != "offline" else ())
     return {key: synthesis[key] for key in keep if key in synthesis}

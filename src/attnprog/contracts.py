@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, Union, get_args, get_origin
 
 import numpy as np
 
@@ -49,16 +52,27 @@ def is_trusted(origin: str) -> bool:
     return origin in TRUSTED_ORIGINS
 
 
-@dataclass(frozen=True, order=True)
-class HeadId:
-    """One attention head of a model."""
+_HEAD_NAME = re.compile(r"L(\d+)H(\d+)")
+
+
+class HeadId(NamedTuple):
+    """One attention head of a model. `name` is the one way a head is written (`L3H5`: folder and file names,
+    pages, messages) and `parse` the one way such a name is read back. A named pair, so it equals, hashes and
+    sorts as the plain (layer, head) pair: tables' (layer, head) keys and HeadId keys find each other."""
     layer: int
     head: int
 
     @property
     def name(self) -> str:
-        """`L{layer}H{head}`: the head's folder and file names (never parsed back)."""
         return f"L{self.layer}H{self.head}"
+
+    @classmethod
+    def parse(cls, name: str) -> "HeadId":
+        """The head a name such as "L3H5" stands for; ContractError for anything else."""
+        match = _HEAD_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            raise ContractError(f"{name!r} is not a head name (expected L<layer>H<head>, e.g. L3H5)")
+        return cls(int(match.group(1)), int(match.group(2)))
 
     def __str__(self) -> str:
         return self.name
@@ -89,8 +103,98 @@ def read_json(path: str | os.PathLike) -> dict:
         raise ContractError(f"{path} is not valid JSON ({e})") from None
 
 
-@dataclass
-class ModelInfo:
+def _conforms(value, hint) -> bool:
+    """Whether a value read from JSON has the declared type (JSON numbers: an int is also a float; a
+    bool is neither)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is typing.Any or hint is object:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, arm) for arm in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, JsonRecord):
+        return isinstance(value, (dict, hint))
+    if hint is list or origin is list:
+        return isinstance(value, list) and (not args or all(_conforms(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict) and (not args or all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                                            for k, v in value.items()))
+    raise TypeError(f"no JSON check for type {hint}")
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+@dataclass(frozen=True)
+class JsonRecord:
+    """A JSON file as a frozen record: `write` writes it atomically, `read` checks every declared field (present
+    unless it has a default; of its declared type) and raises a one-line ContractError naming the file and the
+    field. Keys the record does not declare are ignored, so a file with more (a later version) still reads.
+    A field typed as another JsonRecord (or a list of them) is read as that record."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, path) -> None:
+        """Check the record as `read` will (a writer's wrong type fails here, naming the field), then write it."""
+        data = self.to_dict()
+        type(self).from_dict(data, f"{path} (writing)")
+        write_json(path, data)
+
+    @classmethod
+    def from_dict(cls, data, where: str):
+        if not isinstance(data, dict):
+            raise ContractError(f"{where}: expected a JSON object, found {_type_name(data)}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ContractError(f"{where}: missing field {f.name}")
+                continue
+            value, hint = data[f.name], hints[f.name]
+            if not _conforms(value, hint):
+                raise ContractError(f"{where}: field {f.name} is {json.dumps(value)[:60]} ({_type_name(value)}), "
+                                    f"expected {_hint_name(hint)}")
+            values[f.name] = _nested(value, hint, f"{where}: {f.name}")
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path):
+        return cls.from_dict(read_json(path), str(path))
+
+
+def _nested(value, hint, where: str):
+    """A field's value with its nested records (a record, or a list of records) read as records."""
+    arms = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, types.UnionType) \
+        else [hint]
+    for arm in arms:
+        if isinstance(arm, type) and issubclass(arm, JsonRecord) and isinstance(value, dict):
+            return arm.from_dict(value, where)
+        inner = get_args(arm)
+        if get_origin(arm) is list and inner and isinstance(inner[0], type) and issubclass(inner[0], JsonRecord):
+            return [inner[0].from_dict(v, f"{where}[{k}]") if isinstance(v, dict) else v for k, v in enumerate(value)]
+    return value
+
+
+def _hint_name(hint) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+@dataclass(frozen=True)
+class ModelInfo(JsonRecord):
     """results/{model}/model/info.json: what later stages need to know about a model (no weights)."""
     model: str
     load_path: str                 # what `from_pretrained` loads: a Hub id or a local folder
@@ -115,13 +219,6 @@ class ModelInfo:
     def tokenizer_dir(self) -> str | None:
         """The model's local folder (reference-signature programs tokenise with it), if it has one."""
         return self.load_path if Path(self.load_path).is_dir() else None
-
-    def write(self, path) -> None:
-        write_json(path, asdict(self))
-
-    @classmethod
-    def read(cls, path) -> "ModelInfo":
-        return _from_dict(cls, read_json(path), str(path))
 
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
@@ -186,6 +283,129 @@ class Manifest:
         data = read_json(path)
         data["candidates"] = [_from_dict(Candidate, c, f"{path}: candidate") for c in data.get("candidates", [])]
         return _from_dict(cls, data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each stage's summary (the small JSON files the report reads; docs/ARCHITECTURE.md describes each field)
+
+@dataclass(frozen=True)
+class LibrarySummary(JsonRecord):
+    """results/{model}/library/summary.json, written by the `library` rule."""
+    model: str
+    n_heads: int
+    n_candidates: int              # before deduplication
+    pool_size: int
+    library_size: int
+    mean_val_iou: float            # each head's program from the library
+    mean_test_iou: float
+    mean_synth_iou: float
+    unrestricted: dict[str, float]  # each head choosing from the whole pool: mean_val_iou, mean_test_iou, programs_used
+    library_curve: list[dict[str, float]]  # per library size: size, mean_val_iou, mean_test_iou
+    mean_terms: float | None       # of the chosen programs (None: none has a term count)
+    heads_per_program: dict[str, int]
+    baselines: dict[str, float]    # mean test IoU per baseline
+    per_layer_test_iou: dict[str, float]
+    n_causal_programs: int
+    splits: dict[str, int]         # examples per split
+    selection: str                 # how the library and each head's program were chosen, in words
+
+
+@dataclass(frozen=True)
+class HeadlineMethod(JsonRecord):
+    """The sweep method chosen on val (substitution summary's `best`), with its cost on the main split."""
+    method: str
+    chosen_on: str | None
+    rel_increase: dict[str, float]             # {fraction: relative perplexity increase}
+    interval: dict[str, list[float]] | None
+
+
+@dataclass(frozen=True)
+class SingleHeadStats(JsonRecord):
+    """How each head's test IoU (and the attribution's first KL estimate) ranks the cost of replacing it alone."""
+    n_heads: int
+    iou: str
+    spearman_rho: float
+    p_value: float
+    estimated_kl: dict[str, float] | None = None   # spearman_rho, p_value
+
+
+@dataclass(frozen=True)
+class SubstitutionSummary(JsonRecord):
+    """results/{model}/substitution/summary.json, written by the `substitute` rule. `splits` holds, per
+    evaluation set, the baseline perplexity and per method `{fraction: relative increase}` (with
+    `<method>_interval`, `random_range`); the file also repeats the main split's entries at its top level."""
+    model: str
+    split: str                     # the main evaluation set (heldout when there is one)
+    baseline_ppl: float
+    n_tokens: int
+    baseline_ppl_interval: list[float]
+    best: HeadlineMethod
+    n_replaced: dict[str, int]
+    splits: dict[str, dict]
+    program_failures: int = 0      # examples where a program failed and the uniform matrix stood in
+    single_head: SingleHeadStats | None = None
+    tuning: dict | None = None     # the `tuned` method's stages and test IoU (with that method only)
+
+    def to_dict(self) -> dict:
+        return {**self.splits[self.split], **asdict(self)}
+
+    def rel_increase(self, method: str, split: str | None = None) -> dict[str, float]:
+        """`{fraction: relative perplexity increase}` of a method on a split (the main one by default)."""
+        return self.splits[split or self.split][method]
+
+
+@dataclass(frozen=True)
+class QASummary(JsonRecord):
+    """results/{model}/qa/summary.json, written by the `qa_summary` rule."""
+    model: str
+    metrics: dict[str, str | None]              # {task: the metric its paired fields compare}
+    tasks: dict[str, dict[str, dict[str, dict]]]  # {task: {method: {fraction: row}}}
+    results: list[dict]                         # the same rows flat, with task, method and fraction
+    max_drop: dict[str, float]                  # {fraction: largest drop of any task, programs replaced}
+
+
+@dataclass(frozen=True)
+class TransferProgram(JsonRecord):
+    """A library program chosen for some head of the target model."""
+    name: str
+    description: str
+    heads: int                     # target heads that chose it
+    universal_heads: int           # of which within the margin of their own program
+    mean_test_iou: float
+
+
+@dataclass(frozen=True)
+class TransferHead(JsonRecord):
+    """One target head: the source program best on val, and the target's own program."""
+    layer: int
+    head: int
+    program: str
+    val_iou: float
+    test_iou: float
+    own_program: str | None
+    own_test_iou: float
+
+    @property
+    def head_id(self) -> HeadId:
+        return HeadId(self.layer, self.head)
+
+
+@dataclass(frozen=True)
+class TransferSummary(JsonRecord):
+    """results/transfer/{source}/{target}.json, written by the `transfer` rule: the source model's library run
+    on the target model's examples and scored against its heads."""
+    library_model: str
+    target_model: str
+    n_programs: int
+    n_heads: int
+    mean_test_iou: float           # target heads under the source library
+    own_mean_test_iou: float       # target heads under their own library
+    programs_used: int
+    universal_margin: float
+    universal_heads: int
+    programs: list[TransferProgram]
+    heads: list[TransferHead]
+    failed_examples: dict[str, dict[str, int]]  # {split: {program: examples it failed on}}
 
 
 # ---------------------------------------------------------------------------------------------------------

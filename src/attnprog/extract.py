@@ -235,7 +235,7 @@ def _per_head(folder: str | Path, table: Table, parts: dict[str, SplitExamples])
                 for example_id, n in zip(part.example_ids, part.lengths):
                     triangle = stored.get((head, example_id))
                     if triangle is None or len(triangle) != triangle_size(n):
-                        raise ValueError(f"L{layer}H{head}: {table.name} for example {example_id} is missing or "
+                        raise ValueError(f"{HeadId(layer, head)}: {table.name} for example {example_id} is missing or "
                                          f"not {n} x {n}")
                     flat.append(triangle)
                 out[HeadId(layer, head), split] = np.concatenate(flat)

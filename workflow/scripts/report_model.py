@@ -4,6 +4,7 @@ from pathlib import Path
 from attnprog.contracts import HeadId
 from attnprog.joblog import log_to
 from attnprog.report import ModelInputs, write_model_report
+from attnprog.settings import ReportSettings
 
 log_to(snakemake.log)
 i = snakemake.input
@@ -14,5 +15,5 @@ inputs = ModelInputs(info=Path(i.info), head_inputs=Path(i.head_inputs), program
                      rerank=dict(zip(heads, map(Path, i.rerank))), sweep=Path(i.sweep),
                      single=Path(i.single), substitution=Path(i.substitution),
                      qa=Path(i.qa) if "qa" in i.keys() else None)
-write_model_report(inputs, Path(snakemake.output.overview).parent, snakemake.params.options,
+write_model_report(inputs, Path(snakemake.output.overview).parent, ReportSettings.from_config(snakemake.params.options),
                    name=snakemake.wildcards.model)

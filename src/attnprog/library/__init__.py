@@ -18,24 +18,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..atomic import atomic_dir, write_json
-from ..config import schema_defaults
-from ..contracts import BASELINES, BEST, PROGRAMS, SCORES, SPLITS, HeadId, HeadInputs, is_trusted
+from ..atomic import atomic_dir
+from ..contracts import (BASELINES, BEST, PROGRAMS, SCORES, SPLITS, HeadId, HeadInputs, LibrarySummary,
+                         is_trusted)
 from ..matrices import pack
 from ..programs import programs_from_source
 from ..scoring import BASELINE_NAMES, baseline_matrices, iou_table
+from ..settings import LibrarySettings
 from . import choice, pool as pooling
 
 
 def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_results: list, head_inputs, out_dir,
-                  settings: dict | None = None) -> dict:
+                  settings: LibrarySettings) -> LibrarySummary:
     """The `library` rule: write results/{model}/library/ (programs/, programs.parquet, scores.parquet,
     best.parquet, baselines.parquet, summary.json; see docs/ARCHITECTURE.md). Returns the summary.
     The i-th synthesis folder and rerank result belong to heads[i]."""
-    settings = {**schema_defaults("library"), **(settings or {})}
     inputs = HeadInputs(head_inputs)
     gathered = pooling.gather(rerank_results)
-    pool = pooling.deduplicate(gathered, settings["dedup_decimals"])
+    pool = pooling.deduplicate(gathered, settings.dedup_decimals)
     real = pooling.real_attention(inputs, heads)
     iou = pooling.iou_tables(pool, real)                           # split -> (programs, heads)
     table = describe(pool, synthesis_dirs, heads)
@@ -44,9 +44,9 @@ def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_
     if not eligible.any():
         raise ValueError(f"library: no program of {model} passed the causality check")
     length = table["n_terms"].fillna(table["source_chars"]).to_numpy(dtype=float)  # program size, for ties
-    members = choice.cover(iou["val"], eligible, settings["tolerance"], length)
-    chosen = choice.assign_heads(iou["val"], members, length, settings["prefer_shorter"])
-    unrestricted = choice.assign_heads(iou["val"], list(np.flatnonzero(eligible)), length, settings["prefer_shorter"])
+    members = choice.cover(iou["val"], eligible, settings.tolerance, length)
+    chosen = choice.assign_heads(iou["val"], members, length, settings.prefer_shorter)
+    unrestricted = choice.assign_heads(iou["val"], list(np.flatnonzero(eligible)), length, settings.prefer_shorter)
     table["in_library"] = False
     table.loc[members, "in_library"] = True
     table["library_rank"] = pd.array([None] * len(table), dtype="Int32")
@@ -58,9 +58,9 @@ def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_
                          "program": table["name"].to_numpy()[chosen],
                          **{f"{s}_iou": iou[s][chosen, columns] for s in ("val", "test", "synth")},
                          "causal": eligible[chosen]})
-    scores = score_rows(pool, real, iou, table, heads, chosen, settings["jsd_top_k"])
+    scores = score_rows(pool, real, iou, table, heads, chosen, settings.jsd_top_k)
     baselines = baseline_table(heads, inputs, real)
-    curve = choice.size_curve(iou["val"], iou["test"], curve_order, eligible, length, settings["prefer_shorter"])
+    curve = choice.size_curve(iou["val"], iou["test"], curve_order, eligible, length, settings.prefer_shorter)
     summary = summarise(model, heads, gathered, table, best, baselines, curve, iou, unrestricted, inputs, settings)
     write_library(Path(out_dir), table, scores, best, baselines, summary)
     return summary
@@ -114,38 +114,39 @@ def baseline_table(heads: list[HeadId], inputs: HeadInputs, real: dict) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def summarise(model, heads, gathered, table, best, baselines, curve, iou, unrestricted, inputs, settings) -> dict:
+def summarise(model, heads, gathered, table, best, baselines, curve, iou, unrestricted, inputs,
+              settings: LibrarySettings) -> LibrarySummary:
     columns = np.arange(len(heads))
     library = table[table["in_library"]]
     test = baselines[baselines["split"] == "test"]
     heads_per_program = best["program"].value_counts()
-    return {
-        "model": model, "n_heads": len(heads), "n_candidates": len(gathered), "pool_size": len(table),
-        "library_size": int(len(library)),
-        "mean_val_iou": float(best["val_iou"].mean()), "mean_test_iou": float(best["test_iou"].mean()),
-        "mean_synth_iou": float(best["synth_iou"].mean()),
-        "unrestricted": {"mean_val_iou": float(iou["val"][unrestricted, columns].mean()),
-                         "mean_test_iou": float(iou["test"][unrestricted, columns].mean()),
-                         "programs_used": int(len(set(unrestricted)))},
-        "library_curve": curve,
-        "mean_terms": _number(table.set_index("name").loc[best["program"], "n_terms"].mean()),
-        "heads_per_program": {name: int(count) for name, count in heads_per_program.items()},
-        "baselines": {b: float(test[test["baseline"] == b]["iou"].mean()) for b in BASELINE_NAMES},
-        "per_layer_test_iou": {str(int(l)): float(v) for l, v in best.groupby("layer")["test_iou"].mean().items()},
-        "n_causal_programs": int(table["causal"].sum()),
-        "splits": {s: len(inputs.examples(s).example_ids) for s in SPLITS},
-        "selection": (f"greedy set cover of the causal programs until every head is within "
-                      f"{settings['tolerance']} val IoU of the pool's best; each head takes the library program "
-                      f"with the fewest terms within {settings['prefer_shorter']} of the library's best on val; "
-                      f"test IoU is reported"),
-    }
+    return LibrarySummary(
+        model=model, n_heads=len(heads), n_candidates=len(gathered), pool_size=len(table),
+        library_size=int(len(library)),
+        mean_val_iou=float(best["val_iou"].mean()), mean_test_iou=float(best["test_iou"].mean()),
+        mean_synth_iou=float(best["synth_iou"].mean()),
+        unrestricted={"mean_val_iou": float(iou["val"][unrestricted, columns].mean()),
+                      "mean_test_iou": float(iou["test"][unrestricted, columns].mean()),
+                      "programs_used": int(len(set(unrestricted)))},
+        library_curve=curve,
+        mean_terms=_number(table.set_index("name").loc[best["program"], "n_terms"].mean()),
+        heads_per_program={name: int(count) for name, count in heads_per_program.items()},
+        baselines={b: float(test[test["baseline"] == b]["iou"].mean()) for b in BASELINE_NAMES},
+        per_layer_test_iou={str(int(l)): float(v) for l, v in best.groupby("layer")["test_iou"].mean().items()},
+        n_causal_programs=int(table["causal"].sum()),
+        splits={s: len(inputs.examples(s).example_ids) for s in SPLITS},
+        selection=(f"greedy set cover of the causal programs until every head is within "
+                   f"{settings.tolerance} val IoU of the pool's best; each head takes the library program "
+                   f"with the fewest terms within {settings.prefer_shorter} of the library's best on val; "
+                   f"test IoU is reported"),
+    )
 
 
 def _number(value) -> float | None:
     return None if pd.isna(value) else float(value)
 
 
-def write_library(out_dir: Path, table: pd.DataFrame, scores, best, baselines, summary) -> None:
+def write_library(out_dir: Path, table: pd.DataFrame, scores, best, baselines, summary: LibrarySummary) -> None:
     """programs/ holds the library's files (the chosen programs only); the tables cover the whole pool."""
     with atomic_dir(out_dir / "programs") as folder:
         for path in dict.fromkeys(table.loc[table["in_library"], "file"]):
@@ -154,4 +155,4 @@ def write_library(out_dir: Path, table: pd.DataFrame, scores, best, baselines, s
     SCORES.write(scores, out_dir / "scores.parquet")
     BEST.write(best, out_dir / "best.parquet")
     BASELINES.write(baselines, out_dir / "baselines.parquet")
-    write_json(out_dir / "summary.json", summary)
+    summary.write(out_dir / "summary.json")

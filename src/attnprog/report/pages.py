@@ -15,26 +15,31 @@ from pygments.lexers import PythonLexer
 
 from .. import __version__
 from ..atomic import atomic_dir, write_text
+from ..contracts import HeadId
 from ..scoring import soft_iou
+from ..settings import ReportSettings
 from .data import (ModelInputs, ModelResults, ReportError, choose_examples, head_ids, main_split, program_attention,
                    read_model_results, real_attention)
 from .figures import (IOU_CMAP, _colour, _inline, attention_svg, category_colours, head_grid_svg, iou_scale_legend,
                       layer_iou_figure, library_curve_figure, perplexity_figure, qa_figure, single_head_figure)
-
-DEFAULTS = {"examples_per_head": 3, "alternatives_per_head": 5, "fraction": 0.25}
-
 
 def environment() -> Environment:
     env = Environment(loader=PackageLoader("attnprog", "report_templates"), autoescape=True,
                       trim_blocks=True, lstrip_blocks=True)
     css = (Path(__file__).parents[1] / "report_templates" / "style.css").read_text()
     css += HtmlFormatter(style="friendly").get_style_defs(".hl")
-    env.globals.update(css=Markup(css), version=__version__)
+    env.globals.update(css=Markup(css), version=__version__,
+                       head_name=lambda layer, head: HeadId(int(layer), int(head)).name)
     return env
 
 
+def head_page(layer: int, head: int) -> str:
+    """A head's page in the model's heads/ folder."""
+    return f"{HeadId(int(layer), int(head)).name}.html"
+
+
 def head_href(layer: int, head: int) -> str:
-    return f"heads/L{layer}H{head}.html"
+    return f"heads/{head_page(layer, head)}"
 
 
 HTML_FORMATTER = HtmlFormatter(cssclass="hl")
@@ -46,7 +51,7 @@ def highlighted_source(path: Path) -> Markup:
     return Markup(highlight(path.read_text(), PythonLexer(), HTML_FORMATTER))
 
 
-def alternatives_by_head(results: ModelResults, k: int) -> dict[tuple[int, int], list[dict]]:
+def alternatives_by_head(results: ModelResults, k: int) -> dict[HeadId, list[dict]]:
     """Per head, the k programs after its best one by val IoU, with their test IoU (one pass over scores)."""
     if k <= 0:
         return {}
@@ -58,20 +63,20 @@ def alternatives_by_head(results: ModelResults, k: int) -> dict[tuple[int, int],
     table = table[table["_merge"] == "left_only"]  # drop each head's best program
     table = table.sort_values("val", ascending=False).groupby(["layer", "head"]).head(k)
     descriptions = results.programs["description"]
-    out: dict[tuple[int, int], list[dict]] = {}
+    out: dict[HeadId, list[dict]] = {}
     for row in table.itertuples():
-        out.setdefault((row.layer, row.head), []).append(
+        out.setdefault(HeadId(int(row.layer), int(row.head)), []).append(
             {"program": row.program, "val_iou": row.val, "test_iou": getattr(row, "test", np.nan),
              "description": descriptions.get(row.program, "")})
     return out
 
 
-def baselines_by_head(results: ModelResults) -> dict[tuple[int, int], list[dict]]:
+def baselines_by_head(results: ModelResults) -> dict[HeadId, list[dict]]:
     """Per head, each baseline's test IoU, best first."""
     test = results.baselines[results.baselines["split"] == "test"].sort_values("iou", ascending=False)
-    out: dict[tuple[int, int], list[dict]] = {}
+    out: dict[HeadId, list[dict]] = {}
     for row in test.itertuples():
-        out.setdefault((row.layer, row.head), []).append({"name": row.baseline, "iou": row.iou})
+        out.setdefault(HeadId(int(row.layer), int(row.head)), []).append({"name": row.baseline, "iou": row.iou})
     return out
 
 
@@ -82,7 +87,7 @@ def head_examples(layer: int, head: int, program: str, examples: list[dict], rea
     for j, ex in enumerate(examples):
         actual = real.get((layer, head, int(ex["example_id"])))
         if actual is None:
-            raise ReportError(f"report: no attention for L{layer}H{head} example {ex['example_id']}")
+            raise ReportError(f"report: no attention for {HeadId(layer, head)} example {ex['example_id']}")
         mine = predicted[program][j]  # None: the program failed on this example
         shown.append({"example_id": int(ex["example_id"]), "n": int(ex["n"]), "text": ex["text"],
                       "real": attention_svg(actual, ex["tokens"], causal), "program": program_maps[program, j],
@@ -90,10 +95,10 @@ def head_examples(layer: int, head: int, program: str, examples: list[dict], rea
     return shown
 
 
-def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, options: dict,
+def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, settings: ReportSettings,
                       has_index: bool) -> int:
-    """Write L{l}H{h}.html into `out_dir` for every head that has a program; returns how many."""
-    examples = choose_examples(results.inputs, options["examples_per_head"])
+    """Write a page per head that has a program into `out_dir` (head_page); returns how many."""
+    examples = choose_examples(results.inputs, settings.examples_per_head)
     real = real_attention(results.inputs, head_ids(results.heads), examples)
     causal = results.info.is_causal
     names = sorted(results.heads["program"].unique())
@@ -101,23 +106,23 @@ def render_head_pages(results: ModelResults, env: Environment, out_dir: Path, op
     program_maps = {(name, j): None if matrix is None else attention_svg(matrix, examples[j]["tokens"], causal)
                     for name, matrices in predicted.items() for j, matrix in enumerate(matrices)}
     sources = {name: highlighted_source(program_file(results, name)) for name in names}
-    alternatives = alternatives_by_head(results, options["alternatives_per_head"])
+    alternatives = alternatives_by_head(results, settings.alternatives_per_head)
     baselines = baselines_by_head(results)
     colours = category_colours(results.heads["category"].fillna("uncategorised").tolist())
     rows = results.heads.to_dict("records")
-    pages = [f"L{h['layer']}H{h['head']}.html" for h in rows]
+    pages = [head_page(h["layer"], h["head"]) for h in rows]
     heads_of = results.heads.groupby("program")[["layer", "head", "test_iou"]].apply(lambda g: g.to_dict("records"))
     template = env.get_template("head.html")
     for i, h in enumerate(rows):
         layer, head = int(h["layer"]), int(h["head"])
         h["category"] = h["category"] if isinstance(h["category"], str) else "uncategorised"
         h["colour"] = colours[h["category"]]
-        also = [{**o, "href": f"L{o['layer']}H{o['head']}.html"} for o in heads_of[h["program"]]
+        also = [{**o, "href": head_page(o["layer"], o["head"])} for o in heads_of[h["program"]]
                 if (o["layer"], o["head"]) != (layer, head)]
         page = template.render(
             model=results.name, has_index=has_index, h=h, also=also, source=sources[h["program"]],
             examples=head_examples(layer, head, h["program"], examples, real, predicted, program_maps, causal),
-            baselines=baselines.get((layer, head), []), alternatives=alternatives.get((layer, head), []),
+            baselines=baselines.get(HeadId(layer, head), []), alternatives=alternatives.get(HeadId(layer, head), []),
             prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(rows) else None,
             examples_note=f"The {len(examples)} shortest test examples; every head shows the same ones.")
         (out_dir / pages[i]).write_text(page)
@@ -136,11 +141,11 @@ def overview_cards(results: ModelResults) -> list[dict]:
     s = results.summary
     total = results.info.n_heads_total
     cards = [{"value": f"{len(results.heads)}", "label": f"heads with a program (of {total})"},
-             {"value": f"{s.get('library_size', len(results.programs))}", "label": "programs in the library"},
-             {"value": f"{s.get('mean_test_iou', results.heads['test_iou'].mean()):.3f}", "label": "mean test IoU"},
-             {"value": f"{s.get('mean_val_iou', results.heads['val_iou'].mean()):.3f}", "label": "mean val IoU"}]
-    if s.get("baselines"):
-        name, iou = max(s["baselines"].items(), key=lambda item: item[1])
+             {"value": f"{s.library_size}", "label": "programs in the library"},
+             {"value": f"{s.mean_test_iou:.3f}", "label": "mean test IoU"},
+             {"value": f"{s.mean_val_iou:.3f}", "label": "mean val IoU"}]
+    if s.baselines:
+        name, iou = max(s.baselines.items(), key=lambda item: item[1])
         cards.append({"value": f"{iou:.3f}", "label": f"best baseline ({name})"})
     return cards
 
@@ -167,16 +172,16 @@ def render_model_overview(results: ModelResults, env: Environment, has_index: bo
     iou_cells, category_cells = {}, {}
     for h in heads.itertuples():
         key, href = (int(h.layer), int(h.head)), head_href(h.layer, h.head)
-        title = f"L{h.layer}H{h.head}: {h.program} — {h.description} (test IoU {h.test_iou:.3f})"
+        title = f"{HeadId(int(h.layer), int(h.head))}: {h.program} — {h.description} (test IoU {h.test_iou:.3f})"
         iou_cells[key] = {"fill": _colour(IOU_CMAP, h.test_iou), "href": href, "title": title,
                           "text": f"{h.test_iou:.2f}".lstrip("0") if show_text else ""}
         category_cells[key] = {"fill": colours[h.category], "href": href, "title": f"{h.category} — {title}"}
     figures = {"layers": _inline(layer_iou_figure(heads, results.baselines)), "perplexity": None, "qa": None,
                "single": None, "library": None}
     perplexity_note = qa_note = single_note = library_note = ""
-    if results.summary.get("library_curve"):
-        svg, library_note = library_curve_figure(results.summary["library_curve"], results.summary["library_size"],
-                                                 results.summary["mean_test_iou"])
+    if results.summary.library_curve:
+        svg, library_note = library_curve_figure(results.summary.library_curve, results.summary.library_size,
+                                                 results.summary.mean_test_iou)
         figures["library"] = _inline(svg)
     if results.sweep is not None and len(results.sweep):
         svg, perplexity_note = perplexity_figure(results.sweep, main_split(results.sweep, results.substitution))
@@ -199,15 +204,14 @@ def render_model_overview(results: ModelResults, env: Environment, has_index: bo
     return page
 
 
-def write_model_report(inputs: ModelInputs, out_dir: str | Path, options: dict | None = None, name: str = "model",
+def write_model_report(inputs: ModelInputs, out_dir: str | Path, settings: ReportSettings, name: str = "model",
                        has_index: bool = True) -> Path:
     """Write one model's overview `out_dir`/index.html and its head pages `out_dir`/heads/ (each atomically)."""
-    options = {**DEFAULTS, **(options or {})}
     results = read_model_results(inputs, name)
     env = environment()
     overview = render_model_overview(results, env, has_index)
     with atomic_dir(Path(out_dir) / "heads") as tmp:
-        render_head_pages(results, env, tmp, options, has_index)
+        render_head_pages(results, env, tmp, settings, has_index)
         tmp.chmod(0o755)  # a temporary folder is private; the report is for reading
     write_text(Path(out_dir) / "index.html", overview)
     return Path(out_dir) / "index.html"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_json
-from ..contracts import ORDERS, SINGLE_HEADS, SWEEP, ModelInfo
+from ..contracts import ORDERS, SINGLE_HEADS, SWEEP, ModelInfo, SubstitutionSummary
 from ..data import read_examples, token_strings
 from ..models import load_model, load_tokenizer
+from ..settings import SubstitutionSettings
 from .mechanism import HeadReplacer, install, uniform_attention
 from .replacements import UniformOnFailure, program_replacements, read_best
 from . import orders
@@ -80,63 +80,62 @@ class TuningInputs:
     out_dir: Path
 
 
-def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, heldout_path, settings: dict,
-                       sweep_path, single_path, orders_path, summary_path, device: str = "auto", log=print,
-                       tuning: TuningInputs | None = None) -> dict:
+def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, heldout_path,
+                       settings: SubstitutionSettings, sweep_path, single_path, orders_path, summary_path,
+                       device: str, log=print, tuning: TuningInputs | None = None) -> SubstitutionSummary:
     """The `substitute` rule: the perplexity sweep of one model. Writes sweep.parquet (one row per run and
     evaluation set), single_heads.parquet (each measured head replaced alone), orders.parquet (each method's
     head order, the headline marked) and summary.json; with the `tuned` method, the tuned programs under
     tuning.out_dir."""
-    if 0 not in settings["fractions"]:
+    if 0 not in settings.fractions:
         raise ValueError("substitution.fractions must include 0 (the unmodified model is the baseline)")
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     token_strings_of = partial(token_strings, tokenizer)
     replacer = install(model, token_strings_of)
     best = read_best(library.best)
     programs = program_replacements(library.program_dir, library.programs, best, info.tokenizer_dir,
-                                    settings["noncausal"], log)
-    eval_sets = evaluation_sets(examples_path, heldout_path, settings["heldout_tokens"])
+                                    settings.noncausal, log)
+    eval_sets = evaluation_sets(examples_path, heldout_path, settings.heldout_tokens)
     compute_matrices_once(programs, [token_strings_of(ids) for seqs in eval_sets.values() for ids in seqs], log)
 
     ranked = orders.iou_order(best, programs)
-    methods = settings["methods"]
+    methods = settings.methods
     chosen = {("programs", None): ranked}
     estimates = {}
     if "attribution" in methods:
         if "val" not in eval_sets:
             raise ValueError("substitution: the attribution order is chosen on the val split, which is empty")
-        counts = [count_for(f, info.n_heads_total, len(ranked)) for f in settings["fractions"]]
+        counts = [count_for(f, info.n_heads_total, len(ranked)) for f in settings.fractions]
         chosen[("attribution", None)], estimates = attribution_order(
-            model, replacer, programs, counts, eval_sets["val"], settings["batch_size"],
-            settings["attribution_samples"], log)
-    tuned = None
+            model, replacer, programs, counts, eval_sets["val"], settings.batch_size,
+            settings.attribution_samples, log)
+    tuned, summary_tuning = None, None
     if "tuned" in methods:
         if tuning is None:
             raise ValueError("substitution: the tuned method needs its training passages (TuningInputs)")
         tuned, summary_tuning = tuned_method(model, replacer, programs, chosen, info, examples_path, heldout_path,
                                              settings, tuning, tokenizer, token_strings_of, log)
     if "random" in methods:
-        chosen.update({("random", seed): orders.random_order(ranked, seed) for seed in settings["random_seeds"]})
-    runs = plan_sweep(chosen, info.n_heads_total, settings["fractions"], uniform="uniform" in methods)
-    sweep = run_sweep(model, replacer, runs, programs, eval_sets, settings["batch_size"], settings["bootstrap"],
+        chosen.update({("random", seed): orders.random_order(ranked, seed) for seed in settings.random_seeds})
+    runs = plan_sweep(chosen, info.n_heads_total, settings.fractions, uniform="uniform" in methods)
+    sweep = run_sweep(model, replacer, runs, programs, eval_sets, settings.batch_size, settings.bootstrap,
                       log=log, tuned=tuned)
-    single_heads = spread_over_ranking(ranked, settings["single_head_count"])
-    single = single_head_costs(model, replacer, single_heads, programs, eval_sets[settings["single_head_split"]],
-                               settings["batch_size"], log)
+    single_heads = spread_over_ranking(ranked, settings.single_head_count)
+    single = single_head_costs(model, replacer, single_heads, programs, eval_sets[settings.single_head_split],
+                               settings.batch_size, log)
 
+    failures = sum(r.failures for r in {id(p): p for p in programs.values()}.values())
     summary = summarise_sweep(sweep, single, best, info.model, "heldout" if "heldout" in eval_sets else "test",
-                              estimates)
-    if tuned is not None:
-        summary["tuning"] = summary_tuning
-    summary["program_failures"] = sum(r.failures for r in {id(p): p for p in programs.values()}.values())
+                              estimates, program_failures=failures, tuning=summary_tuning)
     SWEEP.write(sweep, sweep_path)
     SINGLE_HEADS.write(single, single_path)
-    ORDERS.write(orders.orders_table(chosen, summary["best"]["method"]), orders_path)
-    write_json(summary_path, summary)
+    ORDERS.write(orders.orders_table(chosen, summary.best.method), orders_path)
+    summary.write(summary_path)
     return summary
 
 
-def tuned_method(model, replacer, programs, chosen, info: ModelInfo, examples_path, heldout_path, settings: dict,
+def tuned_method(model, replacer, programs, chosen, info: ModelInfo, examples_path, heldout_path,
+                 settings: SubstitutionSettings,
                  inputs: TuningInputs, tokenizer, token_strings_of, log=print):
     """The `tuned` order (the attribution order, else the IoU order) with each fraction's programs tuned on
     training text only; their files and test IoU written to inputs.out_dir. Adds the order to `chosen`; returns
@@ -144,22 +143,22 @@ def tuned_method(model, replacer, programs, chosen, info: ModelInfo, examples_pa
     from .tuning import training_texts, tune_stages, write_tuned
 
     started = time.time()
-    corpus, tune_settings = inputs.corpus, settings["tuning"]
+    corpus, tune_settings = inputs.corpus, settings.tuning
     order = chosen.get(("attribution", None), chosen[("programs", None)])
     examples, heldout = read_examples(examples_path), read_examples(heldout_path)
     train = training_texts(examples, heldout, inputs.passages, lambda text: tokenizer(text)["input_ids"],
-                           tune_settings["train_tokens"], corpus["min_words"], corpus["max_words"],
-                           corpus.get("max_tokens", 128))
-    counts = {f: count_for(f, info.n_heads_total, len(order)) for f in settings["fractions"] if f > 0}
+                           tune_settings.train_tokens, corpus["min_words"], corpus["max_words"],
+                           corpus["max_tokens"])
+    counts = {f: count_for(f, info.n_heads_total, len(order)) for f in settings.fractions if f > 0}
     sources = {h: r.runner.program.source for h, r in programs.items()
                if hasattr(r, "runner") and not r.runner.prefixwise}
     stages, records = tune_stages(model, replacer, programs, sources, order, counts, train, token_strings_of,
-                                  tune_settings, settings["batch_size"], log)
+                                  tune_settings, settings.batch_size, log)
     names = {h: r.runner.program.name for h, r in programs.items() if hasattr(r, "runner")}
     rows = write_tuned(stages, programs, names, info.model, inputs.features,
                        [list(ids) for ids in examples[examples.split == "synth"].input_ids],
                        [list(ids) for ids in examples[examples.split == "test"].input_ids], model, replacer,
-                       token_strings_of, settings["batch_size"], inputs.out_dir, records)
+                       token_strings_of, settings.batch_size, inputs.out_dir, records)
     chosen[("tuned", None)] = order
     seconds = time.time() - started
     log(f"substitution: tuned method ready in {seconds:.0f}s ({len(train)} training sequences)")

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..contracts import HeadId
 from .mechanism import HeadReplacer, Replacement
 from .sweep import padded_batches
 
@@ -46,10 +47,10 @@ def gradients_through_attention(model, replacer: HeadReplacer):
             p.requires_grad_(flag)
 
 
-def estimated_kl(model, replacer: HeadReplacer, replaced: list[tuple[int, int]],
-                 programs: dict[tuple[int, int], Replacement], candidates: list[tuple[int, int]],
+def estimated_kl(model, replacer: HeadReplacer, replaced: list[HeadId],
+                 programs: dict[HeadId, Replacement], candidates: list[HeadId],
                  sequences: list[list[int]], batch_size: int, samples: int = 2, seed: int = 0
-                 ) -> dict[tuple[int, int], float]:
+                 ) -> dict[HeadId, float]:
     """Each candidate head's estimated KL (nats, summed over the predicted tokens) between the model's
     next-token distributions with `replaced` substituted, and with the candidate substituted as well."""
     device = next(model.parameters()).device
@@ -90,14 +91,14 @@ def estimated_kl(model, replacer: HeadReplacer, replaced: list[tuple[int, int]],
     return kl
 
 
-def attribution_order(model, replacer: HeadReplacer, programs: dict[tuple[int, int], Replacement],
+def attribution_order(model, replacer: HeadReplacer, programs: dict[HeadId, Replacement],
                       counts: list[int], sequences: list[list[int]], batch_size: int, samples: int = 2,
-                      log=print) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float]]:
+                      log=print) -> tuple[list[HeadId], dict[HeadId, float]]:
     """Every head with a program, in replacement order: at each cumulative count in `counts` (ascending), the
     remaining heads with the smallest estimated KL given those already chosen; after the last count, the rest
     by their last estimate. Also returns the first step's estimates (nothing replaced), for validation against
     measured single-head costs."""
-    order: list[tuple[int, int]] = []
+    order: list[HeadId] = []
     remaining = sorted(programs)
     steps = sorted({c for c in counts if 0 < c < len(programs)}) or [0]  # [0]: one estimate, to rank them all
     first = None

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
+from ..contracts import HeadId
 from ..matrices import uniform
 
 ATTENTION_NAME = "attnprog"
@@ -37,7 +38,7 @@ class HeadReplacer:
     """Which heads to overwrite and with what; attached to every attention module of a model by `install`."""
 
     token_strings: Callable[[list[int]], list[str]]
-    heads: dict[tuple[int, int], Replacement] = field(default_factory=dict)
+    heads: dict[HeadId, Replacement] = field(default_factory=dict)
     # The batch now running, captured by the forward pre-hook; token strings are worked out once per forward.
     input_ids: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
@@ -48,7 +49,7 @@ class HeadReplacer:
     recording: bool = False
     recorded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
-    def set_heads(self, heads: dict[tuple[int, int], Replacement]) -> None:
+    def set_heads(self, heads: dict[HeadId, Replacement]) -> None:
         self.heads = dict(heads)
 
     def capture(self, input_ids: torch.Tensor | None, padding_mask: torch.Tensor | None) -> None:
@@ -94,7 +95,7 @@ class HeadReplacer:
         probs[:, head_index] = replaced
         return probs
 
-    def replacement_matrices(self, layer: int, heads: list[int], replacements: dict[tuple[int, int], Replacement],
+    def replacement_matrices(self, layer: int, heads: list[int], replacements: dict[HeadId, Replacement],
                              shape: torch.Size, attention_mask: torch.Tensor | None, device
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(matrices, real_rows) for the running batch: (batch, len(heads), q, k) float32, each head's replacement
@@ -114,7 +115,7 @@ class HeadReplacer:
                 # a tensor (substitute.tuning's programs) keeps its gradient through to the model's output
                 matrix = matrix.float() if torch.is_tensor(matrix) else torch.from_numpy(np.asarray(matrix, np.float32))
                 if tuple(matrix.shape) != (end - start, end - start):
-                    raise ValueError(f"replacement for L{layer}H{head} returned shape {matrix.shape} "
+                    raise ValueError(f"replacement for {HeadId(layer, head)} returned shape {matrix.shape} "
                                      f"for {end - start} tokens")
                 new[b, j, start:end, start:end] = matrix
         new = mask_and_normalise(new.to(device), visible_keys(attention_mask, batch, q_len, k_len, device))

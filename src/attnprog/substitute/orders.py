@@ -12,29 +12,29 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..contracts import ORDERS, ContractError
+from ..contracts import ORDERS, ContractError, HeadId
 
 
-def iou_order(best: pd.DataFrame, heads_with_programs) -> list[tuple[int, int]]:
+def iou_order(best: pd.DataFrame, heads_with_programs) -> list[HeadId]:
     """Heads by descending val IoU of their program (ties: layer, head)."""
     ranked = best.sort_values(["val_iou", "layer", "head"], ascending=[False, True, True])
-    return [(int(r.layer), int(r.head)) for r in ranked.itertuples() if (r.layer, r.head) in heads_with_programs]
+    return [HeadId(int(r.layer), int(r.head)) for r in ranked.itertuples() if (r.layer, r.head) in heads_with_programs]
 
 
-def random_order(heads: list[tuple[int, int]], seed: int) -> list[tuple[int, int]]:
+def random_order(heads: list[HeadId], seed: int) -> list[HeadId]:
     return [heads[i] for i in np.random.default_rng(seed).permutation(len(heads))]
 
 
-def orders_table(orders: dict[tuple[str, int | None], list[tuple[int, int]]], headline: str) -> list[dict]:
+def orders_table(orders: dict[tuple[str, int | None], list[HeadId]], headline: str) -> list[dict]:
     """The ORDERS rows of the sweep's orders, keyed (method, seed)."""
     return [{"method": method, "seed": seed, "rank": rank, "layer": layer, "head": head, "headline": method == headline}
             for (method, seed), order in orders.items() for rank, (layer, head) in enumerate(order)]
 
 
-def read_headline_order(path) -> tuple[str, list[tuple[int, int]]]:
+def read_headline_order(path) -> tuple[str, list[HeadId]]:
     """(method, heads in replacement order) of the headline order in orders.parquet."""
     table = ORDERS.read(path)
     table = table[table.headline].sort_values("rank")
     if table.empty:
         raise ContractError(f"orders: {path} marks no headline order")
-    return str(table.method.iloc[0]), [(int(r.layer), int(r.head)) for r in table.itertuples()]
+    return str(table.method.iloc[0]), [HeadId(int(r.layer), int(r.head)) for r in table.itertuples()]

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from ..contracts import BEST, PROGRAMS
+from ..contracts import BEST, PROGRAMS, HeadId
 from ..programs import ProgramError, load_programs
 from ..runner import ProgramRunner
 from .mechanism import uniform_attention
@@ -44,7 +44,7 @@ def read_best(best_path) -> pd.DataFrame:
 
 
 def program_replacements(program_dir, programs_path, best: pd.DataFrame, tokenizer_dir=None,
-                         noncausal: str = "prefixwise", log=print) -> dict[tuple[int, int], UniformOnFailure]:
+                         noncausal: str = "prefixwise", log=print) -> dict[HeadId, UniformOnFailure]:
     """Each head's program (library/programs/ and programs.parquet) as a cached runner. A program that failed
     the causality check runs prefix by prefix (row i from tokens[:i+1] only) or, with noncausal="skip", its
     head is never replaced."""
@@ -53,8 +53,8 @@ def program_replacements(program_dir, programs_path, best: pd.DataFrame, tokeniz
     runners, out, skipped = {}, {}, 0
     for row in best.itertuples():
         if row.program not in loaded or row.program not in table.index:
-            raise ValueError(f"library: program '{row.program}' of L{row.layer}H{row.head} is not in {program_dir} "
-                             f"and {programs_path}")
+            head = HeadId(int(row.layer), int(row.head))
+            raise ValueError(f"library: program '{row.program}' of {head} is not in {program_dir} and {programs_path}")
         causal = bool(table.loc[row.program, "causal"])
         if not causal and noncausal == "skip":
             skipped += 1
@@ -63,7 +63,7 @@ def program_replacements(program_dir, programs_path, best: pd.DataFrame, tokeniz
             program = dataclasses.replace(loaded[row.program], trusted=bool(table.loc[row.program, "trusted"]))
             runners[row.program] = UniformOnFailure(ProgramRunner(program, prefixwise=not causal,
                                                                   tokenizer_dir=tokenizer_dir))
-        out[(int(row.layer), int(row.head))] = runners[row.program]
+        out[HeadId(int(row.layer), int(row.head))] = runners[row.program]
     n_prefixwise = sum(r.runner.prefixwise for r in runners.values())
     log(f"substitution: {len(runners)} programs for {len(out)} heads; {n_prefixwise} non-causal programs run "
         f"prefix by prefix; {skipped} heads skipped as non-causal")

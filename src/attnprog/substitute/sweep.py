@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..contracts import HeadId, HeadlineMethod, SingleHeadStats, SubstitutionSummary
 from .mechanism import HeadReplacer, Replacement, uniform_attention
 
 EVAL_SETS = ("val", "heldout", "test")
@@ -28,7 +29,7 @@ class Run:
     method: str           # an order's name (programs in that order) or "uniform" (the programs order's heads)
     seed: int | None      # random orders only
     fraction: float
-    heads: tuple[tuple[int, int], ...]
+    heads: tuple[HeadId, ...]
 
     @property
     def key(self) -> tuple:
@@ -45,7 +46,7 @@ def count_for(fraction: float, n_heads_total: int, n_available: int) -> int:
     return min(round(fraction * n_heads_total), n_available)
 
 
-def plan_sweep(orders: dict[tuple[str, int | None], list[tuple[int, int]]], n_heads_total: int,
+def plan_sweep(orders: dict[tuple[str, int | None], list[HeadId]], n_heads_total: int,
                fractions: list[float], uniform: bool = True) -> list[Run]:
     """Every run of the sweep: for each fraction, each order's first heads, and (with `uniform`) the uniform
     matrix on the heads of the `programs` order. `orders` maps (method, seed) to heads in replacement order."""
@@ -99,9 +100,9 @@ def perplexity(nll: np.ndarray, count: np.ndarray, resamples: np.ndarray | None 
     return np.exp(nll[resamples].sum(1) / count[resamples].sum(1))
 
 
-def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tuple[int, int], Replacement],
+def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[HeadId, Replacement],
               eval_sets: dict[str, list[list[int]]], batch_size: int, n_boot: int = 1000, seed: int = 0,
-              log=print, tuned: dict[float, dict[tuple[int, int], Replacement]] | None = None) -> pd.DataFrame:
+              log=print, tuned: dict[float, dict[HeadId, Replacement]] | None = None) -> pd.DataFrame:
     """Perplexity of every run on every evaluation set, with 95% intervals from a bootstrap over sequences that
     is paired with the unmodified model (the same resampled sequences for both), so the interval of the
     relative increase is that of the paired difference.
@@ -143,8 +144,8 @@ def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[tup
     return pd.DataFrame(rows)
 
 
-def single_head_costs(model, replacer: HeadReplacer, heads: list[tuple[int, int]],
-                      programs: dict[tuple[int, int], Replacement], sequences: list[list[int]], batch_size: int,
+def single_head_costs(model, replacer: HeadReplacer, heads: list[HeadId],
+                      programs: dict[HeadId, Replacement], sequences: list[list[int]], batch_size: int,
                       log=print) -> pd.DataFrame:
     """Perplexity when each head alone is replaced by its program: layer, head, ppl, rel_increase."""
     replacer.set_heads({})
@@ -184,12 +185,13 @@ def choose_headline(sweep: pd.DataFrame, split: str = "val") -> str:
 
 
 def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFrame, model: str,
-                    main_split: str, estimates: dict[tuple[int, int], float] | None = None) -> dict:
+                    main_split: str, estimates: dict[HeadId, float] | None = None,
+                    program_failures: int = 0, tuning: dict | None = None) -> SubstitutionSummary:
     """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
     (random order: the mean over seeds), with 95% paired bootstrap intervals, per evaluation set; the headline
     method (chosen on val) also under "best"; and the Spearman correlation between each head's test IoU and
     the cost of replacing it alone, and between the attribution order's estimated KL (val, nothing replaced)
-    and that measured cost."""
+    and that measured cost. program_failures and tuning (the `tuned` method's record) are passed through."""
     from scipy.stats import spearmanr
 
     def per_split(split):
@@ -212,18 +214,21 @@ def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFram
     main = splits[main_split]
     headline = choose_headline(sweep) if "val" in splits else "programs"
     n_replaced = sweep[(sweep.method == headline) & (sweep.split == main_split)]
-    summary = {"model": model, "split": main_split, **main,
-               "best": {"method": headline, "chosen_on": "val" if "val" in splits else None,
-                        "rel_increase": main[headline], "interval": main.get(f"{headline}_interval")},
-               "n_replaced": {fraction_key(r.fraction): int(r.n_replaced) for r in n_replaced.itertuples()},
-               "splits": splits}
+    single_head = None
     if len(single) >= 3:
         merged = single.merge(best[["layer", "head", "val_iou", "test_iou"]], on=["layer", "head"])
         rho, p = spearmanr(merged.test_iou, merged.rel_increase)
-        summary["single_head"] = {"n_heads": len(merged), "iou": "test_iou", "spearman_rho": float(rho),
-                                  "p_value": float(p)}
+        estimated_kl = None
         if estimates:
             kl = [estimates[(int(r.layer), int(r.head))] for r in merged.itertuples()]
-            rho, p = spearmanr(kl, merged.rel_increase)
-            summary["single_head"]["estimated_kl"] = {"spearman_rho": float(rho), "p_value": float(p)}
-    return summary
+            kl_rho, kl_p = spearmanr(kl, merged.rel_increase)
+            estimated_kl = {"spearman_rho": float(kl_rho), "p_value": float(kl_p)}
+        single_head = SingleHeadStats(n_heads=len(merged), iou="test_iou", spearman_rho=float(rho), p_value=float(p),
+                                      estimated_kl=estimated_kl)
+    return SubstitutionSummary(
+        model=model, split=main_split, baseline_ppl=main["baseline_ppl"], n_tokens=main["n_tokens"],
+        baseline_ppl_interval=main["baseline_ppl_interval"],
+        best=HeadlineMethod(method=headline, chosen_on="val" if "val" in splits else None,
+                            rel_increase=main[headline], interval=main.get(f"{headline}_interval")),
+        n_replaced={fraction_key(r.fraction): int(r.n_replaced) for r in n_replaced.itertuples()},
+        splits=splits, program_failures=program_failures, single_head=single_head, tuning=tuning)

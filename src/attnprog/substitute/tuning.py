@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from .. import helpers
+from ..contracts import HeadId
+from ..settings import TuningSettings
 from .mechanism import HeadReplacer, Replacement
 from .sweep import padded_batches
 
@@ -139,7 +141,7 @@ def batch_kl(model, ids, mask, before) -> torch.Tensor:
     return ((before.exp() * (before - after)).sum(-1) * mask[:, 1:]).sum()
 
 
-def substituted_kl(model, replacer: HeadReplacer, heads: dict[tuple[int, int], Replacement], reference
+def substituted_kl(model, replacer: HeadReplacer, heads: dict[HeadId, Replacement], reference
                    ) -> tuple[float, int]:
     """Summed KL(unmodified || substituted) over the predicted tokens of the reference batches, and the token
     count."""
@@ -164,8 +166,8 @@ class TuningResult:
     seconds: float
 
 
-def tune(model, replacer: HeadReplacer, tunable: dict[tuple[int, int], TunableProgram],
-         fixed: dict[tuple[int, int], Replacement], sequences: list[list[int]], *, epochs: int, learning_rate: float,
+def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
+         fixed: dict[HeadId, Replacement], sequences: list[list[int]], *, epochs: int, learning_rate: float,
          l2: float, batch_size: int, reference=None, log=print) -> TuningResult:
     """Tune the weights of `tunable` (with `fixed` replaced too) by Adam on the mean KL per predicted token over
     `sequences`, plus l2/2 |u - u0|^2 per program (u: weights in units of the cues' rms): one step per batch,
@@ -208,8 +210,8 @@ def tune(model, replacer: HeadReplacer, tunable: dict[tuple[int, int], TunablePr
     return TuningResult(before / max(tokens, 1), after / max(tokens, 1), step, tokens, time.time() - started)
 
 
-def tunable_programs(sources: dict[tuple[int, int], str], texts: list[list[str]], cache: CueCache | None = None
-                     ) -> dict[tuple[int, int], TunableProgram]:
+def tunable_programs(sources: dict[HeadId, str], texts: list[list[str]], cache: CueCache | None = None
+                     ) -> dict[HeadId, TunableProgram]:
     """A TunableProgram per head whose program source is a softmax of weighted cues (each head its own copy of
     the weights, also where heads share a library program)."""
     cache = cache or CueCache()
@@ -262,17 +264,17 @@ def training_texts(examples, heldout, passages, tokenize, n_tokens: int, min_wor
 
 # ---- staged tuning for the sweep: one set of tuned weights per fraction ----
 
-def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], Replacement],
-                sources: dict[tuple[int, int], str], order: list[tuple[int, int]], counts: dict[float, int],
-                sequences: list[list[int]], token_strings, settings: dict, batch_size: int, log=print
-                ) -> tuple[dict[float, dict[tuple[int, int], Replacement]], list[dict]]:
+def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacement],
+                sources: dict[HeadId, str], order: list[HeadId], counts: dict[float, int],
+                sequences: list[list[int]], token_strings, settings: TuningSettings, batch_size: int, log=print
+                ) -> tuple[dict[float, dict[HeadId, Replacement]], list[dict]]:
     """For each fraction (ascending count), the first `count` heads of `order` replaced and their programs' weights
     tuned together on `sequences` (training text only), starting from the previous fraction's tuned weights.
     Returns per fraction the replacements to run (tuned programs; others as they are) and one record per stage."""
     cache = CueCache()
     texts = [token_strings(ids) for ids in sequences]
     reference = reference_log_probs(model, replacer, sequences, batch_size)
-    current: dict[tuple[int, int], TunableProgram] = {}
+    current: dict[HeadId, TunableProgram] = {}
     stages, records = {}, []
     for fraction, count in sorted(counts.items(), key=lambda fc: fc[1]):
         heads = order[:count]
@@ -281,8 +283,8 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[tuple[int, int], R
         new = tunable_programs({h: sources[h] for h in heads if h not in current and h in sources}, texts, cache)
         tunable = {h: copy_of(current[h]) if h in current else new[h] for h in heads if h in current or h in new}
         fixed = {h: programs[h] for h in heads if h not in tunable}
-        result = tune(model, replacer, tunable, fixed, sequences, epochs=settings["epochs"],
-                      learning_rate=settings["learning_rate"], l2=settings["l2"], batch_size=batch_size,
+        result = tune(model, replacer, tunable, fixed, sequences, epochs=settings.epochs,
+                      learning_rate=settings.learning_rate, l2=settings.l2, batch_size=batch_size,
                       reference=reference, log=log)
         log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): training KL "
             f"{result.kl_before:.4f} -> {result.kl_after:.4f} nats/token in {result.seconds:.0f}s")
@@ -311,7 +313,7 @@ def real_attention(model, replacer: HeadReplacer, sequences: list[list[int]], ba
     return out
 
 
-def mean_iou(replacement: Replacement, head: tuple[int, int], texts: list[list[str]], real) -> float:
+def mean_iou(replacement: Replacement, head: HeadId, texts: list[list[str]], real) -> float:
     """Mean soft IoU over examples between a replacement's matrices and the head's real attention."""
     from ..scoring import soft_iou
 
@@ -337,7 +339,7 @@ def feature_lookup(features_path) -> dict:
     return out
 
 
-def tuned_source(program: TunableProgram, head: tuple[int, int], untuned_name: str, model_name: str, features: dict,
+def tuned_source(program: TunableProgram, head: HeadId, untuned_name: str, model_name: str, features: dict,
                  synth_texts: list[list[str]], note: str) -> str:
     """A tuned program as a file: the untuned program's cues with the tuned weights, and its sentence regenerated
     from them on the synth split (sentence.program_sentence)."""
@@ -354,17 +356,16 @@ def tuned_source(program: TunableProgram, head: tuple[int, int], untuned_name: s
     row_lengths = np.concatenate([np.arange(1, len(t) + 1) for t in synth_texts])
     row_starts = np.concatenate([[0], np.cumsum(row_lengths)[:-1]])
     sentence = program_sentence(X, weights, row_starts, terms)
-    layer, index = head
     return program_source(sentence, [(float(w), e, d) for w, e, d in zip(weights, cues.expressions,
                                                                          cues.descriptions)],
-                          f"{model_name} L{layer}H{index}, tuned", note)
+                          f"{model_name} {HeadId(*head)}, tuned", note)
 
 
-def write_tuned(stages: dict[float, dict[tuple[int, int], Replacement]], programs: dict[tuple[int, int], Replacement],
-                names: dict[tuple[int, int], str], model_name: str, features_path, synth: list[list[int]],
+def write_tuned(stages: dict[float, dict[HeadId, Replacement]], programs: dict[HeadId, Replacement],
+                names: dict[HeadId, str], model_name: str, features_path, synth: list[list[int]],
                 test: list[list[int]], model, replacer: HeadReplacer, token_strings, batch_size: int, out_dir,
                 records: list[dict]) -> list[dict]:
-    """Write each fraction's tuned programs (out_dir/f{fraction}/L{layer}H{head}.py, the sentence regenerated)
+    """Write each fraction's tuned programs (out_dir/f{fraction}/{head name}.py, the sentence regenerated)
     and return the TUNED rows: per tuned head, its untuned library program and both programs' test IoU."""
     from pathlib import Path
 
@@ -392,7 +393,7 @@ def write_tuned(stages: dict[float, dict[tuple[int, int], Replacement]], program
                         "library program's, unchanged.")
                 source = tuned_source(program, head, names[head], model_name, features, synth_texts,
                                       textwrap.fill(note, 100))
-                file = f"f{fraction:g}/L{head[0]}H{head[1]}.py"
+                file = f"f{fraction:g}/{HeadId(*head).name}.py"
                 (Path(folder) / file).write_text(source)
                 if head not in untuned_iou and real:
                     untuned_iou[head] = mean_iou(programs[head], head, test_texts, real)

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..atomic import atomic_dir
 from ..contracts import Candidate, HeadId, HeadInputs, Manifest
+from ..settings import OfflineSynthesisSettings
 from .fit import SplitData, flat_jsd, greedy_fit, predicted_iou, refine_for_iou, row_softmax, split_data
 from .output_fit import ValueGrams, greedy_output_fit, predicted_output_error, refit_for_output
 from .primitives import Feature, compute_features, product, stored_features
@@ -42,13 +43,8 @@ from .writing import program_source
 __all__ = ["compute_features", "fit_candidates", "synthesize_head", "synthesize_offline"]
 
 
-DEFAULT_SIZES = [1, 2, 4, 8, 16]
-DEFAULT_INTERACT_AFTER = 4
-
-
 def fit_candidates(data: SplitData, modifier_columns: np.ndarray, primitives: list[Feature],
-                   modifiers: list[Feature], sizes: list[int], l2: float = 1e-3,
-                   interact_after: int = DEFAULT_INTERACT_AFTER,
+                   modifiers: list[Feature], sizes: list[int], l2: float, interact_after: int,
                    greedy=None) -> list[tuple[list[Feature], np.ndarray, np.ndarray]]:
     """Greedy forward selection over the primitives (columns of data.X); once `interact_after` are chosen,
     their products with the modifiers (modifier_columns, same rows) and with each other join the candidates
@@ -78,21 +74,21 @@ def fit_candidates(data: SplitData, modifier_columns: np.ndarray, primitives: li
 
 
 def offline_fits(data: SplitData, modifier_columns: np.ndarray, primitives: list[Feature], modifiers: list[Feature],
-                 settings: dict, values: ValueGrams | None = None) -> list[tuple[list[Feature], np.ndarray, np.ndarray]]:
-    """Every candidate's (terms, columns on the synth split, weights) as settings["objective"] asks:
+                 settings: OfflineSynthesisSettings, values: ValueGrams | None = None
+                 ) -> list[tuple[list[Feature], np.ndarray, np.ndarray]]:
+    """Every candidate's (terms, columns on the synth split, weights) as settings.objective asks:
 
-    iou     (default) terms chosen by the cross-entropy, weights fitted to it and polished for IoU
+    iou     terms chosen by the cross-entropy, weights fitted to it and polished for IoU
     output  the head's output error (output_fit.py; `values`: the head's value Grams on the same examples):
             the cross-entropy's terms with weights refitted for the output, and terms chosen by the output
             too; both kinds, as each was the better one on about half the heads where this was measured."""
-    sizes = sorted(set(settings.get("sizes", DEFAULT_SIZES)))
-    interact_after = settings.get("interact_after", DEFAULT_INTERACT_AFTER)
-    fits = fit_candidates(data, modifier_columns, primitives, modifiers, sizes, settings.get("l2", 1e-3),
-                          interact_after)
-    objective = settings.get("objective", "iou")
+    sizes = sorted(set(settings.sizes))
+    interact_after = settings.interact_after
+    fits = fit_candidates(data, modifier_columns, primitives, modifiers, sizes, settings.l2, interact_after)
+    objective = settings.objective
     if objective == "iou":
-        if settings.get("polish", True):
-            fits = [(f, X, refine_for_iou(X, w, data, steps=settings.get("polish_steps", 30))) for f, X, w in fits]
+        if settings.polish:
+            fits = [(f, X, refine_for_iou(X, w, data, steps=settings.polish_steps)) for f, X, w in fits]
         return fits
     if objective != "output":
         raise ValueError(f"unknown offline objective '{objective}' (expected iou or output)")
@@ -100,16 +96,16 @@ def offline_fits(data: SplitData, modifier_columns: np.ndarray, primitives: list
         raise ValueError("the offline objective 'output' needs the head's value Grams (recorded at extraction)")
     # no IoU polish here: it would trade the output fit back for IoU
     refits = [(f, X, refit_for_output(X, w, data, values)) for f, X, w in fits]
-    return refits + fit_candidates(data, modifier_columns, primitives, modifiers, sizes, interact_after=interact_after,
+    return refits + fit_candidates(data, modifier_columns, primitives, modifiers, sizes, settings.l2, interact_after,
                                    greedy=functools.partial(greedy_output_fit, grams=values))
 
 
 def synthesize_offline(features_path, example_ids: list[int], attention: np.ndarray, out_dir, model: str,
-                       head: HeadId, settings: dict, grams: np.ndarray | None = None) -> Manifest:
+                       head: HeadId, settings: OfflineSynthesisSettings, grams: np.ndarray | None = None) -> Manifest:
     """Fit one head's candidates and write them (program files + manifest.json) into out_dir, atomically.
 
     example_ids, attention: the synth examples and the head's packed attention on them; settings: the
-    config's `synthesis.offline` section (sizes, l2, interact_after, polish, objective); grams: the head's
+    config's `synthesis.offline` section as a record; grams: the head's
     packed value Grams on the same examples (objective output only). Returns the manifest."""
     with np.load(features_path) as z:
         if list(z["example_ids_synth"]) != list(example_ids):
@@ -117,7 +113,7 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
         primitives, modifiers = stored_features(z), stored_features(z, "modifier_")
         X, M, lengths = z["X_synth"], z["M_synth"], z["lengths_synth"]
     data = split_data(X, lengths, attention)
-    output = settings.get("objective", "iou") == "output"
+    output = settings.objective == "output"
     values = ValueGrams(grams, data) if output and grams is not None else None
     fits = offline_fits(data, M, primitives, modifiers, settings, values)
     candidates, seen = [], set()
@@ -160,12 +156,12 @@ def synthesize_head(settings: dict, model: str, head: HeadId, head_inputs, out_d
     """The `synthesize` rule: dispatch on settings["backend"] (the config's `synthesis` section)."""
     inputs = HeadInputs(head_inputs)
     attention = inputs.attention(head, "synth")
-    backend = settings.get("backend", "offline")
+    backend = settings["backend"]
     if backend == "offline":
         if features_path is None:
             raise ValueError("synthesis backend 'offline' needs the per-model features file")
-        offline = settings.get("offline", {})
-        grams = inputs.value_grams(head, "synth") if offline.get("objective", "iou") == "output" else None
+        offline = OfflineSynthesisSettings.from_config(settings["offline"])
+        grams = inputs.value_grams(head, "synth") if offline.objective == "output" else None
         return synthesize_offline(features_path, inputs.examples("synth").example_ids, attention, out_dir, model, head,
                                   offline, grams)
     if backend in ("claude", "open_weights"):
