@@ -116,12 +116,14 @@ def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) 
                            "library_rank": i} for i, (name, source) in enumerate(PROGRAMS.items())],
                          library / "programs.parquet")
     scores = pd.DataFrame([{"program": p, "layer": l, "head": h, "split": s,
-                            "iou": (0.8 if BEST[l, h] == p else 0.2) + 0.1 * rng.random(), "jsd": 0.3}
+                            "iou": (0.8 if BEST[l, h] == p else 0.2) + 0.1 * rng.random(), "jsd": 0.3,
+                            "output_error": np.nan}
                            for p in PROGRAMS for (l, h) in BEST for s in ("synth", "val", "test")])
     SCORES.write(scores, library / "scores.parquet")
     best = scores[scores["program"] == scores.apply(lambda r: BEST[r["layer"], r["head"]], axis=1)]
     best = best.pivot_table(index=["layer", "head", "program"], columns="split", values="iou").reset_index()
     best = best.rename(columns={s: f"{s}_iou" for s in ("synth", "val", "test")}).assign(causal=True)
+    best = best.assign(**{f"{s}_output_error": np.nan for s in ("synth", "val", "test")})
     BEST_TABLE.write(best, library / "best.parquet")
     BASELINES.write(pd.DataFrame([{"baseline": b, "layer": l, "head": h, "split": s, "iou": 0.3 * rng.random()}
                                   for b in ("uniform", "first_token") for (l, h) in BEST for s in ("val", "test")]),

@@ -304,13 +304,17 @@ PROGRAMS = Table("programs", (
     ("n_terms", "int32"), ("source_chars", "int64"), ("in_library", "bool"), ("library_rank", "int32")),
     {"origin": ORIGINS})
 
-# results/{model}/library/scores.parquet: every program on every head, per split.
+# results/{model}/library/scores.parquet: every program on every head, per split. `output_error`: the relative
+# output error (ProgramScore), null where extraction recorded no value Grams.
 SCORES = Table("scores", (("program", "string"), ("layer", "int32"), ("head", "int32"), ("split", "string"),
-                          ("iou", "float64"), ("jsd", "float64")), {"split": SPLITS})
+                          ("iou", "float64"), ("jsd", "float64"), ("output_error", "float64")), {"split": SPLITS})
 
-# results/{model}/library/best.parquet: each head's program (val IoU chose it, test IoU reports it).
+# results/{model}/library/best.parquet: each head's program (chosen on val by library.choose_by, val IoU by
+# default; test reports it), its IoU and relative output error (null without value Grams) per split.
 BEST = Table("best", (("layer", "int32"), ("head", "int32"), ("program", "string"), ("val_iou", "float64"),
-                      ("test_iou", "float64"), ("synth_iou", "float64"), ("causal", "bool")))
+                      ("test_iou", "float64"), ("synth_iou", "float64"), ("causal", "bool"),
+                      ("val_output_error", "float64"), ("test_output_error", "float64"),
+                      ("synth_output_error", "float64")))
 
 # results/{model}/library/baselines.parquet
 BASELINES = Table("baselines", (("baseline", "string"), ("layer", "int32"), ("head", "int32"),
@@ -412,6 +416,12 @@ class HeadInputs:
                 raise ContractError(f"head inputs: {self.path} has no attention for {head} on split '{split}'")
             return z[key]
 
+    @property
+    def has_value_grams(self) -> bool:
+        """Whether extraction recorded the heads' value Grams (synthesis.offline.objective: output)."""
+        with np.load(self.path) as z:
+            return any(key.startswith("gram_") for key in z.files)
+
     def value_grams(self, head: HeadId, split: str) -> np.ndarray:
         """One head's packed value Grams on one split, in the attention's layout (`matrices.unpack_symmetric`
         gives each example's n x n matrix)."""
@@ -443,6 +453,11 @@ class ProgramScore:
     synth_jsd: float = 1.0
     val_jsd: float = 1.0
     test_jsd: float = 1.0
+    # relative output error ||(P - A) U|| / ||(uniform - A) U|| (scoring.output_error_table), where extraction
+    # recorded value Grams (synthesis.offline.objective: output); None otherwise and for failed candidates
+    synth_output_error: float | None = None
+    val_output_error: float | None = None
+    test_output_error: float | None = None
 
     def __post_init__(self):
         if self.status not in CANDIDATE_STATUSES:
