@@ -139,6 +139,10 @@ def overview_cards(results: ModelResults) -> list[dict]:
              {"value": f"{s.get('library_size', len(results.programs))}", "label": "programs in the library"},
              {"value": f"{s.get('mean_test_iou', results.heads['test_iou'].mean()):.3f}", "label": "mean test IoU"},
              {"value": f"{s.get('mean_val_iou', results.heads['val_iou'].mean()):.3f}", "label": "mean val IoU"}]
+    if s.get("mean_test_output_error") is not None:  # value Grams recorded (synthesis.offline.objective: output)
+        chose = " (chose the programs)" if s.get("choose_by") == "output" else ""
+        cards.append({"value": f"{s['mean_test_output_error']:.3f}",
+                      "label": f"mean test relative output error{chose}"})
     if s.get("baselines"):
         name, iou = max(s["baselines"].items(), key=lambda item: item[1])
         cards.append({"value": f"{iou:.3f}", "label": f"best baseline ({name})"})
