@@ -362,3 +362,19 @@ def test_depth_profile_puts_models_of_different_depths_on_one_axis():
     assert profile["layer"].tolist() == [0, 2, 3]
     np.testing.assert_allclose(profile["depth"], [0, .5, .75])
     np.testing.assert_allclose(profile["test_iou"], [.3, .6, .9])
+
+
+def test_overview_shows_the_output_error_where_it_was_measured():
+    """The library's mean test relative output error joins IoU on the overview, saying when it chose."""
+    from types import SimpleNamespace
+
+    from attnprog.report.pages import overview_cards
+
+    heads = pd.DataFrame({"val_iou": [0.6], "test_iou": [0.5]})
+    results = SimpleNamespace(info=SimpleNamespace(n_heads_total=1), heads=heads, programs=pd.DataFrame(),
+                              summary={"library_size": 1, "mean_test_iou": 0.5, "mean_val_iou": 0.6,
+                                       "mean_test_output_error": None, "choose_by": "iou"})
+    assert not any("output error" in card["label"] for card in overview_cards(results))
+    results.summary |= {"mean_test_output_error": 0.4321, "choose_by": "output"}
+    card = next(c for c in overview_cards(results) if "output error" in c["label"])
+    assert card["value"] == "0.432" and "chose" in card["label"]
