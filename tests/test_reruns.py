@@ -2,7 +2,8 @@
 
 - Adding a model reruns only that model's jobs plus the cross-model outputs (checked on the dry-run list).
 - Changing synthesis settings reruns synthesis onward, never extraction (dry-run list); except the output
-  objective, whose value Grams come from the extraction pass.
+  objective, whose value Grams come from the extraction pass. Changing library settings reruns the library
+  onward, not rerank.
 - Editing a file the config points at (corpus file, model folder, a QA task's YAML, includes, data or
   include_path) or a per-head rule's script reruns exactly the jobs that read it and what depends on them.
 - A run killed with SIGKILL mid-way (during the per-head jobs), rerun with the README's flags, ends with
@@ -97,6 +98,16 @@ def test_the_output_objective_reruns_extraction_for_the_value_grams(finished):
     rules = {rule for rule, _ in dry_run_jobs(snakemake(workdir, changed, "-n"))}
     assert {"extract", "head_inputs", "synthesize", "rerank", "library"} <= rules
     assert not rules & {"model_info", "corpus"}
+
+
+def test_changing_how_the_library_chooses_reruns_the_library_onward_only(finished):
+    """library.* settings (the measure's tolerance here) reach the library rule only: rerank's stored outputs
+    and scores stand, the library and what reads it are redone."""
+    workdir, config = finished
+    changed = {**config, "library": {**config.get("library", {}), "tolerance": 0.02}}
+    rules = {rule for rule, _ in dry_run_jobs(snakemake(workdir, changed, "-n"))}
+    assert {"library", "substitute"} <= rules
+    assert not rules & (UPSTREAM_OF_SYNTHESIS | {"synthesize", "rerank", "head_inputs"})
 
 
 def test_changing_another_backends_settings_reruns_nothing(finished):

@@ -88,3 +88,35 @@ def test_baselines():
     sink[:, 0] = 1
     assert scoring.soft_iou(b["first_token"], sink) == 1.0
     assert scoring.soft_iou(b["uniform"], sink) < 0.5
+
+
+def test_output_error_table_matches_the_output_fits_definition():
+    """Every (program, head) entry equals output_fit.relative_output_error computed the direct way
+    (scatter the error, multiply by G), though the table never forms P - A."""
+    from attnprog import matrices
+    from attnprog.scoring import output_error_table
+    from attnprog.synthesize.fit import split_data
+    from attnprog.synthesize.output_fit import ValueGrams, relative_output_error
+
+    rng = np.random.default_rng(0)
+    lengths = [5, 8, 3]
+
+    def attention(n):
+        m = np.tril(rng.random((n, n)) ** 4)
+        return matrices.pack(m / m.sum(axis=1, keepdims=True))
+
+    def gram(n):
+        values = rng.normal(size=(n, 4))
+        return matrices.pack(values @ values.T)
+
+    heads = [np.stack([attention(n) for _ in range(2)]) for n in lengths]
+    grams = [np.stack([gram(n) for _ in range(2)]) for n in lengths]
+    programs = [np.stack([attention(n) for _ in range(3)] + [a[0]]) for a, n in zip(heads, lengths)]
+    table = output_error_table(programs, heads, grams, chunk=2)
+    assert table.shape == (4, 2) and table[3, 0] == pytest.approx(0, abs=1e-6)  # head 0's own attention
+    for h in range(2):
+        data = split_data(np.zeros((sum(len(a[h]) for a in heads), 1)), lengths, np.concatenate([a[h] for a in heads]))
+        direct = ValueGrams(np.concatenate([g[h] for g in grams]), data)
+        for p in range(4):
+            expected = relative_output_error(np.concatenate([q[p] for q in programs]), data, direct)
+            assert table[p, h] == pytest.approx(expected, rel=1e-9, abs=1e-9)

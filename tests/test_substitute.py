@@ -314,7 +314,8 @@ def make_library(folder, heads: dict, causal: dict | None = None) -> substitute.
                            "source_chars": len(source), "in_library": True, "library_rank": k}
                           for k, (name, source) in enumerate(PROGRAMS.items())], folder / "programs.parquet")
     BEST.write([{"layer": layer, "head": head, "program": name, "val_iou": iou, "test_iou": iou - 0.01,
-                 "synth_iou": iou, "causal": causal.get(name, name != "last_token")}
+                 "synth_iou": iou, "causal": causal.get(name, name != "last_token"),
+                 **{f"{s}_output_error": None for s in ("synth", "val", "test")}}
                 for (layer, head), (name, iou) in heads.items()], folder / "best.parquet")
     return substitute.LibraryFiles(best=folder / "best.parquet", programs=folder / "programs.parquet",
                                    program_dir=folder / "programs")

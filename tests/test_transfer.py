@@ -56,7 +56,9 @@ def test_each_head_takes_the_best_program_of_the_other_library(tmp_path):
     HeadInputs.write(tmp_path / "B_inputs.npz", splits, attention)
     BEST.write(pd.DataFrame({"layer": [0, 0], "head": [0, 1], "program": ["b_prev", "b_first"],
                              "val_iou": [1.0, 1.0], "test_iou": [1.0, 1.0], "synth_iou": [1.0, 1.0],
-                             "causal": [True, True]}), tmp_path / "B_best.parquet")
+                             "causal": [True, True],
+                             **{f"{s}_output_error": [None, None] for s in ("synth", "val", "test")}}),
+               tmp_path / "B_best.parquet")
     ModelInfo("B", str(tmp_path), "X", "x", 1, 2, 2, True).write(tmp_path / "B_info.json")
 
     result = transfer(library, tmp_path / "A" / "programs.parquet", tmp_path / "B_inputs.npz",

@@ -98,9 +98,11 @@ def test_rerun_has_nothing_to_do(tiny_run):
 def test_output_objective_records_value_grams_and_fits_for_the_output(tiny_models, tmp_path):
     """synthesis.offline.objective: output, on the GQA model up to the library: extraction also writes every
     head's value Grams, the head inputs carry them, and every head gets output-aware candidates that rerank
-    and the library take like any others."""
+    and the library take like any others; with library.choose_by: output the library chooses by the relative
+    output error and reports it beside IoU."""
     config = tiny_config({"tiny-llama": tiny_models["llama"]},
-                         synthesis={"backend": "offline", "offline": {"sizes": [1, 2], "objective": "output"}})
+                         synthesis={"backend": "offline", "offline": {"sizes": [1, 2], "objective": "output"}},
+                         library={"choose_by": "output"})
     run_snakemake(tmp_path, config, "results/tiny-llama/library/summary.json")
     root = tmp_path / "results/tiny-llama"
     info = ModelInfo.read(root / "model/info.json")
@@ -114,6 +116,10 @@ def test_output_objective_records_value_grams_and_fits_for_the_output(tiny_model
         assert len(manifest["candidates"]) >= 2 and all(c["status"] == "ok" for c in manifest["candidates"])
         (program, *_) = load_programs(root / f"synthesis/{head.name}", trusted=True)
         assert "to the output of layer" in " ".join(program.docstring.split())
-    assert LibrarySummary.read(root / "library/summary.json").n_heads == info.n_heads_total
+    summary = LibrarySummary.read(root / "library/summary.json")
+    assert summary.n_heads == info.n_heads_total and summary.choose_by == "output"
+    best = BEST.read(root / "library/best.parquet")
+    assert best[["val_output_error", "test_output_error"]].notna().all().all()
+    assert summary.mean_test_output_error == pytest.approx(best["test_output_error"].mean())
     again = run_snakemake(tmp_path, config, "-n", "results/tiny-llama/library/summary.json")
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -7,7 +7,8 @@ import pytest
 from attnprog.contracts import BEST, ContractError
 from workflowrun import assert_results_valid
 
-BEST_ROW = {"layer": 0, "head": 1, "program": "p", "val_iou": 0.5, "test_iou": 0.4, "synth_iou": 0.6, "causal": True}
+BEST_ROW = {"layer": 0, "head": 1, "program": "p", "val_iou": 0.5, "test_iou": 0.4, "synth_iou": 0.6, "causal": True,
+            "val_output_error": None, "test_output_error": None, "synth_output_error": None}
 
 
 def test_a_result_with_the_contracts_schema_passes(tmp_path):

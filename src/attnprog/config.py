@@ -60,6 +60,11 @@ def validate_config(config: dict, schema_path: str | os.PathLike = SCHEMA_PATH) 
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"config: {_where(error)}: {error.message}")
+    synthesis = config["synthesis"]
+    if config["library"]["choose_by"] == "output" and (synthesis["backend"], synthesis["offline"]["objective"]) != (
+            "offline", "output"):
+        raise ConfigError("config: library.choose_by: output needs the value Grams that only synthesis.backend: "
+                          "offline with synthesis.offline.objective: output records")
     return config
 
 

@@ -299,8 +299,8 @@ class LibrarySummary(JsonRecord):
     mean_val_iou: float            # each head's program from the library
     mean_test_iou: float
     mean_synth_iou: float
-    unrestricted: dict[str, float]  # each head choosing from the whole pool: mean_val_iou, mean_test_iou, programs_used
-    library_curve: list[dict[str, float]]  # per library size: size, mean_val_iou, mean_test_iou
+    unrestricted: dict[str, float]  # each head choosing from the whole pool: mean_{split}_{measure}, programs_used
+    library_curve: list[dict[str, float]]  # per library size: size, mean_{split}_{measure} (iou, output_error)
     mean_terms: float | None       # of the chosen programs (None: none has a term count)
     heads_per_program: dict[str, int]
     baselines: dict[str, float]    # mean test IoU per baseline
@@ -308,6 +308,11 @@ class LibrarySummary(JsonRecord):
     n_causal_programs: int
     splits: dict[str, int]         # examples per split
     selection: str                 # how the library and each head's program were chosen, in words
+    # library.choose_by, and the mean relative output error of each head's program (None without value Grams);
+    # defaults: summaries written before the setting existed chose by IoU and recorded no output error
+    choose_by: str = "iou"
+    mean_val_output_error: float | None = None
+    mean_test_output_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -524,13 +529,17 @@ PROGRAMS = Table("programs", (
     ("n_terms", "int32"), ("source_chars", "int64"), ("in_library", "bool"), ("library_rank", "int32")),
     {"origin": ORIGINS})
 
-# results/{model}/library/scores.parquet: every program on every head, per split.
+# results/{model}/library/scores.parquet: every program on every head, per split. `output_error`: the relative
+# output error (ProgramScore), null where extraction recorded no value Grams.
 SCORES = Table("scores", (("program", "string"), ("layer", "int32"), ("head", "int32"), ("split", "string"),
-                          ("iou", "float64"), ("jsd", "float64")), {"split": SPLITS})
+                          ("iou", "float64"), ("jsd", "float64"), ("output_error", "float64")), {"split": SPLITS})
 
-# results/{model}/library/best.parquet: each head's program (val IoU chose it, test IoU reports it).
+# results/{model}/library/best.parquet: each head's program (chosen on val by library.choose_by, val IoU by
+# default; test reports it), its IoU and relative output error (null without value Grams) per split.
 BEST = Table("best", (("layer", "int32"), ("head", "int32"), ("program", "string"), ("val_iou", "float64"),
-                      ("test_iou", "float64"), ("synth_iou", "float64"), ("causal", "bool")))
+                      ("test_iou", "float64"), ("synth_iou", "float64"), ("causal", "bool"),
+                      ("val_output_error", "float64"), ("test_output_error", "float64"),
+                      ("synth_output_error", "float64")))
 
 # results/{model}/library/baselines.parquet
 BASELINES = Table("baselines", (("baseline", "string"), ("layer", "int32"), ("head", "int32"),
@@ -632,6 +641,12 @@ class HeadInputs:
                 raise ContractError(f"head inputs: {self.path} has no attention for {head} on split '{split}'")
             return z[key]
 
+    @property
+    def has_value_grams(self) -> bool:
+        """Whether extraction recorded the heads' value Grams (synthesis.offline.objective: output)."""
+        with np.load(self.path) as z:
+            return any(key.startswith("gram_") for key in z.files)
+
     def value_grams(self, head: HeadId, split: str) -> np.ndarray:
         """One head's packed value Grams on one split, in the attention's layout (`matrices.unpack_symmetric`
         gives each example's n x n matrix)."""
@@ -663,6 +678,11 @@ class ProgramScore:
     synth_jsd: float = 1.0
     val_jsd: float = 1.0
     test_jsd: float = 1.0
+    # relative output error ||(P - A) U|| / ||(uniform - A) U|| (scoring.output_error_table), where extraction
+    # recorded value Grams (synthesis.offline.objective: output); None otherwise and for failed candidates
+    synth_output_error: float | None = None
+    val_output_error: float | None = None
+    test_output_error: float | None = None
 
     def __post_init__(self):
         if self.status not in CANDIDATE_STATUSES:

@@ -4,7 +4,8 @@ This is the one place a candidate program runs on the corpus examples. For each 
 candidates (results/{model}/synthesis/L{l}H{h}/) it records, in one `contracts.RerankResult`,
 - its outputs on the synth, val and test examples: the library scores every program on every head from
   these, and the report draws them, without running anything again;
-- its scores on this head per split (soft IoU, row JS distance) and whether it passed the causality check.
+- its scores on this head per split (soft IoU, row JS distance, and the relative output error where extraction
+  recorded value Grams) and whether it passed the causality check.
 Offline candidates are trusted and run in-process; every other origin runs in the sandbox. A candidate that
 failed synthesis, or fails here, scores worst: IoU 0, JS distance 1.
 """
@@ -18,7 +19,7 @@ from .contracts import SPLITS, HeadId, HeadInputs, Manifest, ProgramScore, Reran
 from .matrices import pack, split_packed, triangle_size
 from .programs import ProgramError, load_programs
 from .runner import check_causal, run_programs
-from .scoring import iou_table, jsd_rows_flat
+from .scoring import iou_table, jsd_rows_flat, output_error_table
 
 
 def load_candidate_programs(folder, candidate) -> list:
@@ -33,6 +34,8 @@ def rerank_head(candidates_dir, head_inputs, head: HeadId, out_path, *, tokenize
     inputs = HeadInputs(head_inputs)
     examples = {s: inputs.examples(s) for s in SPLITS}
     real = {s: split_packed(inputs.attention(head, s), examples[s].lengths) for s in SPLITS}
+    grams = ({s: split_packed(inputs.value_grams(head, s), examples[s].lengths) for s in SPLITS}
+             if inputs.has_value_grams else None)
 
     rows, programs = [], []
     for candidate in manifest.candidates:
@@ -55,6 +58,9 @@ def rerank_head(candidates_dir, head_inputs, head: HeadId, out_path, *, tokenize
     outputs = _run_on_splits(programs, examples, tokenizer_dir, causal=is_causal)
     row_of = {row["name"]: row for row in rows}
     check_on = examples["val"].calls()[:causal_check_examples]
+    errors = None if grams is None or not programs else {  # split -> (P,): every program at once
+        s: output_error_table(split_packed(outputs[s][0], examples[s].lengths), [r[None] for r in real[s]],
+                              [g[None] for g in grams[s]])[:, 0] for s in SPLITS}
     for p, program in enumerate(programs):
         row = row_of[program.name]
         failures = {s: outputs[s][1][p] for s in SPLITS}
@@ -68,6 +74,8 @@ def rerank_head(candidates_dir, head_inputs, head: HeadId, out_path, *, tokenize
             row[f"{split}_iou"] = float(iou_table([f[None] for f in flat], [r[None] for r in real[split]])[0, 0])
             row[f"{split}_jsd"] = float(np.mean([jsd_rows_flat(f.astype(np.float64), r.astype(np.float64), n)
                                                  for f, r, n in zip(flat, real[split], examples[split].lengths)]))
+            if errors is not None:
+                row[f"{split}_output_error"] = float(errors[split][p])
     result = RerankResult([ProgramScore(**row) for row in rows], [p.name for p in programs],
                           {s: (np.asarray(examples[s].example_ids), np.asarray(examples[s].lengths), outputs[s][0],
                                outputs[s][1]) for s in SPLITS})

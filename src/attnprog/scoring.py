@@ -74,6 +74,52 @@ def iou_table(predicted: list[np.ndarray], actual: list[np.ndarray]) -> np.ndarr
     return total / len(actual)
 
 
+def output_error_table(predicted: list[np.ndarray], actual: list[np.ndarray], grams: list[np.ndarray],
+                       chunk: int = 256) -> np.ndarray:
+    """Mean relative output error of every prediction on every head, averaged over examples: for program P
+    and head A with value Grams G = U U^T (`contracts.VALUE_GRAMS`), ||(P - A) U|| / ||(uniform - A) U||,
+    0 = the head's own output, 1 = no better than the uniform matrix (as `synthesize.output_fit` fits it).
+
+    predicted[e]: (P, d_e) packed matrices of P programs on example e; actual[e] and grams[e]: (H, d_e) the
+    heads' packed attention and packed (symmetric) Grams. Returns (P, H). Because
+    ||(P - A) U||^2 = <P^T P, G> - 2 <P, A G> + <A, A G>, the per-program part P^T P is computed once per
+    example whatever the head, and every (program, head) pair is two matrix products."""
+    if not (len(predicted) == len(actual) == len(grams)) or not actual:
+        raise ValueError("output_error_table: need three equally long non-empty lists")
+    total = None
+    for p, a, g in zip(predicted, actual, grams):
+        n = int(round((np.sqrt(8 * p.shape[-1] + 1) - 1) / 2))
+        rows, cols = matrices.tril_indices(n)
+        A = _unpack_rows(a, n)
+        G = np.stack([matrices.unpack_symmetric(row, n) for row in np.asarray(g)])     # (H, n, n)
+        AG = A @ G
+        own = np.einsum("hij,hij->h", A, AG)                                            # <A, A G>
+        flat_G, packed_AG = G.reshape(len(G), -1), AG[:, rows, cols]
+        uniform = (1.0 / (rows + 1.0))[None]                                             # packed, row i: 1/(i+1)
+        base = _squared_errors(uniform, n, flat_G, packed_AG, own)[0]
+        errors = np.concatenate([_squared_errors(np.asarray(p[s:s + chunk], dtype=np.float64), n, flat_G,
+                                                 packed_AG, own) for s in range(0, len(p), chunk)])
+        ratio = np.sqrt(np.maximum(errors, 0) / np.maximum(base, 1e-30)[None])
+        total = ratio if total is None else total + ratio
+    return total / len(actual)
+
+
+def _squared_errors(packed: np.ndarray, n: int, flat_G: np.ndarray, packed_AG: np.ndarray, own: np.ndarray):
+    """(P, H) ||(P - A) U||^2 for P packed programs, given each head's G (flattened), A G (at the lower
+    triangle's entries) and <A, A G>."""
+    P = _unpack_rows(packed, n)
+    gram_of_program = np.matmul(P.transpose(0, 2, 1), P).reshape(len(P), -1)          # P^T P
+    return gram_of_program @ flat_G.T - 2 * packed @ packed_AG.T + own[None]
+
+
+def _unpack_rows(packed: np.ndarray, n: int) -> np.ndarray:
+    """(K, d) packed lower triangles -> (K, n, n) float64."""
+    out = np.zeros((len(packed), n, n))
+    rows, cols = matrices.tril_indices(n)
+    out[:, rows, cols] = packed
+    return out
+
+
 def _l1_distances(p: np.ndarray, a: np.ndarray) -> np.ndarray:
     """(P, H) L1 distances between the rows of p and of a. One head (a per-head job) needs no more than
     numpy; many use scipy's cdist, imported only then (it takes seconds to import on a busy machine)."""

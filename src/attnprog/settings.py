@@ -84,6 +84,9 @@ class LibrarySettings(Settings):
     jsd_top_k: int
     tolerance: float
     prefer_shorter: float
+    choose_by: str                 # iou | output: the val measure the cover and each head's choice use
+    output_tolerance: float        # the cover's tolerance and the shorter-program margin when choosing by
+    output_prefer_shorter: float   # output error (in relative output error)
 
 
 @dataclass(frozen=True)

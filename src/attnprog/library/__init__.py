@@ -7,8 +7,10 @@ pool. Selection uses val only; test is only reported. Only programs that pass th
 chosen (they are the ones substitution can use); programs that fail it stay in the pool, marked. This
 stage is arithmetic over what the per-head rerank jobs stored: it runs no program.
 
-    pool.py     gather the rerank jobs' programs and outputs, deduplicate, score on every head
-    choice.py   the library as a set cover, each head's program within it, the size curve
+    pool.py     gather the rerank jobs' programs and outputs, deduplicate, score on every head (IoU, and
+                the relative output error where extraction recorded value Grams)
+    choice.py   the library as a set cover, each head's program within it, the size curve, by the measure
+                `library.choose_by` names (val IoU by default, or val relative output error)
 """
 from __future__ import annotations
 
@@ -38,30 +40,38 @@ def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_
     pool = pooling.deduplicate(gathered, settings.dedup_decimals)
     real = pooling.real_attention(inputs, heads)
     iou = pooling.iou_tables(pool, real)                           # split -> (programs, heads)
+    grams = pooling.value_grams(inputs, heads)
+    error = pooling.output_error_tables(pool, real, grams) if grams is not None else None  # same, lower is better
+    measure, tolerance, prefer_shorter = choice.measure_tables(iou, error, settings)
     table = describe(pool, synthesis_dirs, heads)
 
     eligible = table["causal"].to_numpy()
     if not eligible.any():
         raise ValueError(f"library: no program of {model} passed the causality check")
     length = table["n_terms"].fillna(table["source_chars"]).to_numpy(dtype=float)  # program size, for ties
-    members = choice.cover(iou["val"], eligible, settings.tolerance, length)
-    chosen = choice.assign_heads(iou["val"], members, length, settings.prefer_shorter)
-    unrestricted = choice.assign_heads(iou["val"], list(np.flatnonzero(eligible)), length, settings.prefer_shorter)
+    members = choice.cover(measure["val"], eligible, tolerance, length)
+    chosen = choice.assign_heads(measure["val"], members, length, prefer_shorter)
+    unrestricted = choice.assign_heads(measure["val"], list(np.flatnonzero(eligible)), length, prefer_shorter)
     table["in_library"] = False
     table.loc[members, "in_library"] = True
     table["library_rank"] = pd.array([None] * len(table), dtype="Int32")
     table.loc[members, "library_rank"] = np.arange(len(members))
-    curve_order = choice.facility_order(iou["val"], eligible, length, max(choice.CURVE_SIZES))
+    curve_order = choice.facility_order(measure["val"], eligible, length, max(choice.CURVE_SIZES))
 
     columns = np.arange(len(heads))
+    reported = {"iou": iou, **({"output_error": error} if error is not None else {})}
     best = pd.DataFrame({"layer": [h.layer for h in heads], "head": [h.head for h in heads],
                          "program": table["name"].to_numpy()[chosen],
                          **{f"{s}_iou": iou[s][chosen, columns] for s in ("val", "test", "synth")},
-                         "causal": eligible[chosen]})
-    scores = score_rows(pool, real, iou, table, heads, chosen, settings.jsd_top_k)
+                         "causal": eligible[chosen],
+                         **{f"{s}_output_error": error[s][chosen, columns] if error is not None
+                            else np.full(len(heads), np.nan) for s in ("val", "test", "synth")}})
+    scores = score_rows(pool, real, iou, error, table, heads, chosen, settings.jsd_top_k)
     baselines = baseline_table(heads, inputs, real)
-    curve = choice.size_curve(iou["val"], iou["test"], curve_order, eligible, length, settings.prefer_shorter)
-    summary = summarise(model, heads, gathered, table, best, baselines, curve, iou, unrestricted, inputs, settings)
+    curve = choice.size_curve(measure["val"], {m: {s: t[s] for s in ("val", "test")} for m, t in reported.items()},
+                              curve_order, eligible, length, prefer_shorter)
+    summary = summarise(model, heads, gathered, table, best, baselines, curve, reported, unrestricted, inputs,
+                        settings)
     write_library(Path(out_dir), table, scores, best, baselines, summary)
     return summary
 
@@ -82,9 +92,10 @@ def describe(pool: pooling.Pool, synthesis_dirs: list, heads: list[HeadId]) -> p
     return pd.DataFrame(rows)
 
 
-def score_rows(pool, real, iou, table, heads, chosen, top_k: int) -> pd.DataFrame:
-    """scores.parquet: every program on every head on every split; the row JS distance only for each head's
-    `top_k` programs by val IoU and its chosen one (a log per entry per pair would cost more than the rest)."""
+def score_rows(pool, real, iou, error, table, heads, chosen, top_k: int) -> pd.DataFrame:
+    """scores.parquet: every program on every head on every split (IoU; relative output error where the value
+    Grams were recorded, `error`, else null); the row JS distance only for each head's `top_k` programs by val
+    IoU and its chosen one (a log per entry per pair would cost more than the rest)."""
     jsd = {s: np.full(iou[s].shape, np.nan) for s in SPLITS}
     for h in range(len(heads)):
         top = np.unique(np.append(np.argsort(-iou["val"][:, h])[:top_k], chosen[h]))
@@ -95,7 +106,9 @@ def score_rows(pool, real, iou, table, heads, chosen, top_k: int) -> pd.DataFram
     numbers = np.array([h.head for h in heads], dtype="int32")
     return pd.concat([pd.DataFrame({"program": np.repeat(names, len(heads)), "layer": np.tile(layers, len(names)),
                                     "head": np.tile(numbers, len(names)), "split": s, "iou": iou[s].ravel(),
-                                    "jsd": jsd[s].ravel()}) for s in SPLITS], ignore_index=True)
+                                    "jsd": jsd[s].ravel(),
+                                    "output_error": error[s].ravel() if error is not None
+                                    else np.full(iou[s].size, np.nan)}) for s in SPLITS], ignore_index=True)
 
 
 def baseline_table(heads: list[HeadId], inputs: HeadInputs, real: dict) -> pd.DataFrame:
@@ -114,9 +127,16 @@ def baseline_table(heads: list[HeadId], inputs: HeadInputs, real: dict) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def summarise(model, heads, gathered, table, best, baselines, curve, iou, unrestricted, inputs,
+def summarise(model, heads, gathered, table, best, baselines, curve, reported, unrestricted, inputs,
               settings: LibrarySettings) -> LibrarySummary:
+    """summary.json. reported: {measure: {split: (programs, heads)}}: IoU, and the relative output error
+    where the value Grams were recorded (then its means are reported too, whichever measure chose)."""
     columns = np.arange(len(heads))
+    error = reported.get("output_error")
+    by_output = settings.choose_by == "output"
+    tolerance, margin = ((settings.output_tolerance, settings.output_prefer_shorter) if by_output
+                         else (settings.tolerance, settings.prefer_shorter))
+    measure = "val relative output error (lower is better)" if by_output else "val IoU"
     library = table[table["in_library"]]
     test = baselines[baselines["split"] == "test"]
     heads_per_program = best["program"].value_counts()
@@ -125,8 +145,11 @@ def summarise(model, heads, gathered, table, best, baselines, curve, iou, unrest
         library_size=int(len(library)),
         mean_val_iou=float(best["val_iou"].mean()), mean_test_iou=float(best["test_iou"].mean()),
         mean_synth_iou=float(best["synth_iou"].mean()),
-        unrestricted={"mean_val_iou": float(iou["val"][unrestricted, columns].mean()),
-                      "mean_test_iou": float(iou["test"][unrestricted, columns].mean()),
+        choose_by=settings.choose_by,
+        mean_val_output_error=_number(best["val_output_error"].mean()),
+        mean_test_output_error=_number(best["test_output_error"].mean()),
+        unrestricted={**{f"mean_{s}_{m}": float(t[s][unrestricted, columns].mean())
+                         for m, t in reported.items() for s in ("val", "test")},
                       "programs_used": int(len(set(unrestricted)))},
         library_curve=curve,
         mean_terms=_number(table.set_index("name").loc[best["program"], "n_terms"].mean()),
@@ -136,9 +159,9 @@ def summarise(model, heads, gathered, table, best, baselines, curve, iou, unrest
         n_causal_programs=int(table["causal"].sum()),
         splits={s: len(inputs.examples(s).example_ids) for s in SPLITS},
         selection=(f"greedy set cover of the causal programs until every head is within "
-                   f"{settings.tolerance} val IoU of the pool's best; each head takes the library program "
-                   f"with the fewest terms within {settings.prefer_shorter} of the library's best on val; "
-                   f"test IoU is reported"),
+                   f"{tolerance} {measure} of the pool's best; each head takes the library program "
+                   f"with the fewest terms within {margin} of the library's best on val; "
+                   f"test IoU{' and relative output error are' if error is not None else ' is'} reported"),
     )
 
 

@@ -1,13 +1,15 @@
 """Choosing the library: the fewest programs that explain every head almost as well as the whole pool.
 
-The paper's claim is that a small library (< 1,000 programs) explains every head of a model. Given the val
-IoU of every pooled program on every head, two classic greedy algorithms answer two questions:
+The paper's claim is that a small library (< 1,000 programs) explains every head of a model. Given a val
+score of every pooled program on every head, higher is better (soft IoU by default; with
+`library.choose_by: output`, minus the relative output error: `measure_tables`), two classic greedy
+algorithms answer two questions:
 - `cover`: the smallest library in which every head has a program within `tolerance` of the pool's best for
   it (set cover; greedy adds the program that brings the most heads within tolerance, which is within a
   logarithmic factor of the optimum; ties go to the larger gain in summed IoU, then to the shorter program).
-- `facility_order`: the best library of each size k, for the curve of mean IoU against library size
-  (facility location, sum over heads of the best IoU in the library: monotone submodular, so greedy is
-  within 1 - 1/e of the optimum for every k).
+- `facility_order`: the best library of each size k, for the curve of mean score against library size
+  (facility location, sum over heads of the best score in the library above the pool's worst: monotone
+  submodular, so greedy is within 1 - 1/e of the optimum for every k).
 
 Within a library each head takes the program with the fewest terms among those within `prefer_shorter`
 of the library's best on that head (on val), so the library favours programs a person can hold in mind.
@@ -17,17 +19,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..settings import LibrarySettings
+
 CURVE_SIZES = (1, 5, 10, 20, 50, 100)
+
+
+def measure_tables(iou: dict, output_error: dict | None, settings: LibrarySettings) -> tuple[dict, float, float]:
+    """The per-split (programs, heads) score the library chooses by, higher is better, with its tolerance and
+    prefer-shorter margin (in the measure's own units): IoU, or minus the relative output error."""
+    if settings.choose_by == "iou":
+        return iou, settings.tolerance, settings.prefer_shorter
+    if output_error is None:
+        raise ValueError("library.choose_by: output needs the value Grams that extraction records with "
+                         "synthesis.offline.objective: output; these head inputs have none")
+    return ({s: -table for s, table in output_error.items()}, settings.output_tolerance,
+            settings.output_prefer_shorter)
 
 
 def cover(val: np.ndarray, eligible: np.ndarray, tolerance: float, length: np.ndarray) -> list[int]:
     """The library: eligible programs in the order greedy set cover adds them, until every head has one
-    within `tolerance` of the best eligible program for it. val: (P, H); length: (P,) program sizes."""
+    within `tolerance` of the best eligible program for it. val: (P, H) scores, higher is better; length: (P,)
+    program sizes."""
     candidates = _eligible(eligible)
     scores = val[candidates]
     covers = scores >= scores.max(axis=0) - tolerance     # (C, H): program c is good enough for head h
     covered = np.zeros(val.shape[1], dtype=bool)
-    current = np.zeros(val.shape[1])
+    current = scores.min(axis=0)  # gains count from the pool's worst, so any sign of score works
     order = []
     while not covered.all():
         new = (covers & ~covered).sum(axis=1)
@@ -41,10 +58,10 @@ def cover(val: np.ndarray, eligible: np.ndarray, tolerance: float, length: np.nd
 
 def facility_order(val: np.ndarray, eligible: np.ndarray, length: np.ndarray, steps: int) -> list[int]:
     """The first `steps` eligible programs in greedy facility-location order: each adds the most summed val
-    IoU over heads (each head counting its best program so far); ties go to the shorter program."""
+    score over heads (each head counting its best program so far); ties go to the shorter program."""
     candidates = _eligible(eligible)
     scores = val[candidates]
-    current = np.zeros(val.shape[1])
+    current = scores.min(axis=0)
     chosen = np.zeros(len(candidates), dtype=bool)
     order = []
     for _ in range(min(steps, len(candidates))):
@@ -65,26 +82,26 @@ def _eligible(eligible: np.ndarray) -> np.ndarray:
 
 def assign_heads(val: np.ndarray, members: list[int], length: np.ndarray, prefer_shorter: float) -> np.ndarray:
     """For each head, the program of `members` it takes: the one with the fewest terms among those within
-    `prefer_shorter` of the members' best val IoU on that head (then the higher val IoU)."""
+    `prefer_shorter` of the members' best val score on that head (then the higher val score)."""
     members = np.asarray(members)
     scores = val[members]                              # (M, H)
-    best = scores.max(axis=0)
-    near = scores >= best - prefer_shorter
-    # among the near-best: smallest length, then highest IoU
-    key = np.where(near, length[members][:, None] * 1e3 - scores, np.inf)
-    return members[np.argmin(key, axis=0)]
+    near = scores >= scores.max(axis=0) - prefer_shorter
+    lengths = np.where(near, length[members][:, None], np.inf)
+    shortest = near & (lengths == lengths.min(axis=0))
+    return members[np.argmax(np.where(shortest, scores, -np.inf), axis=0)]  # among those, the highest score
 
 
-def size_curve(val: np.ndarray, test: np.ndarray, order: list[int], eligible: np.ndarray, length: np.ndarray,
-               prefer_shorter: float, sizes=CURVE_SIZES) -> list[dict]:
-    """Mean val and test IoU over heads of the nested libraries order[:k] (a `facility_order`) for each k in
-    `sizes` that the order reaches, and of the whole eligible pool (the unrestricted choice)."""
+def size_curve(val: np.ndarray, reported: dict[str, dict], order: list[int], eligible: np.ndarray,
+               length: np.ndarray, prefer_shorter: float, sizes=CURVE_SIZES) -> list[dict]:
+    """For the nested libraries order[:k] (a `facility_order` by the score `val`) for each k in `sizes` that
+    the order reaches, and for the whole eligible pool (the unrestricted choice): the mean over heads of
+    each `reported` table ({measure: {split: (P, H)}}, e.g. IoU and output error) of the programs chosen."""
     heads = np.arange(val.shape[1])
     pool = list(np.flatnonzero(eligible))
     libraries = [(k, order[:k]) for k in sizes if k <= len(order) and k < len(pool)] + [(len(pool), pool)]
     out = []
     for k, members in libraries:
         chosen = assign_heads(val, members, length, prefer_shorter)
-        out.append({"size": k, "mean_val_iou": float(val[chosen, heads].mean()),
-                    "mean_test_iou": float(test[chosen, heads].mean())})
+        out.append({"size": k, **{f"mean_{split}_{measure}": float(table[chosen, heads].mean())
+                                  for measure, tables in reported.items() for split, table in tables.items()}})
     return out

@@ -2,7 +2,8 @@
 behaviour, and scored on every head from the outputs those jobs stored (nothing runs again here).
 
 A program's output does not depend on the head, so one stored output per (program, example) serves every
-head: `scoring.iou_table` turns a split into one pairwise L1-distance computation per example.
+head: `scoring.iou_table` turns a split into one pairwise L1-distance computation per example, and, where
+extraction recorded value Grams, `scoring.output_error_table` into a few matrix products per example.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pandas as pd
 
 from ..contracts import SPLITS, HeadId, HeadInputs, RerankResult
 from ..matrices import split_packed
-from ..scoring import iou_table, jsd_rows_flat
+from ..scoring import iou_table, jsd_rows_flat, output_error_table
 
 
 @dataclass
@@ -88,9 +89,27 @@ def real_attention(head_inputs: HeadInputs, heads: list[HeadId]) -> dict[str, li
     return out
 
 
+def value_grams(head_inputs: HeadInputs, heads: list[HeadId]) -> dict[str, list[np.ndarray]] | None:
+    """Per split, per example, an array (H, d_e) of every head's packed value Grams; None where extraction
+    recorded none (synthesis.offline.objective other than output)."""
+    if not head_inputs.has_value_grams:
+        return None
+    out = {}
+    for split in SPLITS:
+        lengths = head_inputs.examples(split).lengths
+        out[split] = split_packed(np.stack([head_inputs.value_grams(head, split) for head in heads]), lengths)
+    return out
+
+
 def iou_tables(pool: Pool, real: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     """Per split, the (programs, heads) table of mean soft IoU."""
     return {s: iou_table(pool.outputs[s], real[s]) for s in SPLITS}
+
+
+def output_error_tables(pool: Pool, real: dict[str, list[np.ndarray]], grams: dict[str, list[np.ndarray]]
+                        ) -> dict[str, np.ndarray]:
+    """Per split, the (programs, heads) table of mean relative output error (lower is better)."""
+    return {s: output_error_table(pool.outputs[s], real[s], grams[s]) for s in SPLITS}
 
 
 def jsd_of(pool: Pool, real: dict, split: str, programs, head: int) -> np.ndarray:

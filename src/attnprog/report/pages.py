@@ -144,6 +144,9 @@ def overview_cards(results: ModelResults) -> list[dict]:
              {"value": f"{s.library_size}", "label": "programs in the library"},
              {"value": f"{s.mean_test_iou:.3f}", "label": "mean test IoU"},
              {"value": f"{s.mean_val_iou:.3f}", "label": "mean val IoU"}]
+    if s.mean_test_output_error is not None:  # value Grams recorded (synthesis.offline.objective: output)
+        chose = " (chose the programs)" if s.choose_by == "output" else ""
+        cards.append({"value": f"{s.mean_test_output_error:.3f}", "label": f"mean test relative output error{chose}"})
     if s.baselines:
         name, iou = max(s.baselines.items(), key=lambda item: item[1])
         cards.append({"value": f"{iou:.3f}", "label": f"best baseline ({name})"})
