@@ -5,8 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from attnprog.contracts import (ContractError, HeadId, HeadlineMethod, LibrarySummary, ModelInfo, QASummary,
-                                SingleHeadStats, SubstitutionSummary, TransferHead, TransferProgram, TransferSummary)
+from attnprog.contracts import (Candidate, ContractError, HeadId, HeadlineMethod, LibrarySummary, Manifest, ModelInfo,
+                                QASummary, SingleHeadStats, SubstitutionSummary, TransferHead, TransferProgram,
+                                TransferSummary)
 
 
 @pytest.mark.parametrize("head", [HeadId(0, 0), HeadId(3, 5), HeadId(27, 31), HeadId(100, 7)])
@@ -121,3 +122,17 @@ def test_a_writer_of_the_wrong_type_fails_before_the_file_exists(tmp_path):
     with pytest.raises(ContractError, match=r"summary.json \(writing\): field library_size"):
         replace(LIBRARY, library_size="two").write(tmp_path / "summary.json")
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_manifest_reads_its_candidates_through_the_same_typed_check(tmp_path):
+    """Manifests and rerank rows are read by the records' one reader: nested candidates become Candidate, and a
+    wrong type in one names the manifest, the candidate and the field."""
+    manifest = Manifest(model="tiny", layer=0, head=1, backend="offline",
+                        candidates=[Candidate(name="L0H1_c0", file="L0H1_c0.py", origin="offline", n_terms=2)])
+    manifest.write(tmp_path)
+    assert Manifest.read(tmp_path) == manifest
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["candidates"][0]["n_terms"] = "two"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ContractError, match=r"manifest.json: candidates\[0\]: field n_terms is \"two\" \(str\)"):
+        Manifest.read(tmp_path)

@@ -14,7 +14,7 @@ import os
 import re
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Union, get_args, get_origin
 
@@ -85,15 +85,6 @@ def all_heads(n_layers: int, n_heads: int) -> list[HeadId]:
 # ---------------------------------------------------------------------------------------------------------
 # JSON records
 
-def _from_dict(cls, data: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
-               and f.default_factory is MISSING]
-    if missing:
-        raise ContractError(f"{where}: missing field(s) {', '.join(missing)}")
-    return cls(**{k: v for k, v in data.items() if k in known})
-
-
 def read_json(path: str | os.PathLike) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -123,7 +114,7 @@ def _conforms(value, hint) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
-    if isinstance(hint, type) and issubclass(hint, JsonRecord):
+    if is_dataclass(hint):
         return isinstance(value, (dict, hint))
     if hint is list or origin is list:
         return isinstance(value, list) and (not args or all(_conforms(v, args[0]) for v in value))
@@ -155,25 +146,33 @@ class JsonRecord:
 
     @classmethod
     def from_dict(cls, data, where: str):
-        if not isinstance(data, dict):
-            raise ContractError(f"{where}: expected a JSON object, found {_type_name(data)}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for f in fields(cls):
-            if f.name not in data:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise ContractError(f"{where}: missing field {f.name}")
-                continue
-            value, hint = data[f.name], hints[f.name]
-            if not _conforms(value, hint):
-                raise ContractError(f"{where}: field {f.name} is {json.dumps(value)[:60]} ({_type_name(value)}), "
-                                    f"expected {_hint_name(hint)}")
-            values[f.name] = _nested(value, hint, f"{where}: {f.name}")
-        return cls(**values)
+        return _from_dict(cls, data, where)
 
     @classmethod
     def read(cls, path):
         return cls.from_dict(read_json(path), str(path))
+
+
+def _from_dict(cls, data, where: str):
+    """A contract dataclass from a JSON object: every field present unless it has a default and of its declared
+    type, nested contract dataclasses (or lists of them) built too, keys it does not declare ignored (a file
+    with more, a later version, still reads). Anything else: a one-line ContractError naming `where` and the
+    field."""
+    if not isinstance(data, dict):
+        raise ContractError(f"{where}: expected a JSON object, found {_type_name(data)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ContractError(f"{where}: missing field {f.name}")
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if not _conforms(value, hint):
+            raise ContractError(f"{where}: field {f.name} is {json.dumps(value)[:60]} ({_type_name(value)}), "
+                                f"expected {_hint_name(hint)}")
+        values[f.name] = _nested(value, hint, f"{where}: {f.name}")
+    return cls(**values)
 
 
 def _nested(value, hint, where: str):
@@ -181,11 +180,11 @@ def _nested(value, hint, where: str):
     arms = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, types.UnionType) \
         else [hint]
     for arm in arms:
-        if isinstance(arm, type) and issubclass(arm, JsonRecord) and isinstance(value, dict):
-            return arm.from_dict(value, where)
+        if is_dataclass(arm) and isinstance(value, dict):
+            return _from_dict(arm, value, where)
         inner = get_args(arm)
-        if get_origin(arm) is list and inner and isinstance(inner[0], type) and issubclass(inner[0], JsonRecord):
-            return [inner[0].from_dict(v, f"{where}[{k}]") if isinstance(v, dict) else v for k, v in enumerate(value)]
+        if get_origin(arm) is list and inner and is_dataclass(inner[0]):
+            return [_from_dict(inner[0], v, f"{where}[{k}]") if isinstance(v, dict) else v for k, v in enumerate(value)]
     return value
 
 
@@ -280,9 +279,7 @@ class Manifest:
     @classmethod
     def read(cls, folder) -> "Manifest":
         path = Path(folder) / cls.FILE
-        data = read_json(path)
-        data["candidates"] = [_from_dict(Candidate, c, f"{path}: candidate") for c in data.get("candidates", [])]
-        return _from_dict(cls, data, str(path))
+        return _from_dict(cls, read_json(path), str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
