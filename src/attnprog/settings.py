@@ -88,6 +88,13 @@ class LibrarySettings(Settings):
     output_tolerance: float        # the cover's tolerance and the shorter-program margin when choosing by
     output_prefer_shorter: float   # output error (in relative output error)
 
+    @property
+    def margins(self) -> tuple[float, float]:
+        """The cover's tolerance and the shorter-program margin, in the units of the measure `choose_by` names."""
+        if self.choose_by == "output":
+            return self.output_tolerance, self.output_prefer_shorter
+        return self.tolerance, self.prefer_shorter
+
 
 @dataclass(frozen=True)
 class TuningSettings(Settings):

@@ -42,7 +42,8 @@ def build_library(model: str, heads: list[HeadId], synthesis_dirs: list, rerank_
     iou = pooling.iou_tables(pool, real)                           # split -> (programs, heads)
     grams = pooling.value_grams(inputs, heads)
     error = pooling.output_error_tables(pool, real, grams) if grams is not None else None  # same, lower is better
-    measure, tolerance, prefer_shorter = choice.measure_tables(iou, error, settings)
+    measure = choice.measure_tables(iou, error, settings.choose_by)
+    tolerance, prefer_shorter = settings.margins
     table = describe(pool, synthesis_dirs, heads)
 
     eligible = table["causal"].to_numpy()
@@ -133,10 +134,8 @@ def summarise(model, heads, gathered, table, best, baselines, curve, reported, u
     where the value Grams were recorded (then its means are reported too, whichever measure chose)."""
     columns = np.arange(len(heads))
     error = reported.get("output_error")
-    by_output = settings.choose_by == "output"
-    tolerance, margin = ((settings.output_tolerance, settings.output_prefer_shorter) if by_output
-                         else (settings.tolerance, settings.prefer_shorter))
-    measure = "val relative output error (lower is better)" if by_output else "val IoU"
+    tolerance, margin = settings.margins
+    measure = "val relative output error (lower is better)" if settings.choose_by == "output" else "val IoU"
     library = table[table["in_library"]]
     test = baselines[baselines["split"] == "test"]
     heads_per_program = best["program"].value_counts()

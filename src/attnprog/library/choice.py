@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..settings import LibrarySettings
-
 CURVE_SIZES = (1, 5, 10, 20, 50, 100)
 
 
-def measure_tables(iou: dict, output_error: dict | None, settings: LibrarySettings) -> tuple[dict, float, float]:
-    """The per-split (programs, heads) score the library chooses by, higher is better, with its tolerance and
-    prefer-shorter margin (in the measure's own units): IoU, or minus the relative output error."""
-    if settings.choose_by == "iou":
-        return iou, settings.tolerance, settings.prefer_shorter
+def measure_tables(iou: dict, output_error: dict | None, choose_by: str) -> dict:
+    """The per-split (programs, heads) score the library chooses by, higher is better: IoU, or minus the
+    relative output error (`LibrarySettings.margins` are in its units)."""
+    if choose_by == "iou":
+        return iou
     if output_error is None:
         raise ValueError("library.choose_by: output needs the value Grams that extraction records with "
                          "synthesis.offline.objective: output; these head inputs have none")
-    return ({s: -table for s, table in output_error.items()}, settings.output_tolerance,
-            settings.output_prefer_shorter)
+    return {s: -table for s, table in output_error.items()}
 
 
 def cover(val: np.ndarray, eligible: np.ndarray, tolerance: float, length: np.ndarray) -> list[int]:
