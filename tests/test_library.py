@@ -296,28 +296,26 @@ def test_size_curve_is_nested_and_ends_with_the_pool():
 # A head that puts 0.7 of each row on the first token and 0.3 on the previous one. The first token and every
 # function word (FUNCTION) have value vector zero, so attention moved among them changes nothing downstream.
 FUNCTION = (" the", " a", " on", " and", ",")
-SINK_AND_PREVIOUS = '''"""0.7 on the first token, 0.3 on the previous token (the head itself)."""
+
+
+def sink_and_previous(sink: float) -> str:
+    """A program putting `sink` of each row on the first token and the rest on the previous token."""
+    return f'''"""{sink} on the first token, {1 - sink:.1f} on the previous token."""
 import numpy as np
 
 def attention(tokens):
     n = len(tokens)
     a = np.zeros((n, n))
-    a[:, 0] += 0.7
-    a[np.arange(n), np.maximum(np.arange(n) - 1, 0)] += 0.3
+    a[:, 0] += {sink}
+    a[np.arange(n), np.maximum(np.arange(n) - 1, 0)] += {1 - sink:.1f}
     return a
 '''
+
+
+SINK_AND_PREVIOUS = sink_and_previous(0.7)  # the head itself
 # Close to the head in attention (IoU 9/11 on every row past the first), but it moves 0.1 of each row from the
 # sink onto the previous token, whose value vector is mostly not zero: a real error in the head's output.
-CLOSE = '''"""0.6 on the first token, 0.4 on the previous token."""
-import numpy as np
-
-def attention(tokens):
-    n = len(tokens)
-    a = np.zeros((n, n))
-    a[:, 0] += 0.6
-    a[np.arange(n), np.maximum(np.arange(n) - 1, 0)] += 0.4
-    return a
-'''
+CLOSE = sink_and_previous(0.6)
 # Far from the head in attention (the sink's 0.7 spread over every function word too), but every unit it
 # misplaces lands on a key whose value vector is zero: no error in the head's output at all.
 SPREAD_OVER_ZERO_VALUES = '''"""0.3 on the previous token, 0.7 spread over the first token and the function words so far."""
