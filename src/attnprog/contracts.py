@@ -40,8 +40,9 @@ PROGRAM_STATUSES: tuple[str, ...] = get_args(ProgramStatus)
 CandidateStatus = Literal[ProgramStatus, "no_program", "truncated", "api_error", "prompt_too_long", "missing"]
 CANDIDATE_STATUSES: tuple[str, ...] = PROGRAM_STATUSES + ("no_program", "truncated", "api_error",
                                                           "prompt_too_long", "missing")
-# Who wrote a program. Only the project's own offline synthesizer is trusted to run outside the sandbox.
-Origin = Literal["offline", "claude", "open_weights", "user"]
+# Who wrote a program (hybrid: an LLM improving an offline fit). Only the project's own offline synthesizer is
+# trusted to run outside the sandbox.
+Origin = Literal["offline", "claude", "open_weights", "hybrid", "user"]
 ORIGINS: tuple[str, ...] = get_args(Origin)
 TRUSTED_ORIGINS = ("offline",)
 
@@ -408,6 +409,44 @@ class TransferSummary(JsonRecord):
     programs: list[TransferProgram]
     heads: list[TransferHead]
     failed_examples: dict[str, dict[str, int]]  # {split: {program: examples it failed on}}
+
+
+@dataclass(frozen=True)
+class SourceScore(JsonRecord):
+    """One source of candidates on the LLM-sampled heads: each head's best candidate of this source, chosen
+    on val among its causal programs that ran, reported on test (a head with none scores IoU 0)."""
+    source: str                    # offline | llm | hybrid | all
+    mean_val_iou: float
+    mean_test_iou: float
+    heads_with_program: int        # sampled heads where this source has a causal program that ran
+    mean_test_output_error: float | None = None
+
+
+@dataclass(frozen=True)
+class CandidateShares(JsonRecord):
+    """What became of one origin's candidates on the sampled heads (shares of `n`)."""
+    origin: str
+    n: int
+    parsed: float                  # the reply held a complete program that parses
+    ran: float                     # it passed the jail's checks and ran on every split
+    ran_and_causal: float          # ... and passed the causality check: usable by the library
+
+
+@dataclass(frozen=True)
+class ExplainerComparison(JsonRecord):
+    """results/{model}/library/explainers.json, written by the `explainers` rule (synthesis.llm): the LLM
+    explainer beside the offline synthesizer on the sampled heads."""
+    model: str
+    backend: str
+    explainer_model: str | None
+    heads: list[str]               # the sampled heads, by name
+    sources: list[SourceScore]
+    candidates: list[CandidateShares]
+    seconds_per_head: dict[str, float]   # {turn kind: mean generation seconds per head} (first, refinement, hybrid)
+    tokens_per_head: dict[str, float]    # {input_tokens, output_tokens}: mean per head, every turn
+    replies_from_cache: float            # share of this run's replies read from the reply cache (a rerun: 1.0)
+    library_programs: dict[str, int]     # {origin: programs in the model's library}
+    chosen_on_sampled: dict[str, int]    # {origin: sampled heads whose chosen library program has this origin}
 
 
 # ---------------------------------------------------------------------------------------------------------

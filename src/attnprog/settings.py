@@ -77,6 +77,35 @@ class OfflineSynthesisSettings(Settings):
 
 
 @dataclass(frozen=True)
+class LLMSampleSettings(Settings):
+    """`synthesis.llm`: an LLM explainer beside the offline synthesizer, on a seeded sample of heads."""
+    SECTION: ClassVar[tuple[str, ...]] = ("synthesis", "llm")
+    backend: str | None            # claude | open_weights; None: off
+    heads_per_layer: int
+    layers: tuple[int, ...] | None  # None: every layer
+    seed: int
+    hybrid: bool
+    hybrid_max_terms: int
+
+    def sample(self, n_layers: int, n_heads: int) -> list:
+        """The sampled heads (contracts.HeadId), in order: `heads_per_layer` of each sampled layer, drawn with
+        the seed and the layer (so sampling another layer leaves this one's heads alone). None when off."""
+        import numpy as np
+
+        from .contracts import HeadId
+
+        if self.backend is None:
+            return []
+        layers = range(n_layers) if self.layers is None else sorted(set(self.layers))
+        missing = [layer for layer in layers if layer >= n_layers]
+        if missing:
+            raise _error(f"config: synthesis.llm.layers: the model has {n_layers} layers, no layer {missing[0]}")
+        per_layer = min(self.heads_per_layer, n_heads)
+        return [HeadId(layer, int(head)) for layer in layers
+                for head in sorted(np.random.default_rng([self.seed, layer]).choice(n_heads, per_layer, replace=False))]
+
+
+@dataclass(frozen=True)
 class LibrarySettings(Settings):
     """`library`: deduplication, the JS distance's top k, the set cover's tolerance, the shorter-program margin."""
     SECTION: ClassVar[tuple[str, ...]] = ("library",)

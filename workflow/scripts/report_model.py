@@ -14,6 +14,7 @@ inputs = ModelInputs(info=Path(i.info), head_inputs=Path(i.head_inputs), program
                      baselines=Path(i.baselines), library=Path(i.library),
                      rerank=dict(zip(heads, map(Path, i.rerank))), sweep=Path(i.sweep),
                      single=Path(i.single), substitution=Path(i.substitution),
-                     qa=Path(i.qa) if "qa" in i.keys() else None)
+                     qa=Path(i.qa) if "qa" in i.keys() else None,
+                     explainers=Path(i.explainers) if "explainers" in i.keys() else None)
 write_model_report(inputs, Path(snakemake.output.overview).parent, ReportSettings.from_config(snakemake.params.options),
                    name=snakemake.wildcards.model)

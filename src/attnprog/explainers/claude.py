@@ -123,6 +123,7 @@ class ClaudeExplainer:
 
     def _ask_direct(self, key: str, request: dict) -> Reply:
         self.ledger.check(self.settings["budget_usd"], self.worst_case_cost(request))
+        started = time.monotonic()
         try:
             message = self.client.messages.create(**request)
         except PER_REQUEST_ERRORS as e:
@@ -131,7 +132,8 @@ class ClaudeExplainer:
             raise ExplainerError(f"claude API error {e.status_code} after retries: {_error_message(e)}") from e
         except anthropic.APIConnectionError as e:
             raise ExplainerError(f"claude API unreachable after retries: {e}") from e
-        return self._store(key, request, message.model_dump(mode="json"), batch=False)
+        return self._store(key, request, message.model_dump(mode="json"), batch=False,
+                           seconds=time.monotonic() - started)
 
     # ---- the Message Batches API ----
 
@@ -188,11 +190,12 @@ class ClaudeExplainer:
 
     # ---- replies ----
 
-    def _store(self, key: str, request: dict, message: dict, batch: bool) -> Reply:
+    def _store(self, key: str, request: dict, message: dict, batch: bool, seconds: float = 0.0) -> Reply:
+        """seconds: how long the request took (0 for a batch's, which waited with the others)."""
         usage = message.get("usage") or {}
         dollars = cost_usd(usage, self.prices, batch=batch, batch_discount=self.settings["batch_discount"])
         record = {"backend": self.backend, "request": request, "message": message, "batch": batch,
-                  "cost_usd": dollars, "time": time.time()}
+                  "cost_usd": dollars, "time": time.time(), "seconds": seconds}
         # The reply is paid for: cache it before anything else can go wrong.
         self.cache.put(key, record)
         reply = self._reply(key, record, from_cache=False)
@@ -207,7 +210,7 @@ class ClaudeExplainer:
                      input_tokens=usage.get("input_tokens") or 0, output_tokens=usage.get("output_tokens") or 0,
                      cache_read_tokens=usage.get("cache_read_input_tokens") or 0,
                      cache_write_tokens=usage.get("cache_creation_input_tokens") or 0,
-                     cost_usd=record["cost_usd"], from_cache=from_cache)
+                     cost_usd=record["cost_usd"], from_cache=from_cache, seconds=record.get("seconds", 0.0))
 
 
 def _error_message(error: Exception) -> str:

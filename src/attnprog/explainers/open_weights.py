@@ -2,7 +2,9 @@
 parsing and reply cache as the Claude backend. Token counts are recorded; the dollar cost is zero.
 
 The model is loaded on the first request that is not already cached, so a rerun answered from the cache
-never loads it. Greedy decoding by default, so the same prompt gives the same programs.
+never loads it. Greedy decoding by default, so the same prompt gives the same programs. Each reply keeps
+its key-value cache, so the next request re-reads only what follows their common start: the refinement turn
+re-sends the whole first turn, and every turn starts with the same system prompt.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class OpenWeightsExplainer:
         self.cache = ReplyCache(Path(cache_dir or settings["cache_dir"]))
         self.device = device or settings["device"]
         self._model = self._tokenizer = None
+        self._last = None  # (token ids of the last sequence generated, its key-value cache)
 
     def _load(self):
         if self._model is None:
@@ -62,7 +65,7 @@ class OpenWeightsExplainer:
             replies.append(Reply(key=key, text=record["text"], stop_reason=record["stop_reason"],
                                  error=record["error"], error_status=record.get("error_status", "api_error"),
                                  input_tokens=record["input_tokens"], output_tokens=record["output_tokens"],
-                                 from_cache=from_cache))
+                                 from_cache=from_cache, seconds=record.get("seconds", 0.0)))
         return replies
 
     def _generate(self, request: dict) -> dict:
@@ -86,19 +89,39 @@ class OpenWeightsExplainer:
                     "error_status": "prompt_too_long",
                     "error": f"{n_prompt} prompt tokens + {generation['max_new_tokens']} new tokens exceed the "
                              f"model's {limit} positions"}
+        started = time.monotonic()
         torch.manual_seed(generation["seed"])
         options = {"max_new_tokens": generation["max_new_tokens"], "do_sample": generation["do_sample"],
                    "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                   else tokenizer.eos_token_id}
+                   else tokenizer.eos_token_id, "return_dict_in_generate": True}
         if generation["do_sample"]:
             options["temperature"] = generation["temperature"]
+        reused = self._reusable_prefix(inputs["input_ids"])
+        if reused:
+            options["cache"] = self._last[1]
         with torch.inference_mode():
             output = model.generate(**inputs, **options)
-        new = output[0, n_prompt:]
+        self._last = (output.sequences, output.cache)
+        new = output.sequences[0, n_prompt:]
         stop = "end_turn" if len(new) < generation["max_new_tokens"] else "max_tokens"
         return {"backend": self.backend, "request": request, "time": time.time(),
                 "text": tokenizer.decode(new, skip_special_tokens=True), "stop_reason": stop,
-                "input_tokens": n_prompt, "output_tokens": int(len(new)), "error": None}
+                "input_tokens": n_prompt, "output_tokens": int(len(new)), "error": None,
+                "seconds": time.monotonic() - started, "prompt_tokens_reused": reused}
+
+    def _reusable_prefix(self, ids) -> int:
+        """How many leading tokens of `ids` the last reply's key-value cache holds (cropped to them); 0 if none.
+        At least the last prompt token is always computed anew: generation starts from its logits."""
+        if self._last is None:
+            return 0
+        previous, cache = self._last
+        n = min(previous.shape[1], ids.shape[1] - 1, cache.get_seq_length())
+        same = (previous[0, :n] == ids[0, :n].to(previous.device)).int()
+        n = int(same.cumprod(0).sum()) if n > 0 else 0
+        if n == 0:
+            return 0
+        cache.crop(n - cache.get_seq_length())  # (transformers 5: the number of tokens to remove, negative)
+        return n
 
 
 def load_chat_tokenizer(settings: dict):

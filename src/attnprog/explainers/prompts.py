@@ -238,16 +238,42 @@ def refinement_prompt(results: list[tuple[str, str, float | None, str | None]], 
         lines += ["", "None of the programs ran. Write one corrected program that follows the program format "
                       "exactly, in a single ```python block."]
         return "\n".join(lines)
+    lines += ["", f"The best was {best}.", *fit_contrasts(best, best_fit, worst_fit, settings),
+              "", f"Write one improved version of {best} that fixes these mistakes while keeping what it gets "
+                  "right, in a single ```python block, following the program format."]
+    return "\n".join(lines)
+
+
+def fit_contrasts(name: str, best_fit: FitExample, worst_fit: FitExample, settings: dict) -> list[str]:
+    """The lines showing where program `name` differs most from the real attention, on the text it fits best
+    and the text it fits worst."""
     n_rows, top = settings["refine_rows"], settings["refine_top_keys"]
-    lines += ["", f"The best was {best}. Here are the rows where its prediction differs most from the real "
-                  f"attention (top {top} keys each), on the text it fits best and the text it fits worst."]
+    lines = [f"Here are the rows where {name}'s prediction differs most from the real attention (top {top} keys "
+             "each), on the text it fits best and the text it fits worst."]
     for title, fit in (("Best fit", best_fit), ("Worst fit", worst_fit)):
         lines += ["", f"### {title} (JSD {fit.jsd:.3f})",
                   "Tokens: " + " ".join(f"[{i}]{t!r}" for i, t in enumerate(fit.tokens)),
                   contrast_rows(fit.tokens, fit.real, fit.predicted, n_rows, top)]
-    lines += ["", f"Write one improved version of {best} that fixes these mistakes while keeping what it gets "
-                  "right, in a single ```python block, following the program format."]
-    return "\n".join(lines)
+    return lines
+
+
+# ---- the hybrid turn (synthesis.llm.hybrid) ----
+
+def hybrid_prompt(examples: list[tuple[list[str], np.ndarray]], name: str, source: str, jsd: float,
+                  best_fit: FitExample, worst_fit: FitExample, settings: dict) -> str:
+    """One user turn: the head's edges, the offline fit's program for it with its fit, and the request for one
+    program that improves on it (one: the programs are long, and output tokens are what a local model pays most
+    for)."""
+    head = head_prompt(examples, settings).rsplit("\n\n", 1)[0]  # the edges, without head_prompt's request
+    return "\n\n".join([
+        head,
+        f"An automatic fit of weighted readable cues (no LLM) wrote this program, {name}, for the head. Its mean "
+        f"Jensen-Shannon distance to the head on the synthesis texts is {jsd:.3f} (0 = identical, 1 = nothing in "
+        f"common).\n\n```python\n{source.rstrip()}\n```",
+        "\n".join(fit_contrasts(name, best_fit, worst_fit, settings)),
+        f"Write one program that improves on {name}: keep what it gets right, fix the mistakes above, and make it "
+        "easier to read where you can (a rule in place of a weighted sum is welcome if it fits as well). Put it in "
+        "a single ```python block, with one sentence before it naming the change."])
 
 
 # ---- parsing replies ----

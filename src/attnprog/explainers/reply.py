@@ -33,6 +33,7 @@ class Reply:
     cache_write_tokens: int = 0
     cost_usd: float = 0.0
     from_cache: bool = False      # read back from the reply cache: cost nothing this time
+    seconds: float = 0.0          # how long the reply took when it was generated (also when read from the cache)
 
     def usage(self) -> dict:
         return {k: v for k, v in asdict(self).items()

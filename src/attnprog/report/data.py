@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..contracts import (BASELINES, BEST, PROGRAMS, SCORES, SINGLE_HEADS, SWEEP, ContractError, HeadId, HeadInputs,
-                         LibrarySummary, ModelInfo, QASummary, RerankResult, SubstitutionSummary)
+                         ExplainerComparison, LibrarySummary, ModelInfo, QASummary, RerankResult, SubstitutionSummary)
 from ..matrices import split_packed, unpack
 
 
@@ -36,6 +36,7 @@ class ModelInputs:
     single: Path | None = None
     substitution: Path | None = None
     qa: Path | None = None
+    explainers: Path | None = None  # library/explainers.json (synthesis.llm)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ModelResults:
     sweep: pd.DataFrame | None     # substitution/sweep.parquet
     single: pd.DataFrame | None    # substitution/single_heads.parquet: each measured head replaced alone
     qa: QASummary | None           # qa/summary.json, when QA ran
+    explainers: ExplainerComparison | None = None  # library/explainers.json, when an LLM ran beside the offline fit
 
 
 def _read(contract, path):
@@ -92,7 +94,8 @@ def read_model_results(inputs: ModelInputs, name: str) -> ModelResults:
         substitution=_read(SubstitutionSummary, inputs.substitution) if present(inputs.substitution) else None,
         sweep=_read(SWEEP, inputs.sweep) if present(inputs.sweep) else None,
         single=_read(SINGLE_HEADS, inputs.single) if present(inputs.single) else None,
-        qa=_read(QASummary, inputs.qa) if present(inputs.qa) else None)
+        qa=_read(QASummary, inputs.qa) if present(inputs.qa) else None,
+        explainers=_read(ExplainerComparison, inputs.explainers) if present(inputs.explainers) else None)
 
 
 def choose_examples(inputs: ModelInputs, k: int) -> list[dict]:

@@ -153,6 +153,18 @@ def overview_cards(results: ModelResults) -> list[dict]:
     return cards
 
 
+SOURCE_NAMES = {"offline": "offline synthesizer", "llm": "LLM (first turn and refinement)",
+                "hybrid": "hybrid (LLM improving the offline fit)", "all": "all pooled"}
+
+
+def explainer_rows(results: ModelResults) -> list[dict]:
+    """The LLM beside the offline synthesizer: one row per source of candidates (library/explainers.json)."""
+    if results.explainers is None:
+        return []
+    return [{"name": SOURCE_NAMES.get(s.source, s.source), "val": s.mean_val_iou, "test": s.mean_test_iou,
+             "found": s.heads_with_program} for s in results.explainers.sources]
+
+
 def method_rows(results: ModelResults) -> list[dict]:
     """Mean test IoU of the best programs and of each baseline, and on how many heads each baseline wins."""
     heads = results.heads.set_index(["layer", "head"])["test_iou"]
@@ -201,7 +213,7 @@ def render_model_overview(results: ModelResults, env: Environment, has_index: bo
         iou_grid=head_grid_svg(n_layers, n_heads, iou_cells), iou_scale=iou_scale_legend(),
         category_grid=head_grid_svg(n_layers, n_heads, category_cells),
         categories=[{"name": c, "colour": colours[c], "count": int(counts[c])} for c in counts.index],
-        method_rows=method_rows(results), figures=figures, perplexity_note=perplexity_note, qa_note=qa_note,
+        method_rows=method_rows(results), explainer_rows=explainer_rows(results), figures=figures, perplexity_note=perplexity_note, qa_note=qa_note,
         single_note=single_note, library_note=library_note,
         heads=[{**h, "href": head_href(h["layer"], h["head"])} for h in heads.to_dict("records")])
     return page

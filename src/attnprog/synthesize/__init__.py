@@ -107,6 +107,17 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
     example_ids, attention: the synth examples and the head's packed attention on them; settings: the
     config's `synthesis.offline` section as a record; grams: the head's
     packed value Grams on the same examples (objective output only). Returns the manifest."""
+    with atomic_dir(out_dir) as folder:
+        manifest = write_offline_candidates(folder, features_path, example_ids, attention, model, head, settings, grams)
+        manifest.write(folder)
+    return manifest
+
+
+def write_offline_candidates(folder, features_path, example_ids: list[int], attention: np.ndarray, model: str,
+                             head: HeadId, settings: OfflineSynthesisSettings, grams: np.ndarray | None = None
+                             ) -> Manifest:
+    """Fit one head's candidates and write their program files into `folder`; return their manifest (not yet
+    written: synthesis.llm may add to it)."""
     with np.load(features_path) as z:
         if list(z["example_ids_synth"]) != list(example_ids):
             raise ValueError(f"{features_path} was computed on other synth examples than the head's attention")
@@ -117,35 +128,32 @@ def synthesize_offline(features_path, example_ids: list[int], attention: np.ndar
     values = ValueGrams(grams, data) if output and grams is not None else None
     fits = offline_fits(data, M, primitives, modifiers, settings, values)
     candidates, seen = [], set()
-    with atomic_dir(out_dir) as folder:
-        for features, X, weights in fits:
-            weights = np.array([float(f"{w:.6g}") for w in weights])  # exactly what the file will say
-            key = tuple(sorted(zip([f.name for f in features], np.round(weights, 3))))
-            if key in seen:
-                continue
-            seen.add(key)
-            name = f"{head.name}_c{len(candidates)}"
-            iou = predicted_iou(X, weights, data)
-            jsd = flat_jsd(row_softmax(X @ weights, data.row_starts), data)
-            terms = [(float(w), f.expression, f.description) for f, w in zip(features, weights)]
-            if values is None:
-                note = (f"Fitted by attnprog's offline synthesizer to layer {head.layer}, head {head.head} of {model} "
-                        f"on {len(data.lengths)} synthesis examples (soft IoU {iou:.3f}, row JS distance {jsd:.3f} "
-                        "there).")
-            else:
-                error = predicted_output_error(X, weights, data, values)
-                note = (f"Fitted by attnprog's offline synthesizer to the output of layer {head.layer}, head "
-                        f"{head.head} of {model} on {len(data.lengths)} synthesis examples (output error {error:.3f} "
-                        f"relative to the uniform matrix's, soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
-            sentence = program_sentence(X, weights, data.row_starts, features)
-            source = program_source(sentence, terms, f"{model} {head.name}", textwrap.fill(note, 100))
-            (Path(folder) / f"{name}.py").write_text(source)
-            candidates.append(Candidate(name=name, file=f"{name}.py", origin="offline", synth_jsd=jsd, synth_iou=iou,
-                                        n_terms=len(terms)))
-        manifest = Manifest(model=model, layer=head.layer, head=head.head, backend="offline", candidates=candidates,
-                            totals=_no_cost())
-        manifest.write(folder)
-    return manifest
+    for features, X, weights in fits:
+        weights = np.array([float(f"{w:.6g}") for w in weights])  # exactly what the file will say
+        key = tuple(sorted(zip([f.name for f in features], np.round(weights, 3))))
+        if key in seen:
+            continue
+        seen.add(key)
+        name = f"{head.name}_c{len(candidates)}"
+        iou = predicted_iou(X, weights, data)
+        jsd = flat_jsd(row_softmax(X @ weights, data.row_starts), data)
+        terms = [(float(w), f.expression, f.description) for f, w in zip(features, weights)]
+        if values is None:
+            note = (f"Fitted by attnprog's offline synthesizer to layer {head.layer}, head {head.head} of {model} "
+                    f"on {len(data.lengths)} synthesis examples (soft IoU {iou:.3f}, row JS distance {jsd:.3f} "
+                    "there).")
+        else:
+            error = predicted_output_error(X, weights, data, values)
+            note = (f"Fitted by attnprog's offline synthesizer to the output of layer {head.layer}, head "
+                    f"{head.head} of {model} on {len(data.lengths)} synthesis examples (output error {error:.3f} "
+                    f"relative to the uniform matrix's, soft IoU {iou:.3f}, row JS distance {jsd:.3f} there).")
+        sentence = program_sentence(X, weights, data.row_starts, features)
+        source = program_source(sentence, terms, f"{model} {head.name}", textwrap.fill(note, 100))
+        (Path(folder) / f"{name}.py").write_text(source)
+        candidates.append(Candidate(name=name, file=f"{name}.py", origin="offline", synth_jsd=jsd, synth_iou=iou,
+                                    n_terms=len(terms)))
+    return Manifest(model=model, layer=head.layer, head=head.head, backend="offline", candidates=candidates,
+                    totals=_no_cost())
 
 
 def _no_cost() -> dict:
@@ -162,8 +170,18 @@ def synthesize_head(settings: dict, model: str, head: HeadId, head_inputs, out_d
             raise ValueError("synthesis backend 'offline' needs the per-model features file")
         offline = OfflineSynthesisSettings.from_config(settings["offline"])
         grams = inputs.value_grams(head, "synth") if offline.objective == "output" else None
-        return synthesize_offline(features_path, inputs.examples("synth").example_ids, attention, out_dir, model, head,
-                                  offline, grams)
+        examples = inputs.examples("synth")
+        if "llm" not in settings:
+            return synthesize_offline(features_path, examples.example_ids, attention, out_dir, model, head, offline,
+                                      grams)
+        from ..explainers import add_llm_candidates  # this head is in synthesis.llm's sample
+
+        with atomic_dir(out_dir) as folder:
+            manifest = write_offline_candidates(folder, features_path, examples.example_ids, attention, model, head,
+                                                offline, grams)
+            manifest = add_llm_candidates(manifest, Path(folder), examples, attention, settings)
+            manifest.write(folder)
+        return manifest
     if backend in ("claude", "open_weights"):
         from ..explainers import synthesize_head_with_llm
 
