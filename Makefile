@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system jail run test test-fast lint clean
+.PHONY: setup system jail run run-llm test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ jail:
 
 run: setup
 	$(VENV)/bin/snakemake --cores $(CORES) --rerun-incomplete
+
+# The default run with a local code model writing programs beside the offline synthesizer on sampled heads
+# (config/llm.yaml; README, "An LLM beside the offline synthesizer"). More overlays: make run-llm LLM="config/llm-0.5b.yaml".
+run-llm: setup jail
+	$(VENV)/bin/snakemake --cores $(CORES) --rerun-incomplete --configfile config/config.yaml config/llm.yaml $(LLM)
 
 test: setup system
 	$(PY) -m pytest
