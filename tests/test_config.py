@@ -82,7 +82,7 @@ def test_a_head_in_the_llm_sample_also_gets_the_llm_and_its_explainer_folder():
     assert outside == {"backend": "offline", "offline": {"sizes": [1]}}  # changing the LLM reruns no such head
     inside = synthesis_settings(synthesis, llm_head=True, explainer_dir="resources/explainers/ab/hf")
     assert inside == {**outside, "prompt": {"n_examples": 2}, "llm": {"backend": "open_weights"},
-                      "open_weights": {"model": "resources/explainers/ab/hf", "pypi_gguf": {"sha256": "ab"}}}
+                      "open_weights": {"model": "resources/explainers/ab/hf"}}
     assert synthesis["open_weights"]["model"] == "hub/id"  # the config itself is left alone
 
 

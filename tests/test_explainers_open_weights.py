@@ -159,6 +159,37 @@ def test_smollm2_explains_a_real_head_end_to_end(smollm2_dir, tmp_path):
             assert (tmp_path / "L3H5" / candidate["file"]).is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.jail  # its programs run in the sandbox
+def test_a_real_code_model_writes_a_program_that_runs(smollm2_dir, qwen_coder_dir, tmp_path):
+    """Qwen2.5-Coder-0.5B-Instruct, fetched and de-quantised as config/llm-0.5b.yaml says, explains a real
+    SmolLM2 head: its chat template comes from the GGUF, and at least one program it writes parses, passes the
+    jail and runs on every text (greedy decoding: the same reply each time)."""
+    from attnprog import data, models
+
+    info = models.describe_model("smollm2-135m", {"local_dir": str(smollm2_dir)})
+    tokenizer, model = models.load_tokenizer(info), models.load_model(info, "cpu")
+    texts = ["The little cat sat on the warm mat and purred.", "Tom ran to the park, and then he played.",
+             "She read the old book twice before bed."]
+    tokens, attention = [], []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        with torch.inference_mode():
+            attention.append(pack(model(torch.tensor([ids]), output_attentions=True).attentions[5][0, 3].numpy()))
+        tokens.append(data.token_strings(tokenizer, ids))
+    config = validate_config({**MINIMAL, "synthesis": {
+        "backend": "open_weights", "prompt": {"n_examples": 2, "candidates": 2, "helper_docs": "signatures",
+                                              "refine": False},
+        "open_weights": {"model": str(qwen_coder_dir), "max_new_tokens": 400, "device": "cpu", "dtype": "bfloat16"}}})
+    manifest = synthesize_head_with_llm(SplitExamples([0, 1, 2], tokens, texts), np.concatenate(attention),
+                                        config["synthesis"], tmp_path / "L5H3", "smollm2-135m", HeadId(5, 3),
+                                        cache_dir=tmp_path / "cache")
+    assert manifest.explainer_model == str(qwen_coder_dir) and manifest.replies[0]["error"] is None
+    ran = [c for c in manifest.candidates if c.status == "ok"]
+    assert ran, [(c.name, c.status, c.error) for c in manifest.candidates]
+    assert all(0 <= c.synth_jsd <= 1 for c in ran)
+
+
 def test_the_synthesize_rule_dispatches_to_the_llm_backend_and_rerank_reads_its_output(
         tiny_models, tiny_chat_model, tmp_path):
     """attnprog.synthesize.synthesize_head (what the synthesize rule runs) with backend open_weights: only

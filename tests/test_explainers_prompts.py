@@ -128,3 +128,22 @@ def test_signatures_mode_lists_helpers_without_their_docs():
     assert "- h.offset(n: int, k: int) -> numpy.ndarray\n" in short
     assert "the previous token" in full.split("## Two examples")[0]
     assert "`offset(n, 1)` the previous token" not in short
+
+
+def test_a_missing_numpy_or_helpers_import_is_added_and_said():
+    from attnprog.explainers.prompts import add_missing_imports
+    from attnprog.programs import programs_from_source
+    from attnprog.runner import run_programs
+
+    forgot = "def attention(tokens):\n    n = len(tokens)\n    return h.causal_softmax(np.zeros((n, n)))\n"
+    fixed = add_missing_imports(forgot)
+    assert fixed.splitlines()[:3] == ["# attnprog added the import(s) this program uses without importing:",
+                                      "import numpy as np", "from attnprog import helpers as h"]
+    (program,) = programs_from_source(fixed, "p", trusted=True)
+    (run,) = run_programs([program], [(["a", " b"], "a b")]).values()
+    assert run.status == "ok" and run.matrices[0].shape == (2, 2)
+    whole = "import numpy as np\nfrom attnprog import helpers as h\n\n" + forgot
+    assert add_missing_imports(whole) == whole
+    assert add_missing_imports("def attention(tokens):\n    return [[1.0]]\n").startswith("def")
+    # a name that merely ends in h or np is not the module
+    assert add_missing_imports("def attention(tokens):\n    graph = {}\n    return graph.keys()\n").startswith("def")

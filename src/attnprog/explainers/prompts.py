@@ -287,6 +287,22 @@ class ProgramText:
     truncated: bool  # the reply ended inside this code block (it hit max_tokens)
 
 
+# The two imports every program may need, as the system prompt's format writes them. Small code models often
+# leave one out; without it a program that is otherwise right fails on its first line.
+STANDARD_IMPORTS = (("np", re.compile(r"^\s*import numpy as np\b", re.M), "import numpy as np"),
+                    ("h", re.compile(r"^\s*from attnprog import helpers as h\b", re.M), "from attnprog import helpers as h"))
+
+
+def add_missing_imports(code: str) -> str:
+    """`code` with `import numpy as np` / `from attnprog import helpers as h` put first (under a comment saying
+    so) where it uses `np.` / `h.` without importing it; unchanged otherwise."""
+    missing = [line for name, imported, line in STANDARD_IMPORTS
+               if re.search(rf"(?<![\w.]){name}\.\w", code) and not imported.search(code)]
+    if not missing:
+        return code
+    return "\n".join(["# attnprog added the import(s) this program uses without importing:", *missing, "", code])
+
+
 def extract_programs(reply: str) -> list[ProgramText]:
     """The Python code blocks of a reply, in order. A block left open at the end (a reply cut off by the
     token limit) is returned marked truncated; a reply with no fences but a `def attention` is taken whole."""

@@ -32,8 +32,8 @@ from attnprog.contracts import USAGE_FIELDS, Candidate, HeadId, Manifest, SplitE
 from attnprog.matrices import split_packed, unpack
 from attnprog.explainers.claude import ClaudeExplainer
 from attnprog.explainers.open_weights import OpenWeightsExplainer
-from attnprog.explainers.prompts import (FitExample, extract_programs, head_prompt, hybrid_prompt, refinement_prompt,
-                                        system_prompt)
+from attnprog.explainers.prompts import (FitExample, add_missing_imports, extract_programs, head_prompt, hybrid_prompt,
+                                        refinement_prompt, system_prompt)
 from attnprog.explainers.reply import Conversation, Reply
 from attnprog.programs import ProgramError, programs_from_source
 from attnprog.runner import run_programs
@@ -66,7 +66,7 @@ def candidates_from_reply(reply: Reply, prefix: str, folder: Path, origin: str, 
         candidates = []
         for index, program in enumerate(programs):
             file = f"{prefix}{index}.py"
-            write_text(folder / file, program.code)
+            write_text(folder / file, add_missing_imports(program.code))
             if program.truncated:
                 candidates.append(make(index, file, "truncated", "the reply hit the token limit inside this program"))
             else:
