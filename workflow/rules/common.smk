@@ -126,6 +126,8 @@ def writes_with_llm(wildcards):
     synthesis.llm)."""
     if config["synthesis"]["backend"] != "offline":
         return True
+    if LLM_SAMPLE.backend is None:
+        return False
     return HeadId(int(wildcards.layer), int(wildcards.head)) in llm_heads(wildcards.model)
 
 

