@@ -131,24 +131,30 @@ def test_a_template_without_system_turns_gets_the_system_prompt_in_the_first_use
     assert reply.input_tokens == len(merged["input_ids"])
 
 
-@pytest.mark.slow
-def test_smollm2_explains_a_real_head_end_to_end(smollm2_dir, tmp_path):
-    """SmolLM2-135M-Instruct as the explainer of one of its own heads, with the full prompt: its programs
-    are poor, but the reply must be generated, parsed, run in the sandbox and recorded."""
+def smollm2_head(smollm2_dir, texts: list[str], head: HeadId) -> tuple[SplitExamples, np.ndarray]:
+    """The texts as synth examples and one real SmolLM2 head's packed attention on them."""
     from attnprog import data, models
 
     info = models.describe_model("smollm2-135m", {"local_dir": str(smollm2_dir)})
     tokenizer, model = models.load_tokenizer(info), models.load_model(info, "cpu")
-    texts = ["The little cat sat on the warm mat and purred.", "Tom ran to the park, and then he played."]
     tokens, attention = [], []
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         with torch.inference_mode():
-            attention.append(pack(model(torch.tensor([ids]), output_attentions=True).attentions[3][0, 5].numpy()))
+            matrix = model(torch.tensor([ids]), output_attentions=True).attentions[head.layer][0, head.head]
+        attention.append(pack(matrix.numpy()))
         tokens.append(data.token_strings(tokenizer, ids))
+    return SplitExamples(list(range(len(texts))), tokens, texts), np.concatenate(attention)
+
+
+@pytest.mark.slow
+def test_smollm2_explains_a_real_head_end_to_end(smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct as the explainer of one of its own heads, with the full prompt: its programs
+    are poor, but the reply must be generated, parsed, run in the sandbox and recorded."""
+    examples, attention = smollm2_head(smollm2_dir, ["The little cat sat on the warm mat and purred.",
+                                                     "Tom ran to the park, and then he played."], HeadId(3, 5))
     settings = synthesis_settings(smollm2_dir, refine=False)
-    manifest = asdict(synthesize_head_with_llm(SplitExamples([0, 1], tokens, texts), np.concatenate(attention),
-                                               settings, tmp_path / "L3H5", "smollm2-135m", HeadId(3, 5),
+    manifest = asdict(synthesize_head_with_llm(examples, attention, settings, tmp_path / "L3H5", "smollm2-135m", HeadId(3, 5),
                                                cache_dir=tmp_path / "cache"))
     (reply,) = manifest["replies"]
     assert reply["error"] is None and reply["input_tokens"] > 2000 and 0 < reply["output_tokens"] <= 16
@@ -165,24 +171,14 @@ def test_a_real_code_model_writes_a_program_that_runs(smollm2_dir, qwen_coder_di
     """Qwen2.5-Coder-0.5B-Instruct, fetched and de-quantised as config/llm-0.5b.yaml says, explains a real
     SmolLM2 head: its chat template comes from the GGUF, and at least one program it writes parses, passes the
     jail and runs on every text (greedy decoding: the same reply each time)."""
-    from attnprog import data, models
-
-    info = models.describe_model("smollm2-135m", {"local_dir": str(smollm2_dir)})
-    tokenizer, model = models.load_tokenizer(info), models.load_model(info, "cpu")
-    texts = ["The little cat sat on the warm mat and purred.", "Tom ran to the park, and then he played.",
-             "She read the old book twice before bed."]
-    tokens, attention = [], []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        with torch.inference_mode():
-            attention.append(pack(model(torch.tensor([ids]), output_attentions=True).attentions[5][0, 3].numpy()))
-        tokens.append(data.token_strings(tokenizer, ids))
+    examples, attention = smollm2_head(smollm2_dir, ["The little cat sat on the warm mat and purred.",
+                                                     "Tom ran to the park, and then he played.",
+                                                     "She read the old book twice before bed."], HeadId(5, 3))
     config = validate_config({**MINIMAL, "synthesis": {
         "backend": "open_weights", "prompt": {"n_examples": 2, "candidates": 2, "helper_docs": "signatures",
                                               "refine": False},
         "open_weights": {"model": str(qwen_coder_dir), "max_new_tokens": 400, "device": "cpu", "dtype": "bfloat16"}}})
-    manifest = synthesize_head_with_llm(SplitExamples([0, 1, 2], tokens, texts), np.concatenate(attention),
-                                        config["synthesis"], tmp_path / "L5H3", "smollm2-135m", HeadId(5, 3),
+    manifest = synthesize_head_with_llm(examples, attention, config["synthesis"], tmp_path / "L5H3", "smollm2-135m", HeadId(5, 3),
                                         cache_dir=tmp_path / "cache")
     assert manifest.explainer_model == str(qwen_coder_dir) and manifest.replies[0]["error"] is None
     ran = [c for c in manifest.candidates if c.status == "ok"]

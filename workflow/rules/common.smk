@@ -116,7 +116,8 @@ EXPLAINER_DIR = (
 
 
 def llm_heads(model):
-    """The heads synthesis.llm samples (none when it is off); known once the checkpoint `model_info` has run."""
+    """The heads synthesis.llm samples (none when it is off); known once the checkpoint `model_info` has run.
+    Not cached: the checkpoint may rerun (a changed model) within one Snakemake run, and the read is small."""
     info = model_info(model)
     return LLM_SAMPLE.sample(info.n_layers, info.n_heads)
 
@@ -133,9 +134,9 @@ def writes_with_llm(wildcards):
 
 def head_synthesis_settings(wildcards):
     """What one head's synthesize job reads of the config (attnprog.config.synthesis_settings), as JSON."""
-    llm_head = config["synthesis"]["backend"] == "offline" and writes_with_llm(wildcards)
-    explainer_dir = EXPLAINER_DIR if writes_with_llm(wildcards) else None
-    settings = synthesis_settings(config["synthesis"], llm_head, explainer_dir)
+    asks = writes_with_llm(wildcards)
+    llm_head = asks and config["synthesis"]["backend"] == "offline"
+    settings = synthesis_settings(config["synthesis"], llm_head, EXPLAINER_DIR if asks else None)
     return json.dumps(settings, sort_keys=True)
 
 

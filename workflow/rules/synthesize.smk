@@ -39,7 +39,7 @@ rule synthesize:
         settings=head_synthesis_settings,  # a head outside synthesis.llm's sample gets none of the LLM's settings
         features=lambda w, input: f"--features {input.features}" if input.features else "",
         # a local chat model runs torch on the job's threads (left alone, it takes every core of the node)
-        threads=lambda w, threads: f"OMP_NUM_THREADS={threads} " if asks_open_weights(w) else "",
+        omp=lambda w, threads: f"OMP_NUM_THREADS={threads} " if asks_open_weights(w) else "",
     # a local chat model takes 8 threads (Snakemake lowers them to --cores); the offline fit one
     threads: lambda w: 8 if asks_open_weights(w) else 1
     resources:
@@ -50,7 +50,7 @@ rule synthesize:
     conda:
         CONDA_ENV
     shell:
-        "{params.threads}python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
+        "{params.omp}python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
         " --settings {params.settings:q} --head-inputs {input.head_inputs} {params.features}"
         " --out {output} --log {log}"
 
