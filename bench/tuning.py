@@ -88,7 +88,8 @@ def main():
     tuning_seconds = time.time() - started
     for r in records:
         print(f"fraction {r['fraction']:g}: {r['n_tuned']}/{r['n_replaced']} heads tuned; training KL "
-              f"{r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token; {r['seconds']:.0f}s")
+              f"{r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token, dev {r['dev_kl_before']:.4f} -> "
+              f"{r['dev_kl_after']:.4f} (epoch {r['epochs_kept']} kept); {r['seconds']:.0f}s")
 
     runs = [Run(args.order, None, 0.0, ())]
     for f, c in counts.items():

@@ -157,36 +157,56 @@ def substituted_kl(model, replacer: HeadReplacer, heads: dict[HeadId, Replacemen
     return total, tokens
 
 
+# Every DEV_EVERY-th training sequence takes no steps: it is the text that says which weights generalise (the
+# training KL falls while held-out text gains nothing, measured at half of SmolLM2's heads).
+DEV_EVERY = 5
+
+
+def split_dev(sequences: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(steps, dev): the training text tuning steps on, and every DEV_EVERY-th sequence kept out to judge it."""
+    return ([s for i, s in enumerate(sequences) if i % DEV_EVERY],
+            [s for i, s in enumerate(sequences) if i % DEV_EVERY == 0])
+
+
 @dataclass
 class TuningResult:
-    kl_before: float    # mean KL per predicted token on the training text, untuned weights
-    kl_after: float     # ... with the tuned weights
+    kl_before: float      # mean KL per predicted token on the text stepped on, untuned weights
+    kl_after: float       # ... with the weights kept
+    dev_before: float     # the same on the dev text (what chooses the weights kept)
+    dev_after: float
+    epochs_kept: int      # after how many epochs the kept weights were reached (0: the untuned ones)
     steps: int
     tokens: int
     seconds: float
 
 
 def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
-         fixed: dict[HeadId, Replacement], sequences: list[list[int]], *, epochs: int, learning_rate: float,
-         l2: float, batch_size: int, reference=None, log=print) -> TuningResult:
+         fixed: dict[HeadId, Replacement], sequences: list[list[int]], dev: list[list[int]], *, epochs: int,
+         learning_rate: float, l2: float, batch_size: int, reference=None, dev_reference=None, log=print
+         ) -> TuningResult:
     """Tune the weights of `tunable` (with `fixed` replaced too) by Adam on the mean KL per predicted token over
     `sequences`, plus l2/2 |u - u0|^2 per program (u: weights in units of the cues' rms): one step per batch,
     `epochs` passes over the text (a step on a batch costs what a forward and backward pass of it cost, so
-    steps on batches learn more per second than steps on the whole text). The KL of the whole text is measured
-    before and after; where tuning did not lower it, the untuned weights are put back, so tuning never leaves
-    the training KL higher than it found it. `reference`: reference_log_probs of `sequences`, if computed."""
+    steps on batches learn more per second than steps on the whole text). After each epoch the KL on `dev`
+    (training text that takes no steps) is measured: the weights kept are those with the lowest dev KL, the
+    untuned ones included, and an epoch that raised it is undone and the learning rate halved. So tuning
+    never leaves the dev KL higher than it found it. `reference`, `dev_reference`: reference_log_probs of
+    `sequences` and `dev`, if computed."""
     started = time.time()
     heads = {**fixed, **tunable}
     params = [p.u for p in tunable.values()]
-    untuned = [p.detach().clone() for p in params]
     optimiser = torch.optim.Adam(params, lr=learning_rate)
     reference = reference if reference is not None else reference_log_probs(model, replacer, sequences, batch_size)
+    dev_reference = (dev_reference if dev_reference is not None
+                     else reference_log_probs(model, replacer, dev, batch_size))
     before, tokens = substituted_kl(model, replacer, heads, reference)
+    dev_before, dev_tokens = substituted_kl(model, replacer, heads, dev_reference)
+    kept, kept_dev, kept_epoch = [p.detach().clone() for p in params], dev_before, 0
     step = 0
-    with frozen(model):
-        replacer.set_heads(heads)
-        try:
-            for epoch in range(epochs):
+    for epoch in range(epochs):
+        with frozen(model):
+            replacer.set_heads(heads)
+            try:
                 total = 0.0
                 for _, ids, mask, reference_batch in reference:
                     optimiser.zero_grad()
@@ -197,17 +217,25 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
                             program.u.grad += l2 * (program.u.detach() - program.u0)
                     optimiser.step()
                     total, step = total + float(kl.detach()), step + 1
-                log(f"tuning: epoch {epoch + 1}/{epochs}: KL {total / tokens:.4f} nats/token while tuning "
-                    f"({len(tunable)} heads)")
-        finally:
-            replacer.set_heads({})
-    after, _ = substituted_kl(model, replacer, heads, reference)
-    if after >= before:
-        with torch.no_grad():
-            for p, value in zip(params, untuned):
-                p.copy_(value)
-        after = before
-    return TuningResult(before / max(tokens, 1), after / max(tokens, 1), step, tokens, time.time() - started)
+            finally:
+                replacer.set_heads({})
+        dev_kl = substituted_kl(model, replacer, heads, dev_reference)[0]
+        log(f"tuning: epoch {epoch + 1}/{epochs}: KL {total / tokens:.4f} nats/token while tuning, dev "
+            f"{dev_kl / max(dev_tokens, 1):.4f} ({len(tunable)} heads)")
+        if dev_kl < kept_dev:
+            kept, kept_dev, kept_epoch = [p.detach().clone() for p in params], dev_kl, epoch + 1
+        else:  # overshot or overfitted: back to the best weights, with smaller steps
+            with torch.no_grad():
+                for p, value in zip(params, kept):
+                    p.copy_(value)
+            for group in optimiser.param_groups:
+                group["lr"] /= 2
+    with torch.no_grad():
+        for p, value in zip(params, kept):
+            p.copy_(value)
+    after = substituted_kl(model, replacer, heads, reference)[0] if kept_epoch else before
+    return TuningResult(before / max(tokens, 1), after / max(tokens, 1), dev_before / max(dev_tokens, 1),
+                        kept_dev / max(dev_tokens, 1), kept_epoch, step, tokens, time.time() - started)
 
 
 def tunable_programs(sources: dict[HeadId, str], texts: list[list[str]], cache: CueCache | None = None
@@ -269,11 +297,14 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacemen
                 sequences: list[list[int]], token_strings, settings: TuningSettings, batch_size: int, log=print
                 ) -> tuple[dict[float, dict[HeadId, Replacement]], list[dict]]:
     """For each fraction (ascending count), the first `count` heads of `order` replaced and their programs' weights
-    tuned together on `sequences` (training text only), starting from the previous fraction's tuned weights.
+    tuned together on `sequences` (training text only; split_dev keeps every DEV_EVERY-th sequence out of the
+    steps, to choose the weights kept), starting from the previous fraction's tuned weights.
     Returns per fraction the replacements to run (tuned programs; others as they are) and one record per stage."""
     cache = CueCache()
-    texts = [token_strings(ids) for ids in sequences]
-    reference = reference_log_probs(model, replacer, sequences, batch_size)
+    steps, dev = split_dev(sequences)
+    texts = [token_strings(ids) for ids in steps]
+    reference = reference_log_probs(model, replacer, steps, batch_size)
+    dev_reference = reference_log_probs(model, replacer, dev, batch_size)
     current: dict[HeadId, TunableProgram] = {}
     stages, records = {}, []
     for fraction, count in sorted(counts.items(), key=lambda fc: fc[1]):
@@ -283,16 +314,20 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacemen
         new = tunable_programs({h: sources[h] for h in heads if h not in current and h in sources}, texts, cache)
         tunable = {h: copy_of(current[h]) if h in current else new[h] for h in heads if h in current or h in new}
         fixed = {h: programs[h] for h in heads if h not in tunable}
-        result = tune(model, replacer, tunable, fixed, sequences, epochs=settings.epochs,
+        result = tune(model, replacer, tunable, fixed, steps, dev, epochs=settings.epochs,
                       learning_rate=settings.learning_rate, l2=settings.l2, batch_size=batch_size,
-                      reference=reference, log=log)
-        log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): training KL "
-            f"{result.kl_before:.4f} -> {result.kl_after:.4f} nats/token in {result.seconds:.0f}s")
+                      reference=reference, dev_reference=dev_reference, log=log)
+        log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): KL "
+            f"{result.kl_before:.4f} -> {result.kl_after:.4f} nats/token on the text stepped on, dev "
+            f"{result.dev_before:.4f} -> {result.dev_after:.4f} (weights of epoch {result.epochs_kept}) "
+            f"in {result.seconds:.0f}s")
         current = {**current, **tunable}
         stages[fraction] = {**fixed, **tunable}
         records.append({"fraction": fraction, "n_replaced": len(heads), "n_tuned": len(tunable),
-                        "kl_before": result.kl_before, "kl_after": result.kl_after, "steps": result.steps,
-                        "tokens": result.tokens, "seconds": result.seconds})
+                        "kl_before": result.kl_before, "kl_after": result.kl_after,
+                        "dev_kl_before": result.dev_before, "dev_kl_after": result.dev_after,
+                        "epochs_kept": result.epochs_kept, "steps": result.steps, "tokens": result.tokens,
+                        "dev_tokens": sum(len(s) - 1 for s in dev), "seconds": result.seconds})
     return stages, records
 
 
@@ -388,9 +423,12 @@ def write_tuned(stages: dict[float, dict[HeadId, Replacement]], programs: dict[H
                 note = (f"The weights of library program {names[head]} (fitted to this head's attention), tuned "
                         f"through {model_name} with {record['n_replaced']} heads replaced ({fraction:g} of all): "
                         f"{record['steps']} Adam steps on the KL between the unmodified and the substituted model's "
-                        f"next-token distributions over {record['tokens']} training tokens, which fell from "
-                        f"{record['kl_before']:.3f} to {record['kl_after']:.3f} nats per token. The cues are the "
-                        "library program's, unchanged.")
+                        f"next-token distributions over {record['tokens']} training tokens; the weights kept "
+                        f"(epoch {record['epochs_kept']}) are those with the lowest KL on {record['dev_tokens']} "
+                        f"further training tokens that took no steps: {record['dev_kl_before']:.3f} -> "
+                        f"{record['dev_kl_after']:.3f} nats per token there, {record['kl_before']:.3f} -> "
+                        f"{record['kl_after']:.3f} on the text stepped on. The cues are the library program's, "
+                        "unchanged.")
                 source = tuned_source(program, head, names[head], model_name, features, synth_texts,
                                       textwrap.fill(note, 100))
                 file = f"f{fraction:g}/{HeadId(*head).name}.py"
