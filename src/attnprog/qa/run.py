@@ -85,14 +85,18 @@ def evaluate(lm, spec: str, limit: int | None, manager) -> dict:
 
 
 def fingerprint(info, task: QATask, library, data_file, settings: QASettings, noncausal: str,
-                orders_path=None) -> dict:
+                orders_path=None, tuned_dir=None) -> dict:
     """What a run's result depends on besides its method and fraction: saved records are reused only under
     the same fingerprint."""
     from dataclasses import asdict
 
     programs = hashlib.sha256()
-    for path in sorted(Path(library.program_dir).glob("*.py")):
-        programs.update(path.name.encode() + b"\0" + path.read_bytes())
+    program_files = [(path.name, path) for path in sorted(Path(library.program_dir).glob("*.py"))]
+    if tuned_dir and Path(tuned_dir).is_dir():  # the tuned method's programs, which a tuned headline runs
+        program_files += [(f"tuned/{path.relative_to(tuned_dir)}", path) for path in sorted(Path(tuned_dir).rglob("*"))
+                  if path.is_file()]
+    for name, path in program_files:
+        programs.update(name.encode() + b"\0" + path.read_bytes())
     files = {"best": library.best, "programs_table": library.programs, "data": data_file, "orders": orders_path,
              **{f"task_file {path}": path for path in task_files(task)}}  # the YAML, its includes and data
     return {"model": asdict(info), "task": task.as_dict(), "questions": settings.questions,
@@ -195,11 +199,12 @@ def results_line(record: dict, name: str) -> str:
 
 
 def qa_task(info, task: QATask | str, library, data_file, settings: QASettings, noncausal: str, out_path,
-            device: str, log=print, include_path=None, orders_path=None) -> dict:
+            device: str, log=print, include_path=None, orders_path=None, tuned_dir=None) -> dict:
     """The `qa` rule: one task (a QATask, or as configured: an offline or registry name, a YAML path, or a
     name defined under `include_path`) at each (method, fraction), for a ModelInfo and the LibraryFiles of
     its library; writes {name}.json (see `task_row`). Heads are replaced in the substitution sweep's headline
-    order (orders.parquet at `orders_path`), or without one in descending val IoU."""
+    order (orders.parquet at `orders_path`), or without one in descending val IoU. Where the headline is the
+    `tuned` method, each fraction runs the programs tuned for it (the substitution's tuned folder, `tuned_dir`)."""
     from functools import partial
 
     from lm_eval.models.huggingface import HFLM
@@ -211,7 +216,7 @@ def qa_task(info, task: QATask | str, library, data_file, settings: QASettings, 
 
     task = task if isinstance(task, QATask) else resolve_task(task, include_path)
     saved = PartialResults(partial_path(out_path),
-                           fingerprint(info, task, library, data_file, settings, noncausal, orders_path), log)
+                           fingerprint(info, task, library, data_file, settings, noncausal, orders_path, tuned_dir), log)
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     replacer = substitute.install(model, partial(token_strings, tokenizer))
     best = substitute.read_best(library.best)
@@ -222,6 +227,8 @@ def qa_task(info, task: QATask | str, library, data_file, settings: QASettings, 
         ranked = [head for head in order if head in programs]
     else:
         order_name, ranked = "programs", substitute.orders.iou_order(best, programs)
+    if order_name == "tuned" and not tuned_dir:
+        raise ValueError("qa: the headline order is the tuned method's; its tuned programs (tuned_dir) are needed")
     runs = plan_runs(ranked, info.n_heads_total, settings)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
 
@@ -231,7 +238,12 @@ def qa_task(info, task: QATask | str, library, data_file, settings: QASettings, 
             key = record_key(method, heads)
             if key in saved.records:
                 continue
-            replacement = (lambda head: substitute.uniform_attention) if method == "uniform" else programs.get
+            if method == "uniform":
+                replacement = lambda head: substitute.uniform_attention
+            elif order_name == "tuned" and heads:
+                replacement = substitute.tuned_replacements(tuned_dir, fraction, programs, info.tokenizer_dir).get
+            else:
+                replacement = programs.get
             replacer.set_heads({head: replacement(head) for head in heads})
             saved.add(key, evaluate(lm, spec, settings.questions, manager))
             log(f"qa: {task.name} {method} fraction={fraction:g} ({len(heads)} heads): "

@@ -22,7 +22,7 @@ from ..data import read_examples, token_strings
 from ..models import load_model, load_tokenizer
 from ..settings import SubstitutionSettings
 from .mechanism import HeadReplacer, install, uniform_attention
-from .replacements import UniformOnFailure, program_replacements, read_best
+from .replacements import UniformOnFailure, program_replacements, read_best, tuned_replacements
 from . import orders
 from .orders import read_headline_order
 from .attribution import attribution_order

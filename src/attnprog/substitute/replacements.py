@@ -68,3 +68,28 @@ def program_replacements(program_dir, programs_path, best: pd.DataFrame, tokeniz
     log(f"substitution: {len(runners)} programs for {len(out)} heads; {n_prefixwise} non-causal programs run "
         f"prefix by prefix; {skipped} heads skipped as non-causal")
     return out
+
+
+def tuned_replacements(tuned_dir, fraction: float, programs: dict[HeadId, UniformOnFailure], tokenizer_dir=None
+                       ) -> dict[HeadId, UniformOnFailure]:
+    """The `tuned` method's programs at one fraction of the sweep (substitution/tuned: heads.parquet and the
+    files it names), over `programs` (each head's library program, which the heads that were not tuned keep).
+    A tuned program has its library program's cues, so it is causal and trusted as that program is."""
+    import json
+    from pathlib import Path
+
+    from ..contracts import TUNED
+
+    tuned_dir = Path(tuned_dir)
+    stages = json.loads((tuned_dir / "stages.json").read_text())
+    if not any(abs(float(s["fraction"]) - fraction) < 1e-9 for s in stages):
+        raise ValueError(f"tuned programs: {tuned_dir} has no stage at fraction {fraction:g} (its stages: "
+                         f"{', '.join(format(float(s['fraction']), 'g') for s in stages)})")
+    rows = TUNED.read(tuned_dir / "heads.parquet")
+    out = dict(programs)
+    for row in rows[(rows.fraction - fraction).abs() < 1e-9].itertuples():
+        head = HeadId(int(row.layer), int(row.head))
+        untuned = programs[head].runner.program
+        program = dataclasses.replace(load_programs(tuned_dir / row.file)[0], trusted=untuned.trusted)
+        out[head] = UniformOnFailure(ProgramRunner(program, tokenizer_dir=tokenizer_dir))
+    return out
