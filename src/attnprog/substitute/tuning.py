@@ -4,7 +4,8 @@ model's predictions rather than each head's attention.
 An offline program is softmax(sum_k w_k cue_k) over j <= i (synthesize/writing.py). Its cues stay exactly as
 written; only the weights move. With a set of heads replaced, the weights of all of them are tuned together by
 Adam on the KL between the unmodified model's next-token distributions and the substituted model's, on
-training text only (the synth split and passages that are in none of val, test or held-out; `training_texts`).
+training text only (the synth split and passages that are in none of val, test or held-out; `training_texts`),
+of which every fifth sequence takes no steps and chooses the weights kept (`split_dev`).
 The cue matrices of a text are fixed, so a program is a differentiable function of its weights, run through
 the model by the ordinary substitution mechanism (HeadReplacer): no attention code is copied.
 
@@ -220,7 +221,7 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
             finally:
                 replacer.set_heads({})
         dev_kl = substituted_kl(model, replacer, heads, dev_reference)[0]
-        log(f"tuning: epoch {epoch + 1}/{epochs}: KL {total / tokens:.4f} nats/token while tuning, dev "
+        log(f"tuning: epoch {epoch + 1}/{epochs}: KL {total / max(tokens, 1):.4f} nats/token while tuning, dev "
             f"{dev_kl / max(dev_tokens, 1):.4f} ({len(tunable)} heads)")
         if dev_kl < kept_dev:
             kept, kept_dev, kept_epoch = [p.detach().clone() for p in params], dev_kl, epoch + 1
