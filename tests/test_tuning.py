@@ -157,11 +157,13 @@ def corpus(marker: str):
 
 def test_training_text_is_the_synth_split_and_passages_that_are_none_of_val_test_or_heldout():
     examples, heldout, passages, tokenize = corpus("SECRET")
-    train = training_texts(examples, heldout, passages, tokenize, 10_000, 15, 60, 128)
-    expected = [tokenize(t) for t in examples[examples.split == "synth"].text] + \
-               [tokenize(p) for p in passages if p.startswith("extra")]
-    assert train == expected
-    assert len(training_texts(examples, heldout, passages, tokenize, 40, 15, 60, 128)) == 3  # stops at n_tokens
+    texts = list(examples[examples.split == "synth"].text) + [p for p in passages if p.startswith("extra")]
+    # each text is 17 tokens: packed as the held-out text is, three to a sequence of at most 60 tokens
+    train = training_texts(examples, heldout, passages, tokenize, 10_000, 15, 60, 60)
+    assert train == [tokenize(" ".join(texts[k:k + 3])) for k in (0, 3, 6)]
+    one_each = training_texts(examples, heldout, passages, tokenize, 10_000, 15, 60, 20)  # no room for two
+    assert one_each == [tokenize(t) for t in texts]
+    assert len(training_texts(examples, heldout, passages, tokenize, 40, 15, 60, 20)) == 3  # stops at n_tokens
 
 
 def test_tuned_weights_do_not_depend_on_val_test_or_heldout_text():
@@ -171,7 +173,7 @@ def test_tuned_weights_do_not_depend_on_val_test_or_heldout_text():
     for marker in ("alpha", "omega"):
         examples, heldout, passages, _ = corpus(marker)
         tokenize = lambda text: [sum(map(ord, w)) % 64 for w in text.split()]
-        train = training_texts(examples, heldout, passages, tokenize, 10_000, 15, 60, 128)
+        train = training_texts(examples, heldout, passages, tokenize, 10_000, 15, 60, 20)  # a text per sequence
         model = tiny_model()
         replacer = substitute.install(model, id_strings)
         source = program_source("s", [(1.0, "h.offset(n, 1)", "previous"), (0.5, "h.first_token(n)", "first")],

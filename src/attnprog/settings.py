@@ -133,6 +133,7 @@ class TuningSettings(Settings):
     learning_rate: float
     l2: float
     train_tokens: int
+    batch_size: int
 
 
 @dataclass(frozen=True)

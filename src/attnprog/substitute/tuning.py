@@ -267,12 +267,13 @@ def training_texts(examples, heldout, passages, tokenize, n_tokens: int, min_wor
                    max_tokens: int) -> list[list[int]]:
     """Token ids of the text tuning may read: the synth split of `examples`, then chunks of `passages` (cut as
     the corpus cuts them) that are no example of any split and inside no held-out sequence, until n_tokens
-    tokens in all. `tokenize(text)` gives token ids."""
-    from ..data import chunk_passage
+    tokens in all; packed as the held-out text is (data.pack_texts: chunks joined into sequences of at most
+    max_tokens tokens), because programs that stand in for heads over a long text must be tuned on long texts
+    (tuned on single chunks, they gained on those and not on held-out text). `tokenize(text)` gives token ids."""
+    from ..data import chunk_passage, pack_texts
 
-    synth = examples[examples["split"] == "synth"]
-    out = [list(ids) for ids in synth["input_ids"]]
-    total = sum(map(len, out))
+    texts = list(examples[examples["split"] == "synth"]["text"])
+    total = sum(len(tokenize(text)) for text in texts)
     seen = set(examples["text"])
     held = list(heldout["text"])
     for passage in passages:
@@ -284,11 +285,12 @@ def training_texts(examples, heldout, passages, tokenize, n_tokens: int, min_wor
             if chunk in seen or any(chunk in text for text in held):
                 continue
             seen.add(chunk)
-            ids = list(tokenize(chunk))
-            if len(ids) <= max_tokens:
-                out.append(ids)
-                total += len(ids)
-    return out
+            count = len(tokenize(chunk))
+            if count <= max_tokens:
+                texts.append(chunk)
+                total += count
+    packed = pack_texts(texts, lambda text: len(tokenize(text)), float("inf"), max_tokens)
+    return [list(tokenize(text)) for text in packed]
 
 
 # ---- staged tuning for the sweep: one set of tuned weights per fraction ----
