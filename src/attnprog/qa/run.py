@@ -93,8 +93,8 @@ def fingerprint(info, task: QATask, library, data_file, settings: QASettings, no
     programs = hashlib.sha256()
     program_files = [(path.name, path) for path in sorted(Path(library.program_dir).glob("*.py"))]
     if tuned_dir and Path(tuned_dir).is_dir():  # the tuned method's programs, which a tuned headline runs
-        program_files += [(f"tuned/{path.relative_to(tuned_dir)}", path) for path in sorted(Path(tuned_dir).rglob("*"))
-                  if path.is_file()]
+        program_files += [(f"tuned/{path.relative_to(tuned_dir)}", path)
+                          for path in sorted(Path(tuned_dir).rglob("*")) if path.is_file()]
     for name, path in program_files:
         programs.update(name.encode() + b"\0" + path.read_bytes())
     files = {"best": library.best, "programs_table": library.programs, "data": data_file, "orders": orders_path,

@@ -171,13 +171,14 @@ def split_dev(sequences: list[list[int]]) -> tuple[list[list[int]], list[list[in
 
 @dataclass
 class TuningResult:
-    kl_before: float      # mean KL per predicted token on the text stepped on, untuned weights
-    kl_after: float       # ... with the weights kept
-    dev_before: float     # the same on the dev text (what chooses the weights kept)
-    dev_after: float
+    dev_before: float     # mean KL per predicted token on the dev text, untuned weights
+    dev_after: float      # ... with the weights kept (the lowest)
     epochs_kept: int      # after how many epochs the kept weights were reached (0: the untuned ones)
+    kl_while_tuning: list[float]  # per epoch, the mean KL per token of the batches as they were stepped on
+    dev_by_epoch: list[float]     # per epoch, the dev KL after it
     steps: int
-    tokens: int
+    tokens: int           # predicted tokens of the text stepped on
+    dev_tokens: int       # ... of the dev text
     seconds: float
 
 
@@ -191,8 +192,9 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
     steps on batches learn more per second than steps on the whole text). After each epoch the KL on `dev`
     (training text that takes no steps) is measured: the weights kept are those with the lowest dev KL, the
     untuned ones included, and an epoch that raised it is undone and the learning rate halved. So tuning
-    never leaves the dev KL higher than it found it. `reference`, `dev_reference`: reference_log_probs of
-    `sequences` and `dev`, if computed."""
+    never leaves the dev KL higher than it found it. The text stepped on is not measured apart (before and
+    after would cost about what an epoch of steps costs): `kl_while_tuning` is its KL as the steps saw it.
+    `reference`, `dev_reference`: reference_log_probs of `sequences` and `dev`, if computed."""
     started = time.time()
     heads = {**fixed, **tunable}
     params = [p.u for p in tunable.values()]
@@ -200,10 +202,10 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
     reference = reference if reference is not None else reference_log_probs(model, replacer, sequences, batch_size)
     dev_reference = (dev_reference if dev_reference is not None
                      else reference_log_probs(model, replacer, dev, batch_size))
-    before, tokens = substituted_kl(model, replacer, heads, reference)
+    tokens = sum(int(mask[:, 1:].sum()) for _, _, mask, _ in reference)
     dev_before, dev_tokens = substituted_kl(model, replacer, heads, dev_reference)
     kept, kept_dev, kept_epoch = [p.detach().clone() for p in params], dev_before, 0
-    step = 0
+    step, kl_while_tuning, dev_by_epoch = 0, [], []
     for epoch in range(epochs):
         with frozen(model):
             replacer.set_heads(heads)
@@ -221,6 +223,8 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
             finally:
                 replacer.set_heads({})
         dev_kl = substituted_kl(model, replacer, heads, dev_reference)[0]
+        kl_while_tuning.append(total / max(tokens, 1))
+        dev_by_epoch.append(dev_kl / max(dev_tokens, 1))
         log(f"tuning: epoch {epoch + 1}/{epochs}: KL {total / max(tokens, 1):.4f} nats/token while tuning, dev "
             f"{dev_kl / max(dev_tokens, 1):.4f} ({len(tunable)} heads)")
         if dev_kl < kept_dev:
@@ -234,9 +238,8 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
     with torch.no_grad():
         for p, value in zip(params, kept):
             p.copy_(value)
-    after = substituted_kl(model, replacer, heads, reference)[0] if kept_epoch else before
-    return TuningResult(before / max(tokens, 1), after / max(tokens, 1), dev_before / max(dev_tokens, 1),
-                        kept_dev / max(dev_tokens, 1), kept_epoch, step, tokens, time.time() - started)
+    return TuningResult(dev_before / max(dev_tokens, 1), kept_dev / max(dev_tokens, 1), kept_epoch, kl_while_tuning,
+                        dev_by_epoch, step, tokens, dev_tokens, time.time() - started)
 
 
 def tunable_programs(sources: dict[HeadId, str], texts: list[list[str]], cache: CueCache | None = None
@@ -320,17 +323,16 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacemen
         result = tune(model, replacer, tunable, fixed, steps, dev, epochs=settings.epochs,
                       learning_rate=settings.learning_rate, l2=settings.l2, batch_size=batch_size,
                       reference=reference, dev_reference=dev_reference, log=log)
-        log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): KL "
-            f"{result.kl_before:.4f} -> {result.kl_after:.4f} nats/token on the text stepped on, dev "
-            f"{result.dev_before:.4f} -> {result.dev_after:.4f} (weights of epoch {result.epochs_kept}) "
+        log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): dev KL "
+            f"{result.dev_before:.4f} -> {result.dev_after:.4f} nats/token (weights of epoch {result.epochs_kept}) "
             f"in {result.seconds:.0f}s")
         current = {**current, **tunable}
         stages[fraction] = {**fixed, **tunable}
         records.append({"fraction": fraction, "n_replaced": len(heads), "n_tuned": len(tunable),
-                        "kl_before": result.kl_before, "kl_after": result.kl_after,
                         "dev_kl_before": result.dev_before, "dev_kl_after": result.dev_after,
-                        "epochs_kept": result.epochs_kept, "steps": result.steps, "tokens": result.tokens,
-                        "dev_tokens": sum(len(s) - 1 for s in dev), "seconds": result.seconds})
+                        "epochs_kept": result.epochs_kept, "kl_while_tuning": result.kl_while_tuning,
+                        "dev_kl_by_epoch": result.dev_by_epoch, "steps": result.steps, "tokens": result.tokens,
+                        "dev_tokens": result.dev_tokens, "seconds": result.seconds})
     return stages, records
 
 
@@ -429,8 +431,7 @@ def write_tuned(stages: dict[float, dict[HeadId, Replacement]], programs: dict[H
                         f"next-token distributions over {record['tokens']} training tokens; the weights kept "
                         f"(epoch {record['epochs_kept']}) are those with the lowest KL on {record['dev_tokens']} "
                         f"further training tokens that took no steps: {record['dev_kl_before']:.3f} -> "
-                        f"{record['dev_kl_after']:.3f} nats per token there, {record['kl_before']:.3f} -> "
-                        f"{record['kl_after']:.3f} on the text stepped on. The cues are the library program's, "
+                        f"{record['dev_kl_after']:.3f} nats per token there. The cues are the library program's, "
                         "unchanged.")
                 source = tuned_source(program, head, names[head], model_name, features, synth_texts,
                                       textwrap.fill(note, 100))
