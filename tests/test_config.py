@@ -102,3 +102,16 @@ def test_qa_fractions_without_tuned_programs_are_a_config_error_only_with_the_tu
     validate_config({**base, "substitution": {**sweep, "methods": ["programs", "attribution"]}})
     with pytest.raises(ConfigError, match=r"^config: qa.fractions: \[0.3\] not among substitution.fractions"):
         validate_config({**base, "substitution": {**sweep, "methods": ["programs", "attribution", "tuned"]}})
+
+
+def test_the_tuned_overlay_adds_the_tuned_method_to_the_default_run():
+    """config/tuned.yaml merged over the default as Snakemake merges --configfile files: valid, the tuned method
+    in the sweep, and every QA fraction one the tuned programs exist for."""
+    import yaml
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load(REPO_CONFIGS[0].read_text())
+    update_config(config, yaml.safe_load((REPO_CONFIGS[0].parent / "tuned.yaml").read_text()))
+    config = validate_config(config)
+    assert "tuned" in config["substitution"]["methods"] and "attribution" in config["substitution"]["methods"]
+    assert set(config["qa"]["fractions"]) <= set(config["substitution"]["fractions"])
