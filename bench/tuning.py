@@ -84,9 +84,8 @@ def main():
 
     counts = {f: count_for(f, info.n_heads_total, len(order)) for f in args.fractions}
     started = time.time()
-    tune_settings = TuningSettings.from_config(settings)
     stages, records = tune_stages(model, replacer, programs, sources, order, counts, train, strings,
-                                  tune_settings, tune_settings.batch_size)
+                                  TuningSettings.from_config(settings))
     tuning_seconds = time.time() - started
     for r in records:
         print(f"fraction {r['fraction']:g}: {r['n_tuned']}/{r['n_replaced']} heads tuned; dev KL "

@@ -82,7 +82,7 @@ def test_tuning_lowers_the_kl_that_fitting_alone_left():
     # tokens have no regularity for weights to learn; the planted head's test checks that the truth does.)
     assert result.dev_after < 0.9 * before_train, (before_train, result.dev_after)
     assert abs(mean_kl(model, replacer, programs, train) - result.dev_after) < 1e-6  # the tuned weights are in place
-    assert len(result.kl_while_tuning) == len(result.dev_by_epoch) == 20 
+    assert len(result.kl_while_tuning) == len(result.dev_by_epoch) == 20
     assert result.steps == 20 * ((len(train) + 3) // 4)  # one step per batch of 4, every epoch
     assert all(p.requires_grad for p in model.parameters()) and replacer.heads == {}  # model handed back
 
@@ -183,7 +183,7 @@ def test_tuned_weights_do_not_depend_on_val_test_or_heldout_text():
                                 "t", "n")
         heads = all_heads(model)[:3]
         stages, _ = tune_stages(model, replacer, {}, {h: source for h in heads}, heads, {0.5: 2, 1.0: 3}, train,
-                                id_strings, TuningSettings.defaults(epochs=2, learning_rate=0.1, l2=0.0), 4,
+                                id_strings, TuningSettings.defaults(epochs=2, learning_rate=0.1, l2=0.0, batch_size=4),
                                 log=lambda *_: None)
         results.append({f: {h: p.weights for h, p in s.items()} for f, s in stages.items()})
     for fraction in (0.5, 1.0):

@@ -153,7 +153,7 @@ def tuned_method(model, replacer, programs, chosen, info: ModelInfo, examples_pa
     sources = {h: r.runner.program.source for h, r in programs.items()
                if hasattr(r, "runner") and not r.runner.prefixwise}
     stages, records = tune_stages(model, replacer, programs, sources, order, counts, train, token_strings_of,
-                                  tune_settings, tune_settings.batch_size, log)
+                                  tune_settings, log)
     names = {h: r.runner.program.name for h, r in programs.items() if hasattr(r, "runner")}
     rows = write_tuned(stages, programs, names, info.model, inputs.features,
                        [list(ids) for ids in examples[examples.split == "synth"].input_ids],

@@ -225,8 +225,8 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
         dev_kl = substituted_kl(model, replacer, heads, dev_reference)[0]
         kl_while_tuning.append(total / max(tokens, 1))
         dev_by_epoch.append(dev_kl / max(dev_tokens, 1))
-        log(f"tuning: epoch {epoch + 1}/{epochs}: KL {total / max(tokens, 1):.4f} nats/token while tuning, dev "
-            f"{dev_kl / max(dev_tokens, 1):.4f} ({len(tunable)} heads)")
+        log(f"tuning: epoch {epoch + 1}/{epochs}: KL {kl_while_tuning[-1]:.4f} nats/token while tuning, dev "
+            f"{dev_by_epoch[-1]:.4f} ({len(tunable)} heads)")
         if dev_kl < kept_dev:
             kept, kept_dev, kept_epoch = [p.detach().clone() for p in params], dev_kl, epoch + 1
         else:  # overshot or overfitted: back to the best weights, with smaller steps
@@ -300,7 +300,7 @@ def training_texts(examples, heldout, passages, tokenize, n_tokens: int, min_wor
 
 def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacement],
                 sources: dict[HeadId, str], order: list[HeadId], counts: dict[float, int],
-                sequences: list[list[int]], token_strings, settings: TuningSettings, batch_size: int, log=print
+                sequences: list[list[int]], token_strings, settings: TuningSettings, log=print
                 ) -> tuple[dict[float, dict[HeadId, Replacement]], list[dict]]:
     """For each fraction (ascending count), the first `count` heads of `order` replaced and their programs' weights
     tuned together on `sequences` (training text only; split_dev keeps every DEV_EVERY-th sequence out of the
@@ -309,8 +309,8 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacemen
     cache = CueCache()
     steps, dev = split_dev(sequences)
     texts = [token_strings(ids) for ids in steps]
-    reference = reference_log_probs(model, replacer, steps, batch_size)
-    dev_reference = reference_log_probs(model, replacer, dev, batch_size)
+    reference = reference_log_probs(model, replacer, steps, settings.batch_size)
+    dev_reference = reference_log_probs(model, replacer, dev, settings.batch_size)
     current: dict[HeadId, TunableProgram] = {}
     stages, records = {}, []
     for fraction, count in sorted(counts.items(), key=lambda fc: fc[1]):
@@ -321,7 +321,7 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacemen
         tunable = {h: copy_of(current[h]) if h in current else new[h] for h in heads if h in current or h in new}
         fixed = {h: programs[h] for h in heads if h not in tunable}
         result = tune(model, replacer, tunable, fixed, steps, dev, epochs=settings.epochs,
-                      learning_rate=settings.learning_rate, l2=settings.l2, batch_size=batch_size,
+                      learning_rate=settings.learning_rate, l2=settings.l2, batch_size=settings.batch_size,
                       reference=reference, dev_reference=dev_reference, log=log)
         log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): dev KL "
             f"{result.dev_before:.4f} -> {result.dev_after:.4f} nats/token (weights of epoch {result.epochs_kept}) "
