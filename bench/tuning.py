@@ -28,7 +28,8 @@ from attnprog.substitute.orders import iou_order
 from attnprog.substitute.replacements import program_replacements, read_best
 from attnprog.substitute.sweep import Run, count_for, run_sweep
 from attnprog.settings import TuningSettings
-from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages
+from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages, with_cues
+from attnprog.synthesize.primitives import FEATURES
 
 
 def main():
@@ -44,6 +45,9 @@ def main():
     parser.add_argument("--train-tokens", type=int, default=None)
     parser.add_argument("--order", choices=["attribution", "programs"], default="attribution",
                         help="the finished run's attribution order, or the IoU order (no substitution/ needed)")
+    parser.add_argument("--extra-cues", nargs="+", default=[], metavar="NAME",
+                        help="offline primitives (synthesize/primitives.py FEATURES) added to every tuned program at "
+                             "weight 0 before tuning, where it lacks them: do the cues limit what tuning reaches?")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args()
     use_threads(args.threads)
@@ -68,6 +72,11 @@ def main():
     programs = program_replacements(library / "programs", library / "programs.parquet", best, info.load_path,
                                     config["substitution"]["noncausal"], log=lambda *_: None)
     sources = {h: r.runner.program.source for h, r in programs.items() if not r.runner.prefixwise}
+    primitives = {f.name: f for f in FEATURES}
+    unknown = [name for name in args.extra_cues if name not in primitives]
+    if unknown:
+        raise SystemExit(f"--extra-cues: no primitive named {unknown}; known: {sorted(primitives)}")
+    sources = {h: with_cues(source, [primitives[name] for name in args.extra_cues]) for h, source in sources.items()}
     examples_path, heldout_path = args.results / "data/examples.parquet", args.results / "data/heldout.parquet"
     eval_sets = evaluation_sets(examples_path, heldout_path, heldout_tokens)
     if args.order == "attribution":
@@ -119,7 +128,8 @@ def main():
     print(f"tuning {tuning_seconds:.0f}s; sweep of {len(runs)} runs {sweep_seconds:.0f}s "
           f"(~{tuned_runs_seconds:.0f}s for the tuned runs); threads {args.threads}")
     if args.out:
-        args.out.write_text(json.dumps({"settings": settings, "stages": records, "sweep": table.to_dict("records"),
+        args.out.write_text(json.dumps({"settings": settings, "extra_cues": args.extra_cues, "stages": records,
+                                        "sweep": table.to_dict("records"),
                                         "test_iou": {str(k): v for k, v in iou.items()},
                                         "tuning_seconds": tuning_seconds, "sweep_seconds": sweep_seconds,
                                         "threads": args.threads}, indent=1))

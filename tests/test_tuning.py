@@ -9,7 +9,7 @@ from attnprog.matrices import pack
 from attnprog.settings import SubstitutionSettings, TuningSettings
 from attnprog.substitute.tuning import (CueCache, TunableProgram, WeightedCues, substituted_kl, reference_log_probs,
                                         split_dev, training_texts, tune, tune_stages,
-                                        weighted_cues)
+                                        weighted_cues, with_cues)
 from attnprog.synthesize.fit import fit_weights, split_data
 from attnprog.synthesize.writing import program_source
 
@@ -142,6 +142,28 @@ def test_weights_move_only_where_asked_and_the_cues_stay_as_written():
     tokens = ["a", "b", "c", "d"]
     expected = h.causal_softmax(2.5 * h.offset(4, 1) - 0.25 * h.log_distance(4))
     np.testing.assert_allclose(program(tokens).detach().numpy(), expected, atol=1e-6)
+
+
+def test_added_cues_start_at_weight_0_so_the_program_is_unchanged_until_tuned():
+    from attnprog.synthesize.primitives import FEATURES
+
+    def attention(program: str, tokens):
+        namespace = {}
+        exec(program, namespace)  # a test's own source, trusted
+        return namespace["attention"](tokens)
+
+    features = {f.name: f for f in FEATURES}
+    source = program_source("Mostly the previous token.", [(2.5, "h.offset(n, 1)", "j is the previous token")],
+                            "m L0H0", "note")
+    extended = with_cues(source, [features["previous"], features["first"], features["log_distance"]])
+    cues = weighted_cues(extended)
+    # the cue it had is not added twice; the new ones follow it, at weight 0
+    assert cues.expressions == ("h.offset(n, 1)", "h.first_token(n)", "h.log_distance(n)")
+    assert cues.weights == (2.5, 0.0, 0.0)
+    tokens = ["The", "cat", "sat", ".", "It", "ran"]
+    np.testing.assert_array_equal(attention(extended, tokens), attention(source, tokens))
+    uniform = "def attention(tokens):\n    return h.uniform(len(tokens))\n"
+    assert with_cues(uniform, [features["first"]]) == uniform
 
 
 def corpus(marker: str):

@@ -56,6 +56,19 @@ def weighted_cues(source: str) -> WeightedCues | None:
                         tuple(d for _, _, d in terms))
 
 
+def with_cues(source: str, features) -> str:
+    """`source` (a softmax of weighted cues) with each of `features` (synthesize.primitives.Feature) it lacks as
+    one more term at weight 0: the same program until tuning moves the new weights (to ask whether the cues
+    limit what tuning reaches, bench/tuning.py --extra-cues). Any other program is returned as it is."""
+    cues = weighted_cues(source)
+    if cues is None:
+        return source
+    terms = "".join(f"    score += 0 * {f.expression}  # {f.description}\n" for f in features
+                    if f.expression not in cues.expressions)
+    last = source.index("\n", source.rindex("    score += ")) + 1
+    return source[:last] + terms + source[last:]
+
+
 class CueCache:
     """Each cue's n x n matrix per text, computed once: cues are shared by programs and heads, and every
     tuning step reruns the same texts."""
