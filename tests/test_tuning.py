@@ -64,6 +64,10 @@ def setup_programs(planted_start=None):
     return model, replacer, train, other, programs
 
 
+def settings(epochs: int, learning_rate: float) -> TuningSettings:
+    return TuningSettings.defaults(epochs=epochs, learning_rate=learning_rate, l2=0.0, batch_size=4)
+
+
 def mean_kl(model, replacer, programs, seqs) -> float:
     with torch.no_grad():
         total, count = substituted_kl(model, replacer, programs, reference_log_probs(model, replacer, seqs, 4))
@@ -75,7 +79,7 @@ def test_tuning_lowers_the_kl_that_fitting_alone_left():
     before_train = mean_kl(model, replacer, programs, train)
     # dev is the training text itself here: random tokens have no regularity that carries to other random
     # tokens (see below), and this test is of the optimisation; the planted head's test holds out real dev text
-    result = tune(model, replacer, programs, {}, train, train, epochs=20, learning_rate=0.1, l2=0.0, batch_size=4,
+    result = tune(model, replacer, programs, {}, train, train, settings(20, 0.1),
                   log=lambda *_: None)
     assert abs(result.dev_before - before_train) < 1e-6 and result.epochs_kept > 0
     # measured: 0.35 -> 0.28 nats/token. (On other random token sequences the gain need not carry over: random
@@ -93,7 +97,7 @@ def test_tuning_recovers_the_planted_head_from_a_wrong_program():
     model, replacer, train, other, programs = setup_programs(planted_start=(0.0, 2.0, 1.5, 0.0))
     planted = {(0, 0): programs[(0, 0)]}
     before, before_other = mean_kl(model, replacer, planted, train), mean_kl(model, replacer, planted, other)
-    result = tune(model, replacer, planted, {}, train, other, epochs=30, learning_rate=0.1, l2=0.0, batch_size=4,
+    result = tune(model, replacer, planted, {}, train, other, settings(30, 0.1),
                   log=lambda *_: None)
     after = mean_kl(model, replacer, planted, train)
     assert before > 0.01 and after < 0.02 * before, (before, after)
@@ -108,7 +112,7 @@ def test_tuning_keeps_the_weights_that_do_best_on_dev_text_and_never_worse_than_
     model, replacer, train, other, programs = setup_programs(planted_start=(0.0, 2.0, 1.5, 0.0))
     planted = {(0, 0): programs[(0, 0)]}
     untuned = planted[(0, 0)].weights.copy()
-    result = tune(model, replacer, planted, {}, train, other, epochs=4, learning_rate=50.0, l2=0.0, batch_size=4,
+    result = tune(model, replacer, planted, {}, train, other, settings(4, 50.0),
                   log=lambda *_: None)
     assert result.dev_after <= result.dev_before
     assert abs(mean_kl(model, replacer, planted, other) - result.dev_after) < 1e-6  # the kept weights are in place
@@ -117,7 +121,7 @@ def test_tuning_keeps_the_weights_that_do_best_on_dev_text_and_never_worse_than_
     # and with steps of a sensible size the dev KL falls: the guard does not stop tuning that generalises
     model, replacer, train, other, programs = setup_programs(planted_start=(0.0, 2.0, 1.5, 0.0))
     planted = {(0, 0): programs[(0, 0)]}
-    result = tune(model, replacer, planted, {}, train, other, epochs=4, learning_rate=0.1, l2=0.0, batch_size=4,
+    result = tune(model, replacer, planted, {}, train, other, settings(4, 0.1),
                   log=lambda *_: None)
     assert result.epochs_kept > 0 and result.dev_after < 0.5 * result.dev_before
 

@@ -148,6 +148,11 @@ def reference_log_probs(model, replacer: HeadReplacer, sequences: list[list[int]
     return out
 
 
+def predicted_tokens(reference) -> int:
+    """The predicted tokens (every real token but each sequence's first) of reference_log_probs' batches."""
+    return sum(int(mask[:, 1:].sum()) for _, _, mask, _ in reference)
+
+
 def batch_kl(model, ids, mask, before) -> torch.Tensor:
     """Summed KL(unmodified || substituted) over the predicted tokens of one batch, with the heads now set."""
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
@@ -160,15 +165,12 @@ def substituted_kl(model, replacer: HeadReplacer, heads: dict[HeadId, Replacemen
     """Summed KL(unmodified || substituted) over the predicted tokens of the reference batches, and the token
     count."""
     replacer.set_heads(heads)
-    total, tokens = 0.0, 0
     try:
         with torch.no_grad():
-            for _, ids, mask, before in reference:
-                total += float(batch_kl(model, ids, mask, before))
-                tokens += int(mask[:, 1:].sum())
+            total = sum(float(batch_kl(model, ids, mask, before)) for _, ids, mask, before in reference)
     finally:
         replacer.set_heads({})
-    return total, tokens
+    return total, predicted_tokens(reference)
 
 
 # Every DEV_EVERY-th training sequence takes no steps: it is the text that says which weights generalise (the
@@ -196,13 +198,13 @@ class TuningResult:
 
 
 def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
-         fixed: dict[HeadId, Replacement], sequences: list[list[int]], dev: list[list[int]], *, epochs: int,
-         learning_rate: float, l2: float, batch_size: int, reference=None, dev_reference=None, log=print
-         ) -> TuningResult:
+         fixed: dict[HeadId, Replacement], sequences: list[list[int]], dev: list[list[int]],
+         settings: TuningSettings, reference=None, dev_reference=None, log=print) -> TuningResult:
     """Tune the weights of `tunable` (with `fixed` replaced too) by Adam on the mean KL per predicted token over
-    `sequences`, plus l2/2 |u - u0|^2 per program (u: weights in units of the cues' rms): one step per batch,
-    `epochs` passes over the text (a step on a batch costs what a forward and backward pass of it cost, so
-    steps on batches learn more per second than steps on the whole text). After each epoch the KL on `dev`
+    `sequences`, plus l2/2 |u - u0|^2 per program (u: weights in units of the cues' rms): one step per batch of
+    `settings.batch_size` sequences, `settings.epochs` passes over the text (a step on a batch costs what a
+    forward and backward pass of it cost, so steps on batches learn more per second than steps on the whole
+    text; `settings.train_tokens` is training_texts' concern). After each epoch the KL on `dev`
     (training text that takes no steps) is measured: the weights kept are those with the lowest dev KL, the
     untuned ones included, and an epoch that raised it is undone and the learning rate halved. So tuning
     never leaves the dev KL higher than it found it. The text stepped on is not measured apart (before and
@@ -211,15 +213,16 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
     started = time.time()
     heads = {**fixed, **tunable}
     params = [p.u for p in tunable.values()]
-    optimiser = torch.optim.Adam(params, lr=learning_rate)
-    reference = reference if reference is not None else reference_log_probs(model, replacer, sequences, batch_size)
+    optimiser = torch.optim.Adam(params, lr=settings.learning_rate)
+    reference = (reference if reference is not None
+                 else reference_log_probs(model, replacer, sequences, settings.batch_size))
     dev_reference = (dev_reference if dev_reference is not None
-                     else reference_log_probs(model, replacer, dev, batch_size))
-    tokens = sum(int(mask[:, 1:].sum()) for _, _, mask, _ in reference)
+                     else reference_log_probs(model, replacer, dev, settings.batch_size))
+    tokens = predicted_tokens(reference)
     dev_before, dev_tokens = substituted_kl(model, replacer, heads, dev_reference)
     kept, kept_dev, kept_epoch = [p.detach().clone() for p in params], dev_before, 0
     step, kl_while_tuning, dev_by_epoch = 0, [], []
-    for epoch in range(epochs):
+    for epoch in range(settings.epochs):
         with frozen(model):
             replacer.set_heads(heads)
             try:
@@ -230,7 +233,7 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
                     (kl / mask[:, 1:].sum()).backward()
                     for program in tunable.values():  # the pull to the untuned weights
                         if program.u.grad is not None:
-                            program.u.grad += l2 * (program.u.detach() - program.u0)
+                            program.u.grad += settings.l2 * (program.u.detach() - program.u0)
                     optimiser.step()
                     total, step = total + float(kl.detach()), step + 1
             finally:
@@ -238,7 +241,7 @@ def tune(model, replacer: HeadReplacer, tunable: dict[HeadId, TunableProgram],
         dev_kl = substituted_kl(model, replacer, heads, dev_reference)[0]
         kl_while_tuning.append(total / max(tokens, 1))
         dev_by_epoch.append(dev_kl / max(dev_tokens, 1))
-        log(f"tuning: epoch {epoch + 1}/{epochs}: KL {kl_while_tuning[-1]:.4f} nats/token while tuning, dev "
+        log(f"tuning: epoch {epoch + 1}/{settings.epochs}: KL {kl_while_tuning[-1]:.4f} nats/token while tuning, dev "
             f"{dev_by_epoch[-1]:.4f} ({len(tunable)} heads)")
         if dev_kl < kept_dev:
             kept, kept_dev, kept_epoch = [p.detach().clone() for p in params], dev_kl, epoch + 1
@@ -333,9 +336,8 @@ def tune_stages(model, replacer: HeadReplacer, programs: dict[HeadId, Replacemen
         new = tunable_programs({h: sources[h] for h in heads if h not in current and h in sources}, texts, cache)
         tunable = {h: copy_of(current[h]) if h in current else new[h] for h in heads if h in current or h in new}
         fixed = {h: programs[h] for h in heads if h not in tunable}
-        result = tune(model, replacer, tunable, fixed, steps, dev, epochs=settings.epochs,
-                      learning_rate=settings.learning_rate, l2=settings.l2, batch_size=settings.batch_size,
-                      reference=reference, dev_reference=dev_reference, log=log)
+        result = tune(model, replacer, tunable, fixed, steps, dev, settings, reference=reference,
+                      dev_reference=dev_reference, log=log)
         log(f"tuning: fraction {fraction:g} ({len(tunable)} of {len(heads)} heads tunable): dev KL "
             f"{result.dev_before:.4f} -> {result.dev_after:.4f} nats/token (weights of epoch {result.epochs_kept}) "
             f"in {result.seconds:.0f}s")
