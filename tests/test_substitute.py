@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from attnprog import substitute
 from attnprog.contracts import BEST, ORDERS, SubstitutionSummary
@@ -26,6 +26,9 @@ def tiny_model(arch: str):
                                            bos_token_id=0, eos_token_id=0))
     elif arch == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             hidden_size=32, intermediate_size=64, vocab_size=VOCAB))
+    elif arch == "qwen2":  # Qwen2.5's attention: biases on the query, key and value projections, and GQA
+        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              hidden_size=32, intermediate_size=64, vocab_size=VOCAB))
     else:  # Gemma-3-270M's attention in small: one key/value head shared by 4 query heads, query/key norms,
         # scaling by query_pre_attn_scalar (not the head size), a sliding-window layer (a window shorter than
@@ -65,7 +68,7 @@ def logits(model, ids, **kwargs):
         return model(ids, **kwargs).logits
 
 
-ARCHS = ["gpt2", "llama", "gemma3"]
+ARCHS = ["gpt2", "llama", "gemma3", "qwen2"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

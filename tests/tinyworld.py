@@ -34,7 +34,7 @@ def make_tokenizer(bos: bool):
 
 def make_model(kind: str, vocab_size: int, **token_ids):
     """A 2-layer random-weight model of the given architecture, in eager attention."""
-    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig)
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config)
 
     torch.manual_seed(0)
     if kind == "gpt2":
@@ -47,6 +47,9 @@ def make_model(kind: str, vocab_size: int, **token_ids):
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   head_dim=8, max_position_embeddings=256, sliding_window=16,
                                   layer_types=["sliding_attention", "full_attention"])
+    elif kind == "qwen2":  # biases on the query, key and value projections
+        config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     else:
         raise ValueError(kind)
     config.architectures = None
