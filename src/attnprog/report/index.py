@@ -153,6 +153,7 @@ def write_index(models: list[ModelSummary], out_path: str | Path, settings: Repo
         models=rows, fraction_label=f"{fraction:.0%}", figure=models_figure(models),
         transfers=transfer_rows(list(transfers)),
         note="Perplexity on the substitution summary's evaluation set (held-out text when there is some), programs "
-             "replacing heads in order of val IoU, with the relative increase and its 95% bootstrap interval.")
+             "replacing heads in each model's headline order (the sweep's method chosen on val), with the relative "
+             "increase and its 95% bootstrap interval.")
     write_text(out_path, page)
     return Path(out_path)
