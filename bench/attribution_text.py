@@ -63,7 +63,8 @@ def main():
     sweep = sweep[sweep.fraction > 0].rename(columns={"method": "estimated on"})
     sweep["shared with val order"] = [len(set(chosen[m][:counts[f]]) & set(val_order[:counts[f]]))
                                       for m, f in zip(sweep["estimated on"], sweep.fraction)]
-    columns = ["split", "fraction", "estimated on", "ppl", "rel_increase", "rel_lo", "rel_hi", "shared with val order"]
+    columns = ["split", "fraction", "estimated on", "ppl", "rel_increase", "rel_lo", "rel_hi", "kl",
+               "shared with val order"]
     with pd.option_context("display.width", 200, "display.max_rows", 200):
         print(sweep[columns].sort_values(columns[:3]).to_string(index=False))
 

@@ -108,7 +108,7 @@ def main():
     all_heads = [h for h in order if h in sources]
     iou["all_untuned"] = float(np.mean([mean_iou(programs[h], h, test_texts, real) for h in all_heads]))
 
-    table = sweep[sweep.fraction > 0][["method", "fraction", "split", "ppl", "rel_increase", "rel_lo", "rel_hi"]]
+    table = sweep[sweep.fraction > 0][["method", "fraction", "split", "ppl", "rel_increase", "rel_lo", "rel_hi", "kl"]]
     with pd.option_context("display.width", 200, "display.max_rows", 100):
         print(table.to_string(index=False))
     print("test IoU (heads tuned at each fraction): " + json.dumps(iou))

@@ -166,7 +166,8 @@ def write_sweep(base: Path, rng) -> None:
                 rel = ppl / 20 - 1
                 rows.append({"method": method, "seed": seed, "fraction": fraction, "n_replaced": round(6 * fraction),
                              "split": "heldout", "n_tokens": 5000, "ppl": ppl, "ppl_lo": ppl * 0.95,
-                             "ppl_hi": ppl * 1.05, "rel_increase": rel, "rel_lo": rel - 0.02, "rel_hi": rel + 0.02})
+                             "ppl_hi": ppl * 1.05, "rel_increase": rel, "rel_lo": rel - 0.02, "rel_hi": rel + 0.02,
+                             "kl": rel / 4, "kl_lo": rel / 5, "kl_hi": rel / 3})
     SWEEP.write(pd.DataFrame(rows), base / "substitution" / "sweep.parquet")
     SINGLE_HEADS.write(pd.DataFrame([{"layer": l, "head": h, "ppl": 20 + rng.random(), "rel_increase": 0.05 * rng.random()}
                                      for (l, h) in BEST]), base / "substitution" / "single_heads.parquet")
@@ -307,6 +308,7 @@ def test_index_compares_models_and_links_to_each(tmp_path):
     sweep = pd.read_parquet(inputs["tiny"].sweep)
     at = sweep[(sweep["method"] == "programs") & (sweep["fraction"] == 0.25)].iloc[0]
     assert f"{at['ppl']:.2f} ({at['rel_increase']:+.1%}" in page
+    assert f"{at['kl']:.3f} [{at['kl_lo']:.3f}, {at['kl_hi']:.3f}]" in page
     summary = LibrarySummary.read(inputs["tiny"].library)
     assert f"{summary.mean_test_iou:.3f}" in page
     qa = pd.DataFrame(QASummary.read(inputs["tiny"].qa).results)

@@ -284,8 +284,39 @@ def test_run_sweep_reports_zero_increase_for_the_baseline_and_a_real_one_for_uni
         assert row.ppl_lo <= row.ppl <= row.ppl_hi
         assert row.rel_lo <= row.rel_increase <= row.rel_hi
     assert replacer.heads == {}  # the model is left unmodified
-    assert set(table.columns) >= {"method", "seed", "fraction", "n_replaced", "split", "ppl", "rel_increase"}
+    assert set(table.columns) >= {"method", "seed", "fraction", "n_replaced", "split", "ppl", "rel_increase", "kl"}
     assert isinstance(table, pd.DataFrame)
+
+
+def test_run_sweep_scores_each_run_as_the_model_computes_it_with_its_kl_to_the_unmodified_model():
+    """The sweep compares every run with the unmodified model batch by batch; each run's perplexity must be
+    what the model gives with those heads set, and its KL what tuning's (separately written) KL gives."""
+    from attnprog.substitute.tuning import reference_log_probs, substituted_kl
+
+    model = tiny_model("llama")
+    replacer = substitute.install(model, id_strings)
+    gen = torch.Generator().manual_seed(8)
+    sequences = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 12, 6, 10, 7)]
+    heads = all_heads(model)
+    programs = {head: token_dependent for head in heads}
+    runs = sweeps.plan_sweep({("programs", None): heads}, len(heads), [0.0, 0.5, 1.0])
+    table = sweeps.run_sweep(model, replacer, runs, programs, {"val": sequences}, batch_size=2, n_boot=200,
+                             log=lambda m: None).set_index(["method", "fraction"])
+    reference = reference_log_probs(model, replacer, sequences, 3)
+    assert table.loc[("programs", 0.0), "kl"] == 0 == table.loc[("programs", 0.0), "kl_hi"]
+    for run in runs:
+        chosen = {head: substitute.uniform_attention if run.method == "uniform" else programs[head]
+                  for head in run.heads}
+        replacer.set_heads(chosen)
+        expected_ppl = sweeps.perplexity(*sweeps.sequence_nlls(model, sequences, 3))
+        total, tokens = substituted_kl(model, replacer, chosen, reference)
+        row = table.loc[(run.method, run.fraction)]
+        assert row.ppl == pytest.approx(expected_ppl, rel=1e-5)
+        assert row.kl == pytest.approx(total / tokens, rel=1e-4, abs=1e-7)
+        assert row.kl_lo <= row.kl <= row.kl_hi
+        if run.heads:
+            assert row.kl > 0
+    assert replacer.heads == {}
 
 
 # --- programs from a library -----------------------------------------------------------------------------------

@@ -336,7 +336,9 @@ class SingleHeadStats(JsonRecord):
 class SubstitutionSummary(JsonRecord):
     """results/{model}/substitution/summary.json, written by the `substitute` rule. `splits` holds, per
     evaluation set, the baseline perplexity and per method `{fraction: relative increase}` (with
-    `<method>_interval`, `random_range`); the file also repeats the main split's entries at its top level."""
+    `<method>_interval`, `random_range`), and under `kl` per method `{fraction: KL(unmodified || substituted)
+    in nats per token}` (with `kl_interval`; random: the mean over seeds); the file also repeats the main
+    split's entries at its top level."""
     model: str
     split: str                     # the main evaluation set (heldout when there is one)
     baseline_ppl: float
@@ -585,7 +587,8 @@ BASELINES = Table("baselines", (("baseline", "string"), ("layer", "int32"), ("he
 SWEEP = Table("sweep", (
     ("method", "string"), ("seed", "int64"), ("fraction", "float64"), ("n_replaced", "int64"), ("split", "string"),
     ("n_tokens", "int64"), ("ppl", "float64"), ("ppl_lo", "float64"), ("ppl_hi", "float64"),
-    ("rel_increase", "float64"), ("rel_lo", "float64"), ("rel_hi", "float64")))
+    ("rel_increase", "float64"), ("rel_lo", "float64"), ("rel_hi", "float64"),
+    ("kl", "float64"), ("kl_lo", "float64"), ("kl_hi", "float64")))  # KL(unmodified || run), nats per token
 
 # results/{model}/substitution/single_heads.parquet: each measured head replaced alone.
 SINGLE_HEADS = Table("single_heads", (("layer", "int32"), ("head", "int32"), ("ppl", "float64"),

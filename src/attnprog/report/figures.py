@@ -188,44 +188,52 @@ def _legend_above(figure: Figure) -> None:
 
 
 def sweep_curves(sweep: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
-    """{(eval split, method): perplexity per fraction with its 95% interval}. Runs of several seeds (random
-    order) are averaged, and their band spans every seed's interval."""
+    """{(eval split, method): perplexity and KL to the unmodified model per fraction, each with its 95%
+    interval}. Runs of several seeds (random order) are averaged, and their band spans every seed's interval."""
     curves = {}
     for (split, method), rows in sweep.groupby(["split", "method"]):
         curves[split, method] = rows.groupby("fraction").agg(
-            ppl=("ppl", "mean"), lo=("ppl_lo", "min"), hi=("ppl_hi", "max"), seeds=("ppl", "size"),
-            n_replaced=("n_replaced", "max"))
+            ppl=("ppl", "mean"), lo=("ppl_lo", "min"), hi=("ppl_hi", "max"), kl=("kl", "mean"),
+            kl_lo=("kl_lo", "min"), kl_hi=("kl_hi", "max"), seeds=("ppl", "size"), n_replaced=("n_replaced", "max"))
     return curves
 
 
 def perplexity_figure(sweep: pd.DataFrame, first_split: str) -> tuple[str, str]:
-    """Perplexity against the fraction of heads replaced, every method with its interval; one panel per
-    evaluation set, `first_split` first. Returns (svg, note)."""
+    """Perplexity (top row) and KL to the unmodified model (bottom row) against the fraction of heads replaced,
+    every method with its interval; one column per evaluation set, `first_split` first. Returns (svg, note)."""
     curves = sweep_curves(sweep)
     splits = sorted(sweep["split"].unique(), key=lambda split: (split != first_split, split))
-    figure = Figure(figsize=(4.6 * len(splits) + 1.4, 3.8))
+    methods = sorted(sweep["method"].unique(), key=lambda m: (m not in METHODS, m))
+    figure = Figure(figsize=(4.6 * len(splits) + 1.4, 7.2))
     for k, split in enumerate(splits):
-        ax = figure.add_subplot(1, len(splits), k + 1)
-        for i, method in enumerate(sorted(sweep["method"].unique(), key=lambda m: (m not in METHODS, m))):
+        ppl_ax = figure.add_subplot(2, len(splits), k + 1)
+        kl_ax = figure.add_subplot(2, len(splits), len(splits) + k + 1, sharex=ppl_ax)
+        for i, method in enumerate(methods):
             if (split, method) not in curves:
                 continue
             curve, (label, colour) = curves[split, method], _method_style(method, i)
             seeds = int(curve["seeds"].max())
-            ax.plot(curve.index, curve["ppl"], "o-", ms=3.5, color=colour,
-                    label=label + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
-            ax.fill_between(curve.index, curve["lo"], curve["hi"], color=colour, alpha=.18, lw=0)
+            ppl_ax.plot(curve.index, curve["ppl"], "o-", ms=3.5, color=colour,
+                        label=label + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
+            ppl_ax.fill_between(curve.index, curve["lo"], curve["hi"], color=colour, alpha=.18, lw=0)
+            replaced = curve[curve.index > 0]  # none replaced: KL 0, off a log axis
+            kl_ax.plot(replaced.index, replaced["kl"], "o-", ms=3.5, color=colour)
+            kl_ax.fill_between(replaced.index, replaced["kl_lo"], replaced["kl_hi"], color=colour, alpha=.18, lw=0)
         tokens = int(sweep.loc[sweep["split"] == split, "n_tokens"].max())
-        ax.set(yscale="log", xlabel="fraction of heads replaced", ylabel="perplexity",
-               title=f"{split} ({tokens:,} tokens)")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-        _plain_log_labels(ax.yaxis)
-        ax.grid(alpha=.3, which="both")
+        ppl_ax.set(yscale="log", ylabel="perplexity", title=f"{split} ({tokens:,} tokens)")
+        kl_ax.set(yscale="log", xlabel="fraction of heads replaced", ylabel="KL to unmodified (nats/token)")
+        kl_ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        for ax in (ppl_ax, kl_ax):
+            _plain_log_labels(ax.yaxis)
+            ax.grid(alpha=.3, which="both")
     figure.tight_layout()
     _legend_above(figure)
-    note = ("Bands: 95% bootstrap intervals over the evaluation sequences. Heads are replaced in order of their "
-            "best program's val IoU, or (attribution) greedily by the KL their replacement is estimated to add "
-            "given the heads already replaced, estimated on val; the uniform baseline replaces the heads of the IoU "
-            "order with uniform causal attention.")
+    note = ("Bands: 95% bootstrap intervals over the evaluation sequences. KL: from the unmodified model's "
+            "next-token distribution to the substituted model's, per predicted token; it is zero only when the "
+            "model predicts exactly as before, while perplexity can stay level when it does not. Heads are "
+            "replaced in order of their best program's val IoU, or (attribution) greedily by the KL their "
+            "replacement is estimated to add given the heads already replaced, estimated on val; the uniform "
+            "baseline replaces the heads of the IoU order with uniform causal attention.")
     return _svg_of(figure), note
 
 

@@ -41,26 +41,28 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else pattern.format(value)
 
 
-def perplexity_cells(sweep: pd.DataFrame | None, substitution: SubstitutionSummary | None,
-                     fraction: float) -> tuple[str, str]:
-    """(perplexity with no head replaced, perplexity at the fraction nearest `fraction` with its relative
-    increase and interval) for the headline method on the main evaluation set."""
+def substitution_cells(sweep: pd.DataFrame | None, substitution: SubstitutionSummary | None,
+                       fraction: float) -> tuple[str, str, str]:
+    """(perplexity with no head replaced; perplexity at the fraction nearest `fraction` with its relative
+    increase and interval; the KL to the unmodified model there with its interval) for the headline method on
+    the main evaluation set."""
     if sweep is None or not len(sweep):
-        return "–", "–"
+        return "–", "–", "–"
     rows = sweep[(sweep["method"] == headline_method(sweep, substitution))
                  & (sweep["split"] == main_split(sweep, substitution))]
     if not len(rows):
-        return "–", "–"
+        return "–", "–", "–"
     base = rows.loc[rows["fraction"].idxmin()]
     at = rows.loc[(rows["fraction"] - fraction).abs().idxmin()]
+    where = f" at {at['fraction']:.0%}" if not np.isclose(at["fraction"], fraction) else ""
     return (f"{base['ppl']:.2f}",
-            f"{at['ppl']:.2f} ({at['rel_increase']:+.1%} [{at['rel_lo']:+.1%}, {at['rel_hi']:+.1%}])"
-            + (f" at {at['fraction']:.0%}" if not np.isclose(at["fraction"], fraction) else ""))
+            f"{at['ppl']:.2f} ({at['rel_increase']:+.1%} [{at['rel_lo']:+.1%}, {at['rel_hi']:+.1%}])" + where,
+            f"{at['kl']:.3f} [{at['kl_lo']:.3f}, {at['kl_hi']:.3f}]" + where)
 
 
 def model_row(model: ModelSummary, fraction: float) -> dict:
     """One line of the cross-model table, from the small summary files only."""
-    ppl_base, ppl_at = perplexity_cells(model.sweep, model.substitution, fraction)
+    ppl_base, ppl_at, kl_at = substitution_cells(model.sweep, model.substitution, fraction)
     baselines = model.library.baselines
     best = max(baselines.items(), key=lambda item: item[1]) if baselines else None
     return {"name": model.name, "href": f"{model.name}/index.html", "architecture": model.info.architecture,
@@ -68,7 +70,7 @@ def model_row(model: ModelSummary, fraction: float) -> dict:
             "library_size": model.library.library_size,
             "val_iou": _fmt(model.library.mean_val_iou), "test_iou": _fmt(model.library.mean_test_iou),
             "baseline": f"{best[0]} ({best[1]:.3f})" if best else "–", "ppl_base": ppl_base, "ppl_at": ppl_at,
-            "qa": qa_cell(model.qa, fraction)}
+            "kl_at": kl_at, "qa": qa_cell(model.qa, fraction)}
 
 
 def depth_profile(best: pd.DataFrame, n_layers: int) -> pd.DataFrame:
@@ -154,6 +156,8 @@ def write_index(models: list[ModelSummary], out_path: str | Path, settings: Repo
         transfers=transfer_rows(list(transfers)),
         note="Perplexity on the substitution summary's evaluation set (held-out text when there is some), programs "
              "replacing heads in each model's headline order (the sweep's method chosen on val), with the relative "
-             "increase and its 95% bootstrap interval.")
+             "increase and its 95% bootstrap interval, and the KL from the unmodified model's next-token "
+             "distributions to the substituted model's, in nats per token: the stricter measure, since perplexity "
+             "can stay level while the model predicts other tokens.")
     write_text(out_path, page)
     return Path(out_path)

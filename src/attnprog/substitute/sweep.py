@@ -74,18 +74,41 @@ def padded_batches(sequences: list[list[int]], batch_size: int, device):
         yield batch, ids.to(device), mask.to(device)
 
 
+def next_token_log_probs(model, ids, mask) -> torch.Tensor:
+    """Log-probabilities over the vocabulary of each next token, (batch, length - 1, vocabulary), float32."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_kl(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """KL(before || after) at each position, from log-probabilities over the vocabulary (last dimension)."""
+    return (before.exp() * (before - after)).sum(-1)
+
+
 def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed next-token negative log-likelihood and the number of predicted tokens, per sequence."""
     device = next(model.parameters()).device
     nll, count = np.zeros(len(sequences)), np.zeros(len(sequences), dtype=np.int64)
     for batch, ids, mask in padded_batches(sequences, batch_size, device):
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+            logp = next_token_log_probs(model, ids, mask).gather(-1, ids[:, 1:, None])[..., 0].cpu()
         valid = mask[:, 1:].bool().cpu()
         nll[batch] = -(logp * valid).sum(1).double().numpy()
         count[batch] = valid.sum(1).numpy()
     return nll, count
+
+
+@dataclass
+class SequenceScores:
+    """Per sequence of an evaluation set, under one run: summed next-token NLL, summed KL(unmodified ||
+    substituted) over the same predicted tokens, and how many tokens were predicted."""
+    nll: np.ndarray
+    kl: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> "SequenceScores":
+        return cls(np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64))
 
 
 def bootstrap_indices(n_sequences: int, n_boot: int, seed: int) -> np.ndarray:
@@ -100,47 +123,104 @@ def perplexity(nll: np.ndarray, count: np.ndarray, resamples: np.ndarray | None 
     return np.exp(nll[resamples].sum(1) / count[resamples].sum(1))
 
 
+def mean_per_token(values: np.ndarray, count: np.ndarray, resamples: np.ndarray | None = None):
+    """Per-sequence sums (e.g. KL) as a mean per predicted token; with resamples, one value per resample."""
+    if resamples is None:
+        return float(values.sum() / count.sum())
+    return values[resamples].sum(1) / count[resamples].sum(1)
+
+
+UNMODIFIED = ("unmodified",)
+
+
+def score_runs(model, replacer: HeadReplacer, replacements: dict[tuple, dict[HeadId, Replacement]],
+               sequences: list[list[int]], batch_size: int) -> tuple[dict[tuple, SequenceScores], dict[tuple, float]]:
+    """Every run (key -> its heads' replacements) on one evaluation set, batch by batch: the unmodified model's
+    distributions of a batch are computed once and every run is compared with them while they are in memory
+    (holding them for a whole set would take tokens x vocabulary floats). Returns the scores and the seconds
+    spent per run."""
+    device = next(model.parameters()).device
+    scores = {key: SequenceScores.empty(len(sequences)) for key in [UNMODIFIED, *replacements]}
+    seconds = dict.fromkeys(scores, 0.0)
+    try:
+        for batch, ids, mask in padded_batches(sequences, batch_size, device):
+            valid, targets = mask[:, 1:].to(torch.float64), ids[:, 1:, None]
+            with torch.no_grad():
+                started = time.time()
+                replacer.set_heads({})
+                before = next_token_log_probs(model, ids, mask)
+                seconds[UNMODIFIED] += time.time() - started
+                for key in scores:
+                    started = time.time()
+                    if key == UNMODIFIED:
+                        after = before
+                    else:
+                        replacer.set_heads(replacements[key])
+                        after = next_token_log_probs(model, ids, mask)
+                    score = scores[key]
+                    score.nll[batch] = -(after.gather(-1, targets)[..., 0] * valid).sum(1).cpu().numpy()
+                    score.kl[batch] = (token_kl(before, after) * valid).sum(1).cpu().numpy()
+                    score.count[batch] = valid.sum(1).long().cpu().numpy()
+                    seconds[key] += time.time() - started
+    finally:
+        replacer.set_heads({})
+    return scores, seconds
+
+
 def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[HeadId, Replacement],
               eval_sets: dict[str, list[list[int]]], batch_size: int, n_boot: int = 1000, seed: int = 0,
               log=print, tuned: dict[float, dict[HeadId, Replacement]] | None = None) -> pd.DataFrame:
-    """Perplexity of every run on every evaluation set, with 95% intervals from a bootstrap over sequences that
-    is paired with the unmodified model (the same resampled sequences for both), so the interval of the
-    relative increase is that of the paired difference.
+    """Perplexity and KL to the unmodified model of every run on every evaluation set, with 95% intervals from a
+    bootstrap over sequences that is paired with the unmodified model (the same resampled sequences for both),
+    so the interval of the relative increase is that of the paired difference. The KL is the strict measure of
+    faithfulness: perplexity can stay level, or fall, while the substituted model predicts other tokens.
 
     Returns one row per (run, eval set): method, seed, fraction, n_replaced, split, n_tokens, ppl, ppl_lo, ppl_hi,
-    rel_increase, rel_lo, rel_hi. `tuned`: per fraction, the replacements of the `tuned` method's runs."""
-    results: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    for run in runs:
-        if run.key in results:
-            continue
-        started = time.time()
-        if run.method == "uniform":
-            replacement = lambda head: uniform_attention
-        else:
-            replacement = (tuned[run.fraction] if run.method == "tuned" else programs).__getitem__
-        replacer.set_heads({head: replacement(head) for head in run.heads})
-        results[run.key] = {split: sequence_nlls(model, seqs, batch_size) for split, seqs in eval_sets.items()}
-        log(f"substitution: {run.method:12s} seed={run.seed} fraction={run.fraction:.2f} "
-            f"({len(run.heads)} heads) in {time.time() - started:.1f}s")
-    replacer.set_heads({})
-
-    baseline_key = ("unmodified",)
-    if baseline_key not in results:
+    rel_increase, rel_lo, rel_hi, kl, kl_lo, kl_hi (nats per predicted token). `tuned`: per fraction, the
+    replacements of the `tuned` method's runs."""
+    if UNMODIFIED not in {run.key for run in runs}:
         raise ValueError("the sweep needs fraction 0 (the unmodified model) as its baseline")
+    replacements = {}
+    for run in runs:
+        if run.key == UNMODIFIED or run.key in replacements:
+            continue
+        if run.method == "uniform":
+            replacements[run.key] = {head: uniform_attention for head in run.heads}
+        else:
+            source = tuned[run.fraction] if run.method == "tuned" else programs
+            replacements[run.key] = {head: source[head] for head in run.heads}
+    results: dict[str, dict[tuple, SequenceScores]] = {}
+    seconds = dict.fromkeys([UNMODIFIED, *replacements], 0.0)
+    for split, sequences in eval_sets.items():
+        started = time.time()
+        results[split], spent = score_runs(model, replacer, replacements, sequences, batch_size)
+        seconds = {key: seconds[key] + spent[key] for key in seconds}
+        log(f"substitution: {len(seconds)} runs on {split} ({len(sequences)} sequences) in "
+            f"{time.time() - started:.1f}s")
+    first_of_key = {}
+    for run in runs:
+        first_of_key.setdefault(run.key, run)
+    for run in first_of_key.values():
+        log(f"substitution: {run.method:12s} seed={run.seed} fraction={run.fraction:.2f} "
+            f"({len(run.heads)} heads) in {seconds[run.key]:.1f}s")
+
     rows = []
     for split in eval_sets:
         resamples = bootstrap_indices(len(eval_sets[split]), n_boot, seed)
-        base_nll, base_count = results[baseline_key][split]
-        base_ppl, base_boot = perplexity(base_nll, base_count), perplexity(base_nll, base_count, resamples)
+        base = results[split][UNMODIFIED]
+        base_ppl, base_boot = perplexity(base.nll, base.count), perplexity(base.nll, base.count, resamples)
         for run in runs:
-            nll, count = results[run.key][split]
-            ppl, boot = perplexity(nll, count), perplexity(nll, count, resamples)
+            score = results[split][run.key]
+            ppl, boot = perplexity(score.nll, score.count), perplexity(score.nll, score.count, resamples)
             rel = boot / base_boot - 1
+            kl_boot = mean_per_token(score.kl, score.count, resamples)
             rows.append({"method": run.method, "seed": run.seed, "fraction": run.fraction,
-                         "n_replaced": len(run.heads), "split": split, "n_tokens": int(count.sum()),
+                         "n_replaced": len(run.heads), "split": split, "n_tokens": int(score.count.sum()),
                          "ppl": ppl, "ppl_lo": float(np.percentile(boot, 2.5)),
                          "ppl_hi": float(np.percentile(boot, 97.5)), "rel_increase": ppl / base_ppl - 1,
-                         "rel_lo": float(np.percentile(rel, 2.5)), "rel_hi": float(np.percentile(rel, 97.5))})
+                         "rel_lo": float(np.percentile(rel, 2.5)), "rel_hi": float(np.percentile(rel, 97.5)),
+                         "kl": mean_per_token(score.kl, score.count), "kl_lo": float(np.percentile(kl_boot, 2.5)),
+                         "kl_hi": float(np.percentile(kl_boot, 97.5))})
     return pd.DataFrame(rows)
 
 
@@ -187,11 +267,12 @@ def choose_headline(sweep: pd.DataFrame, split: str = "val") -> str:
 def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFrame, model: str,
                     main_split: str, estimates: dict[HeadId, float] | None = None,
                     program_failures: int = 0, tuning: dict | None = None) -> SubstitutionSummary:
-    """summary.json: baseline perplexity and, per method, the relative perplexity increase at each fraction
-    (random order: the mean over seeds), with 95% paired bootstrap intervals, per evaluation set; the headline
-    method (chosen on val) also under "best"; and the Spearman correlation between each head's test IoU and
-    the cost of replacing it alone, and between the attribution order's estimated KL (val, nothing replaced)
-    and that measured cost. program_failures and tuning (the `tuned` method's record) are passed through."""
+    """summary.json: baseline perplexity and, per method, the relative perplexity increase and the KL to the
+    unmodified model at each fraction (random order: the mean over seeds), with 95% paired bootstrap intervals,
+    per evaluation set; the headline method (chosen on val) also under "best"; and the Spearman correlation
+    between each head's test IoU and the cost of replacing it alone, and between the attribution order's
+    estimated KL (val, nothing replaced) and that measured cost. program_failures and tuning (the `tuned`
+    method's record) are passed through."""
     from scipy.stats import spearmanr
 
     def per_split(split):
@@ -208,6 +289,11 @@ def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFram
             else:
                 out["random_range"] = {fraction_key(f): [float(r.rel_increase.min()), float(r.rel_increase.max())]
                                        for f, r in by_fraction}
+        out["kl"] = {method: {fraction_key(f): float(r.kl.mean()) for f, r in rows.groupby("fraction")}
+                     for method, rows in table.groupby("method", sort=False)}
+        out["kl_interval"] = {method: {fraction_key(f): [float(r.kl_lo.iloc[0]), float(r.kl_hi.iloc[0])]
+                                       for f, r in rows.groupby("fraction")}
+                              for method, rows in table.groupby("method", sort=False) if method != "random"}
         return out
 
     splits = {split: per_split(split) for split in sweep.split.unique()}

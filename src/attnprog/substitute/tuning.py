@@ -29,7 +29,7 @@ from .. import helpers
 from ..contracts import HeadId
 from ..settings import TuningSettings
 from .mechanism import HeadReplacer, Replacement
-from .sweep import padded_batches
+from .sweep import next_token_log_probs, padded_batches, token_kl
 
 # One term of a program written by synthesize.writing.program_source.
 _TERM = re.compile(r"^    score \+= (?P<weight>\S+) \* (?P<expression>.+?)  # (?P<description>.*)$", re.M)
@@ -143,8 +143,7 @@ def reference_log_probs(model, replacer: HeadReplacer, sequences: list[list[int]
     out = []
     with torch.no_grad():
         for batch, ids, mask in padded_batches(sequences, batch_size, device):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
-            out.append((batch, ids, mask, torch.log_softmax(logits, -1)))
+            out.append((batch, ids, mask, next_token_log_probs(model, ids, mask)))
     return out
 
 
@@ -155,9 +154,7 @@ def predicted_tokens(reference) -> int:
 
 def batch_kl(model, ids, mask, before) -> torch.Tensor:
     """Summed KL(unmodified || substituted) over the predicted tokens of one batch, with the heads now set."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
-    after = torch.log_softmax(logits, -1)
-    return ((before.exp() * (before - after)).sum(-1) * mask[:, 1:]).sum()
+    return (token_kl(before, next_token_log_probs(model, ids, mask)) * mask[:, 1:]).sum()
 
 
 def substituted_kl(model, replacer: HeadReplacer, heads: dict[HeadId, Replacement], reference
