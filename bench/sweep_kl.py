@@ -1,0 +1,71 @@
+"""What the sweep's KL to the unmodified model costs: the finished run's held-out text scored for the unmodified
+model and the attribution order at each fraction, once as perplexity only (one `sequence_nlls` pass per run,
+the sweep before it reported the KL) and once as the sweep scores it now (`score_runs`: perplexity and KL, every
+run compared with the unmodified model batch by batch). Alternates the two `--repeats` times and prints each
+time and their ratio, and checks that both give the same perplexities.
+
+    PYTHONPATH=src python bench/sweep_kl.py --results results/smollm2-135m --threads 2
+
+Nothing is written into --results.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from attnprog.config import load_config
+from attnprog.models import use_threads
+from attnprog.substitute.orders import read_order
+from attnprog.substitute.sweep import count_for, perplexity, score_runs, sequence_nlls
+from benchdata import finished_run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
+    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    use_threads(args.threads)
+    config = load_config(args.config)
+    batch_size = config["substitution"]["batch_size"]
+
+    run = finished_run(args.results, config)
+    order = read_order(args.results / "substitution/orders.parquet", "attribution")
+    sequences = run.eval_sets["heldout"]
+    replacements = {("attribution", f): {h: run.programs[h] for h in order[:count_for(f, run.info.n_heads_total,
+                                                                                        len(order))]}
+                    for f in args.fractions}
+    strings = [run.strings(ids) for ids in sequences]
+    for replacement in {id(r): r for r in run.programs.values()}.values():  # program matrices, as the sweep does
+        replacement.many(strings)
+    print(f"held-out: {len(sequences)} sequences, {sum(map(len, sequences))} tokens; "
+          f"{1 + len(replacements)} runs; batch size {batch_size}; threads {args.threads}")
+
+    times = {"perplexity only": [], "perplexity and KL": []}
+    for _ in range(args.repeats):
+        started = time.time()
+        old = {}
+        for key, heads in [(("unmodified",), {}), *replacements.items()]:
+            run.replacer.set_heads(heads)
+            old[key] = perplexity(*sequence_nlls(run.model, sequences, batch_size))
+        run.replacer.set_heads({})
+        times["perplexity only"].append(time.time() - started)
+        started = time.time()
+        scores, _ = score_runs(run.model, run.replacer, replacements, sequences, batch_size)
+        times["perplexity and KL"].append(time.time() - started)
+        for key, score in scores.items():
+            assert np.isclose(perplexity(score.nll, score.count), old[key], rtol=1e-5), key
+    for name, seconds in times.items():
+        print(f"{name}: " + " / ".join(f"{s:.1f}s" for s in seconds))
+    ratio = np.array(times["perplexity and KL"]) / np.array(times["perplexity only"])
+    print("ratio, perplexity and KL / perplexity only: " + " / ".join(f"{r:.3f}" for r in ratio))
+    kl = {key: float(score.kl.sum() / score.count.sum()) for key, score in scores.items()}
+    print("KL per token: " + ", ".join(f"{key[-1]}: {value:.4f}" for key, value in kl.items()))
+
+
+if __name__ == "__main__":
+    main()
