@@ -1,5 +1,5 @@
-"""The perplexity sweep: which heads each run replaces, perplexity per run with paired bootstrap intervals, the
-single-head costs, and summary.json.
+"""The sweep: which heads each run replaces, perplexity and KL to the unmodified model per run with paired
+bootstrap intervals, the single-head costs, and summary.json.
 
 A method is an order in which heads are replaced by their programs (`orders.py`), plus `uniform`: the heads of
 the `programs` order replaced by the uniform causal matrix (the paper's baseline). Every run is evaluated on
