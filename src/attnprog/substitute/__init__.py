@@ -5,7 +5,7 @@
     orders.py         the orders in which heads are replaced (one per sweep method)
     attribution.py    the attribution order: least estimated KL first, given the heads already replaced
     tuning.py         the `tuned` method: the replaced heads' program weights tuned through the model
-    sweep.py          the sweep (perplexity and KL to the unmodified model), its intervals, the single-head costs, summary.json
+    sweep.py          the sweep (perplexity and KL to the unmodified model), intervals, single-head costs, summary
 """
 
 from __future__ import annotations
