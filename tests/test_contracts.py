@@ -136,3 +136,21 @@ def test_a_manifest_reads_its_candidates_through_the_same_typed_check(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ContractError, match=r"manifest.json: candidates\[0\]: field n_terms is \"two\" \(str\)"):
         Manifest.read(tmp_path)
+
+
+def test_a_table_written_before_a_column_existed_is_named_with_what_to_rerun(tmp_path):
+    """A sweep.parquet from before the sweep reported the KL: the reader names the missing column and the way
+    out, rather than failing deep inside the report."""
+    import pandas as pd
+
+    from attnprog.contracts import SWEEP
+
+    path = tmp_path / "sweep.parquet"
+    old = pd.DataFrame([{"method": "random", "seed": 0, "fraction": 0.0, "n_replaced": 0, "split": "heldout",
+                         "n_tokens": 10, "ppl": 2.0, "ppl_lo": 1.9, "ppl_hi": 2.1, "rel_increase": 0.0,
+                         "rel_lo": 0.0, "rel_hi": 0.0}])
+    old.to_parquet(path)
+    with pytest.raises(ContractError, match=r"sweep: .*sweep.parquet has no column kl .*--forcerun"):
+        SWEEP.read(path)
+    SWEEP.write(old.assign(kl=0.0, kl_lo=0.0, kl_hi=0.0), path)
+    assert SWEEP.read(path)["kl"].tolist() == [0.0]

@@ -522,7 +522,8 @@ class Table:
         declared = dict(self.fields)
         for name in columns:
             if name not in found.names:
-                raise ContractError(f"{self.name}: {path} has no column {name}")
+                raise ContractError(f"{self.name}: {path} has no column {name} (written by an earlier version? "
+                                    "rerun the rule that writes it: snakemake --forcerun <rule>)")
             if _plain(found.field(name).type) != _plain(schema.field(name).type):
                 raise ContractError(f"{self.name}: {path} column {name} is {found.field(name).type}, "
                                     f"expected {declared[name]}")
