@@ -288,6 +288,19 @@ def test_run_sweep_reports_zero_increase_for_the_baseline_and_a_real_one_for_uni
     assert isinstance(table, pd.DataFrame)
 
 
+def test_token_kl_is_the_kl_of_the_two_next_token_distributions():
+    """Checked against torch.distributions' own KL of categorical distributions (an independent formula),
+    including its direction: KL(before || after), weighted by the unmodified model's probabilities."""
+    gen = torch.Generator().manual_seed(9)
+    before = torch.log_softmax(torch.randn(2, 5, 11, generator=gen) * 3, -1)
+    after = torch.log_softmax(torch.randn(2, 5, 11, generator=gen) * 3, -1)
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=before),
+                                                 torch.distributions.Categorical(logits=after))
+    assert torch.allclose(sweeps.token_kl(before, after), expected, atol=1e-6)
+    assert not torch.allclose(sweeps.token_kl(after, before), expected, atol=1e-3)
+    assert torch.equal(sweeps.token_kl(before, before), torch.zeros(2, 5))
+
+
 def test_run_sweep_scores_each_run_as_the_model_computes_it_with_its_kl_to_the_unmodified_model():
     """The sweep compares every run with the unmodified model batch by batch; each run's perplexity must be
     what the model gives with those heads set, and its KL what tuning's (separately written) KL gives."""
