@@ -16,8 +16,9 @@ import numpy as np
 
 from attnprog.config import load_config
 from attnprog.models import use_threads
+from attnprog.substitute import compute_matrices_once
 from attnprog.substitute.orders import read_order
-from attnprog.substitute.sweep import count_for, perplexity, score_runs, sequence_nlls
+from attnprog.substitute.sweep import count_for, mean_per_token, perplexity, score_runs, sequence_nlls
 from benchdata import finished_run
 
 
@@ -39,9 +40,7 @@ def main():
     replacements = {("attribution", f): {h: run.programs[h] for h in order[:count_for(f, run.info.n_heads_total,
                                                                                         len(order))]}
                     for f in args.fractions}
-    strings = [run.strings(ids) for ids in sequences]
-    for replacement in {id(r): r for r in run.programs.values()}.values():  # program matrices, as the sweep does
-        replacement.many(strings)
+    compute_matrices_once(run.programs, [run.strings(ids) for ids in sequences], log=lambda *_: None)
     print(f"held-out: {len(sequences)} sequences, {sum(map(len, sequences))} tokens; "
           f"{1 + len(replacements)} runs; batch size {batch_size}; threads {args.threads}")
 
@@ -63,7 +62,7 @@ def main():
         print(f"{name}: " + " / ".join(f"{s:.1f}s" for s in seconds))
     ratio = np.array(times["perplexity and KL"]) / np.array(times["perplexity only"])
     print("ratio, perplexity and KL / perplexity only: " + " / ".join(f"{r:.3f}" for r in ratio))
-    kl = {key: float(score.kl.sum() / score.count.sum()) for key, score in scores.items()}
+    kl = {key: mean_per_token(score.kl, score.count) for key, score in scores.items()}
     print("KL per token: " + ", ".join(f"{key[-1]}: {value:.4f}" for key, value in kl.items()))
 
 

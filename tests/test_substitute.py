@@ -457,6 +457,13 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     written = json.loads((out / "summary.json").read_text())
     assert SubstitutionSummary.read(out / "summary.json") == summary
     assert written["programs"] == summary.rel_increase("programs")  # the main split's curves also at the top level
+    heldout = sweep[sweep.split == "heldout"]
+    for method in ("programs", "uniform", "random"):  # the KL per fraction as the sweep measured it (random: mean)
+        rows = heldout[heldout.method == method].groupby("fraction")
+        assert written["kl"][method] == {f"{f:g}": pytest.approx(r.kl.mean()) for f, r in rows}
+    assert "random" not in written["kl_interval"]
+    assert written["kl_interval"]["uniform"]["1"] == pytest.approx(
+        heldout[(heldout.method == "uniform") & (heldout.fraction == 1)][["kl_lo", "kl_hi"]].iloc[0].tolist())
 
 
 @pytest.mark.slow

@@ -279,21 +279,20 @@ def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFram
         table = sweep[sweep.split == split]
         base = table[table.fraction == 0]
         out = {"baseline_ppl": float(base.ppl.iloc[0]), "n_tokens": int(base.n_tokens.iloc[0]),
-               "baseline_ppl_interval": [float(base.ppl_lo.iloc[0]), float(base.ppl_hi.iloc[0])]}
+               "baseline_ppl_interval": [float(base.ppl_lo.iloc[0]), float(base.ppl_hi.iloc[0])],
+               "kl": {}, "kl_interval": {}}
         for method, rows in table.groupby("method", sort=False):
             by_fraction = rows.groupby("fraction")
             out[method] = {fraction_key(f): float(r.rel_increase.mean()) for f, r in by_fraction}
+            out["kl"][method] = {fraction_key(f): float(r.kl.mean()) for f, r in by_fraction}
             if method != "random":  # one run per fraction: its interval; random: the spread over seeds
                 out[f"{method}_interval"] = {fraction_key(f): [float(r.rel_lo.iloc[0]), float(r.rel_hi.iloc[0])]
                                              for f, r in by_fraction}
+                out["kl_interval"][method] = {fraction_key(f): [float(r.kl_lo.iloc[0]), float(r.kl_hi.iloc[0])]
+                                              for f, r in by_fraction}
             else:
                 out["random_range"] = {fraction_key(f): [float(r.rel_increase.min()), float(r.rel_increase.max())]
                                        for f, r in by_fraction}
-        out["kl"] = {method: {fraction_key(f): float(r.kl.mean()) for f, r in rows.groupby("fraction")}
-                     for method, rows in table.groupby("method", sort=False)}
-        out["kl_interval"] = {method: {fraction_key(f): [float(r.kl_lo.iloc[0]), float(r.kl_hi.iloc[0])]
-                                       for f, r in rows.groupby("fraction")}
-                              for method, rows in table.groupby("method", sort=False) if method != "random"}
         return out
 
     splits = {split: per_split(split) for split in sweep.split.unique()}
