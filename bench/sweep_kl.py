@@ -1,6 +1,6 @@
 """What the sweep's KL to the unmodified model costs: the finished run's held-out text scored for the unmodified
-model and the attribution order at each fraction, once as perplexity only (one `sequence_nlls` pass per run,
-the sweep before it reported the KL) and once as the sweep scores it now (`score_runs`: perplexity and KL, every
+model and the attribution order at each fraction, once as perplexity only (one pass per run, as the sweep
+scored before it reported the KL) and once as the sweep scores it now (`score_runs`: perplexity and KL, every
 run compared with the unmodified model batch by batch). Alternates the two `--repeats` times and prints each
 time and their ratio, and checks that both give the same perplexities.
 
@@ -13,13 +13,29 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from attnprog.config import load_config
 from attnprog.models import use_threads
 from attnprog.substitute import compute_matrices_once
 from attnprog.substitute.orders import read_order
-from attnprog.substitute.sweep import count_for, mean_per_token, perplexity, score_runs, sequence_nlls
+from attnprog.substitute.sweep import (count_for, mean_per_token, next_token_log_probs, padded_batches, perplexity,
+                                      score_runs)
 from benchdata import finished_run
+
+
+def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sweep's scoring before the KL: summed next-token negative log-likelihood and the number of predicted
+    tokens, per sequence."""
+    device = next(model.parameters()).device
+    nll, count = np.zeros(len(sequences)), np.zeros(len(sequences), dtype=np.int64)
+    for batch, ids, mask in padded_batches(sequences, batch_size, device):
+        with torch.no_grad():
+            logp = next_token_log_probs(model, ids, mask).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        valid = mask[:, 1:].bool().cpu()
+        nll[batch] = -(logp * valid).sum(1).double().numpy()
+        count[batch] = valid.sum(1).numpy()
+    return nll, count
 
 
 def main():

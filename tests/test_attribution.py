@@ -1,5 +1,6 @@
 """The attribution order: its KL estimate against the exact KL, and the greedy order it builds."""
 import numpy as np
+import pytest
 import torch
 
 from attnprog import substitute
@@ -87,3 +88,6 @@ def test_the_greedy_order_takes_the_faithful_heads_first():
     assert sorted(order) == sorted(heads) and set(order[:4]) == faithful
     assert len(logged) == 2  # steps at 2 and 4 heads; 0 and all 8 need no estimate
     assert set(first) == set(heads) and max(first[h] for h in faithful) < min(first[h] for h in set(heads) - faithful)
+    tokens = sum(len(s) - 1 for s in seqs)  # per predicted token: the unit of the KL measured when each is replaced
+    summed = estimated_kl(model, replacer, [], programs, heads, seqs, 4, samples=4)
+    assert all(first[h] == pytest.approx(summed[h] / tokens) for h in heads)

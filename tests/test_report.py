@@ -169,7 +169,8 @@ def write_sweep(base: Path, rng) -> None:
                              "ppl_hi": ppl * 1.05, "rel_increase": rel, "rel_lo": rel - 0.02, "rel_hi": rel + 0.02,
                              "kl": rel / 4, "kl_lo": rel / 5, "kl_hi": rel / 3})
     SWEEP.write(pd.DataFrame(rows), base / "substitution" / "sweep.parquet")
-    SINGLE_HEADS.write(pd.DataFrame([{"layer": l, "head": h, "ppl": 20 + rng.random(), "rel_increase": 0.05 * rng.random()}
+    SINGLE_HEADS.write(pd.DataFrame([{"layer": l, "head": h, "ppl": 20 + rng.random(), "rel_increase": 0.05 * rng.random(),
+                                      "kl": 0.01 + 0.05 * rng.random(), "estimated_kl": 0.01 + 0.05 * rng.random()}
                                      for (l, h) in BEST]), base / "substitution" / "single_heads.parquet")
     curve = {f"{f:g}": 0.5 * f for f in FRACTIONS}
     SubstitutionSummary(
@@ -178,7 +179,9 @@ def write_sweep(base: Path, rng) -> None:
         n_replaced={f"{f:g}": round(6 * f) for f in FRACTIONS},
         splits={"heldout": {"baseline_ppl": 20.0, "n_tokens": 5000, "baseline_ppl_interval": [19.0, 21.0],
                             "programs": curve}},
-        single_head=SingleHeadStats(n_heads=len(BEST), iou="test_iou", spearman_rho=-0.5, p_value=0.3),
+        single_head=SingleHeadStats(n_heads=len(BEST), iou="test_iou", spearman_rho=-0.5, p_value=0.3,
+                                    iou_kl={"spearman_rho": -0.25, "p_value": 0.5},
+                                    estimated_kl={"spearman_rho": 0.75, "p_value": 0.02}),
     ).write(base / "substitution" / "summary.json")
 
 
@@ -215,7 +218,10 @@ def test_model_report_has_an_overview_and_a_page_per_head(results, tmp_path):
     for section in ("iou", "baselines", "perplexity", "qa"):  # every figure is inline SVG
         assert "<svg" in re.search(rf'id="{section}">(.*?)</section>', overview, re.S).group(1), section
     assert "<img" not in overview
-    assert "Spearman correlation of IoU and cost: -0.50" in overview
+    assert "Spearman correlation of IoU and perplexity cost: -0.50" in overview
+    assert "of IoU and KL to the unmodified model: -0.25" in overview and "and the KL measured: 0.75" in overview
+    section = re.search(r'id="perplexity">(.*?)</section>', overview, re.S).group(1)
+    assert "The attribution estimate, checked" in section  # the single-head figure's second panel
     assert not re.search(r'(src|href)="(https?:)?//|url\((?!#)|@import', overview)  # nothing fetched from the network
 
 

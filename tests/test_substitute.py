@@ -9,7 +9,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
                           LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from attnprog import substitute
-from attnprog.contracts import BEST, ORDERS, ContractError, SubstitutionSummary
+from attnprog.contracts import BEST, ORDERS, SINGLE_HEADS, ContractError, SubstitutionSummary
 from attnprog.settings import SubstitutionSettings
 from attnprog.contracts import PROGRAMS as PROGRAMS_TABLE
 from attnprog.substitute import orders
@@ -240,17 +240,31 @@ def test_a_replacement_of_the_wrong_shape_is_refused():
 
 # --- the sweep -------------------------------------------------------------------------------------------------
 
-def test_sequence_nlls_match_the_models_own_loss():
+def own_perplexity(model, sequences) -> float:
+    """Token-level perplexity from the model's own loss, each sequence alone (no batching, no padding)."""
+    total, tokens = 0.0, 0
+    for seq in sequences:
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            total += model(ids, labels=ids).loss.item() * (len(seq) - 1)
+        tokens += len(seq) - 1
+    return float(np.exp(total / tokens))
+
+
+def test_score_runs_unmodified_nll_matches_the_models_own_loss():
     model = tiny_model("llama")
+    replacer = substitute.install(model, id_strings)
     gen = torch.Generator().manual_seed(6)
     sequences = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (8, 3, 11)]
-    nll, count = sweeps.sequence_nlls(model, sequences, batch_size=2)
-    for seq, total, n in zip(sequences, nll, count):
+    scores, _ = sweeps.score_runs(model, replacer, {}, sequences, batch_size=2)
+    base = scores[sweeps.UNMODIFIED]
+    for seq, total, n in zip(sequences, base.nll, base.count):
         ids = torch.tensor([seq])
         with torch.no_grad():
             loss = model(ids, labels=ids).loss.item()
         assert n == len(seq) - 1
         assert total / n == pytest.approx(loss, rel=1e-5)
+    assert (base.kl == 0).all()
 
 
 def test_plan_sweep_replaces_the_best_heads_first_and_random_orders_differ():
@@ -321,7 +335,7 @@ def test_run_sweep_scores_each_run_as_the_model_computes_it_with_its_kl_to_the_u
         chosen = {head: substitute.uniform_attention if run.method == "uniform" else programs[head]
                   for head in run.heads}
         replacer.set_heads(chosen)
-        expected_ppl = sweeps.perplexity(*sweeps.sequence_nlls(model, sequences, 3))
+        expected_ppl = own_perplexity(model, sequences)
         total, tokens = substituted_kl(model, replacer, chosen, reference)
         row = table.loc[(run.method, run.fraction)]
         assert row.ppl == pytest.approx(expected_ppl, rel=1e-5)
@@ -330,6 +344,49 @@ def test_run_sweep_scores_each_run_as_the_model_computes_it_with_its_kl_to_the_u
         if run.heads:
             assert row.kl > 0
     assert replacer.heads == {}
+
+
+def test_single_head_costs_score_each_head_alone_as_the_model_computes_it():
+    from attnprog.substitute.tuning import reference_log_probs, substituted_kl
+
+    model = tiny_model("llama")
+    replacer = substitute.install(model, id_strings)
+    gen = torch.Generator().manual_seed(10)
+    sequences = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 12, 6, 10)]
+    heads = [(0, 1), (1, 3), (1, 0)]
+    programs = {head: token_dependent for head in heads}
+    estimates = dict(zip(heads, [0.1, 0.2, 0.3]))
+    table = sweeps.single_head_costs(model, replacer, heads, programs, sequences, 3, estimates, log=lambda m: None)
+    assert list(zip(table["layer"], table["head"])) == heads and list(table.estimated_kl) == [0.1, 0.2, 0.3]
+    base = own_perplexity(model, sequences)
+    reference = reference_log_probs(model, replacer, sequences, 2)
+    for row in table.itertuples():
+        replacer.set_heads({(row.layer, row.head): programs[(row.layer, row.head)]})
+        ppl = own_perplexity(model, sequences)
+        total, tokens = substituted_kl(model, replacer, {(row.layer, row.head): token_dependent}, reference)
+        assert row.ppl == pytest.approx(ppl, rel=1e-5) and row.rel_increase == pytest.approx(ppl / base - 1, abs=1e-5)
+        assert row.kl == pytest.approx(total / tokens, rel=1e-4) and row.kl > 0
+    assert replacer.heads == {}
+    assert sweeps.single_head_costs(model, replacer, heads, programs, sequences, 3, log=lambda m: None
+                                    ).estimated_kl.isna().all()
+
+
+def test_the_summary_ranks_the_attribution_estimate_against_the_measured_kl_not_the_perplexity():
+    """Crafted so that each pairing has its own sign: estimate vs KL +1, estimate vs perplexity -1, IoU vs KL -1,
+    IoU vs perplexity +1."""
+    sweep = pd.DataFrame([{"method": "programs", "seed": None, "fraction": f, "n_replaced": 4 * f, "split": "heldout",
+                           "n_tokens": 100, "ppl": 10.0 + f, "ppl_lo": 9.0, "ppl_hi": 12.0, "rel_increase": f / 10,
+                           "rel_lo": 0.0, "rel_hi": f / 5, "kl": f, "kl_lo": 0.0, "kl_hi": 2 * f} for f in (0.0, 1.0)])
+    single = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "ppl": [11.0, 12.0, 13.0, 14.0],
+                           "rel_increase": [0.1, 0.2, 0.3, 0.4], "kl": [0.4, 0.3, 0.2, 0.1],
+                           "estimated_kl": [0.5, 0.35, 0.25, 0.0]})
+    best = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "val_iou": 0.5,
+                         "test_iou": [0.2, 0.4, 0.6, 0.8]})
+    stats = sweeps.summarise_sweep(sweep, single, best, "m", "heldout").single_head
+    assert stats.spearman_rho == pytest.approx(1) and stats.iou_kl["spearman_rho"] == pytest.approx(-1)
+    assert stats.estimated_kl["spearman_rho"] == pytest.approx(1)
+    without = sweeps.summarise_sweep(sweep, single.assign(estimated_kl=np.nan), best, "m", "heldout").single_head
+    assert without.estimated_kl is None
 
 
 # --- programs from a library -----------------------------------------------------------------------------------
@@ -453,7 +510,9 @@ def test_substitution_sweep_writes_the_sweep_and_summary(tiny_models, tmp_path):
     assert summary.best.chosen_on == "val"
     assert summary.single_head.n_heads == 4 and -1 <= summary.single_head.spearman_rho <= 1
     assert -1 <= summary.single_head.estimated_kl["spearman_rho"] <= 1
-    assert len(pd.read_parquet(out / "single_heads.parquet")) == 4
+    assert -1 <= summary.single_head.iou_kl["spearman_rho"] <= 1
+    single = SINGLE_HEADS.read(out / "single_heads.parquet")
+    assert len(single) == 4 and (single.kl >= 0).all() and single.estimated_kl.notna().all()
     written = json.loads((out / "summary.json").read_text())
     assert SubstitutionSummary.read(out / "summary.json") == summary
     assert written["programs"] == summary.rel_increase("programs")  # the main split's curves also at the top level

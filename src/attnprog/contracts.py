@@ -324,12 +324,15 @@ class HeadlineMethod(JsonRecord):
 
 @dataclass(frozen=True)
 class SingleHeadStats(JsonRecord):
-    """How each head's test IoU (and the attribution's first KL estimate) ranks the cost of replacing it alone."""
+    """How each head's test IoU ranks the cost of replacing it alone (`spearman_rho`, `p_value`: against the
+    perplexity increase, the paper's measure; `iou_kl`: against the measured KL to the unmodified model), and
+    how the attribution order's estimate of that KL ranks the measured KL (`estimated_kl`)."""
     n_heads: int
     iou: str
     spearman_rho: float
     p_value: float
     estimated_kl: dict[str, float] | None = None   # spearman_rho, p_value
+    iou_kl: dict[str, float] | None = None         # spearman_rho, p_value
 
 
 @dataclass(frozen=True)
@@ -591,9 +594,10 @@ SWEEP = Table("sweep", (
     ("rel_increase", "float64"), ("rel_lo", "float64"), ("rel_hi", "float64"),
     ("kl", "float64"), ("kl_lo", "float64"), ("kl_hi", "float64")))  # KL(unmodified || run), nats per token
 
-# results/{model}/substitution/single_heads.parquet: each measured head replaced alone.
+# results/{model}/substitution/single_heads.parquet: each measured head replaced alone: its perplexity, the KL to
+# the unmodified model (nats per token) and the attribution order's estimate of that KL (on val; NaN without it).
 SINGLE_HEADS = Table("single_heads", (("layer", "int32"), ("head", "int32"), ("ppl", "float64"),
-                                      ("rel_increase", "float64")))
+                                      ("rel_increase", "float64"), ("kl", "float64"), ("estimated_kl", "float64")))
 
 # results/{model}/substitution/tuned/heads.parquet: each head whose program the `tuned` method tuned, per fraction:
 # the library program it started from, the tuned program's file (tuned/f{fraction}/L{layer}H{head}.py), and the

@@ -239,19 +239,40 @@ def perplexity_figure(sweep: pd.DataFrame, first_split: str) -> tuple[str, str]:
 
 def single_head_figure(single: pd.DataFrame, heads: pd.DataFrame,
                        substitution: SubstitutionSummary | None) -> tuple[str, str]:
-    """Each measured head's test IoU against the perplexity cost of replacing it alone. Returns (svg, note)."""
+    """Each measured head replaced alone: its test IoU against the perplexity cost, and (when the attribution
+    order ran) the attribution's estimate of the KL to the unmodified model against the KL measured. Returns
+    (svg, note)."""
     merged = single.merge(heads[["layer", "head", "test_iou"]], on=["layer", "head"])
-    figure = Figure(figsize=(5.2, 3.6))
-    ax = figure.add_subplot()
+    estimated = merged["estimated_kl"].notna().all() and (merged[["estimated_kl", "kl"]] > 0).all().all()
+    figure = Figure(figsize=(9.6 if estimated else 5.2, 3.6))
+    axes = figure.subplots(1, 2 if estimated else 1, squeeze=False)[0]
+    ax = axes[0]
     ax.scatter(merged["test_iou"], 100 * merged["rel_increase"], s=14, color="#2c5fa8", alpha=.7)
     ax.axhline(0, color="#999", lw=.8)
     ax.set(xlabel="test IoU of the head's best program", ylabel="perplexity increase (%)", xlim=(0, 1),
            title="One head replaced at a time")
     ax.grid(alpha=.3)
+    if estimated:
+        ax = axes[1]
+        ax.scatter(merged["estimated_kl"], merged["kl"], s=14, color="#c0392b", alpha=.7)
+        low = min(merged["estimated_kl"].min(), merged["kl"].min())
+        high = max(merged["estimated_kl"].max(), merged["kl"].max())
+        ax.plot([low, high], [low, high], color="#999", lw=.8)
+        ax.set(xscale="log", yscale="log", xlabel="estimated KL (attribution, val; nats/token)",
+               ylabel="measured KL (nats/token)", title="The attribution estimate, checked")
+        ax.grid(alpha=.3)
+    figure.tight_layout()
     stats = substitution.single_head if substitution else None
     note = f"{len(merged)} heads spread over the IoU ranking, each replaced alone by its program."
     if stats is not None:
-        note += f" Spearman correlation of IoU and cost: {stats.spearman_rho:.2f} (p = {stats.p_value:.2g})."
+        note += f" Spearman correlation of IoU and perplexity cost: {stats.spearman_rho:.2f} (p = {stats.p_value:.2g})"
+        if stats.iou_kl:
+            note += (f"; of IoU and KL to the unmodified model: {stats.iou_kl['spearman_rho']:.2f} "
+                     f"(p = {stats.iou_kl['p_value']:.2g})")
+        if stats.estimated_kl:
+            note += (f"; of the attribution order's estimated KL (on val, grey line: equal) and the KL measured: "
+                     f"{stats.estimated_kl['spearman_rho']:.2f} (p = {stats.estimated_kl['p_value']:.2g})")
+        note += "."
     return _svg_of(figure), note
 
 

@@ -122,11 +122,11 @@ def substitution_sweep(info: ModelInfo, library: LibraryFiles, examples_path, he
                       log=log, tuned=tuned)
     single_heads = spread_over_ranking(ranked, settings.single_head_count)
     single = single_head_costs(model, replacer, single_heads, programs, eval_sets[settings.single_head_split],
-                               settings.batch_size, log)
+                               settings.batch_size, estimates, log)
 
     failures = sum(r.failures for r in {id(p): p for p in programs.values()}.values())
     summary = summarise_sweep(sweep, single, best, info.model, "heldout" if "heldout" in eval_sets else "test",
-                              estimates, program_failures=failures, tuning=summary_tuning)
+                              program_failures=failures, tuning=summary_tuning)
     SWEEP.write(sweep, sweep_path)
     SINGLE_HEADS.write(single, single_path)
     ORDERS.write(orders.orders_table(chosen, summary.best.method), orders_path)

@@ -85,19 +85,6 @@ def token_kl(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return (before.exp() * (before - after)).sum(-1)
 
 
-def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens, per sequence."""
-    device = next(model.parameters()).device
-    nll, count = np.zeros(len(sequences)), np.zeros(len(sequences), dtype=np.int64)
-    for batch, ids, mask in padded_batches(sequences, batch_size, device):
-        with torch.no_grad():
-            logp = next_token_log_probs(model, ids, mask).gather(-1, ids[:, 1:, None])[..., 0].cpu()
-        valid = mask[:, 1:].bool().cpu()
-        nll[batch] = -(logp * valid).sum(1).double().numpy()
-        count[batch] = valid.sum(1).numpy()
-    return nll, count
-
-
 @dataclass
 class SequenceScores:
     """Per sequence of an evaluation set, under one run: summed next-token NLL, summed KL(unmodified ||
@@ -226,18 +213,23 @@ def run_sweep(model, replacer: HeadReplacer, runs: list[Run], programs: dict[Hea
 
 def single_head_costs(model, replacer: HeadReplacer, heads: list[HeadId],
                       programs: dict[HeadId, Replacement], sequences: list[list[int]], batch_size: int,
-                      log=print) -> pd.DataFrame:
-    """Perplexity when each head alone is replaced by its program: layer, head, ppl, rel_increase."""
-    replacer.set_heads({})
-    base = perplexity(*sequence_nlls(model, sequences, batch_size))
+                      estimates: dict[HeadId, float] | None = None, log=print) -> pd.DataFrame:
+    """Each head replaced alone by its program, scored as the sweep scores its runs: layer, head, ppl,
+    rel_increase, kl (nats per predicted token) and estimated_kl: the attribution order's estimate of that KL
+    (`estimates`, nats per token of val; NaN without them), to be compared with the measured kl."""
+    replacements = {("single", *head): {head: programs[head]} for head in heads}
+    scores, _ = score_runs(model, replacer, replacements, sequences, batch_size)
+    base = scores[UNMODIFIED]
+    base_ppl = perplexity(base.nll, base.count)
     rows = []
-    for layer, head in heads:
-        replacer.set_heads({(layer, head): programs[(layer, head)]})
-        ppl = perplexity(*sequence_nlls(model, sequences, batch_size))
-        rows.append({"layer": layer, "head": head, "ppl": ppl, "rel_increase": ppl / base - 1})
-    replacer.set_heads({})
+    for key, (layer, head) in zip(replacements, heads):
+        score = scores[key]
+        ppl = perplexity(score.nll, score.count)
+        rows.append({"layer": layer, "head": head, "ppl": ppl, "rel_increase": ppl / base_ppl - 1,
+                     "kl": mean_per_token(score.kl, score.count),
+                     "estimated_kl": estimates[(layer, head)] if estimates else np.nan})
     log(f"substitution: {len(heads)} heads replaced one at a time")
-    return pd.DataFrame(rows, columns=["layer", "head", "ppl", "rel_increase"])
+    return pd.DataFrame(rows, columns=["layer", "head", "ppl", "rel_increase", "kl", "estimated_kl"])
 
 
 def spread_over_ranking(ranked: list, n: int | None) -> list:
@@ -265,14 +257,13 @@ def choose_headline(sweep: pd.DataFrame, split: str = "val") -> str:
 
 
 def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFrame, model: str,
-                    main_split: str, estimates: dict[HeadId, float] | None = None,
-                    program_failures: int = 0, tuning: dict | None = None) -> SubstitutionSummary:
+                    main_split: str, program_failures: int = 0, tuning: dict | None = None) -> SubstitutionSummary:
     """summary.json: baseline perplexity and, per method, the relative perplexity increase and the KL to the
     unmodified model at each fraction (random order: the mean over seeds), with 95% paired bootstrap intervals,
-    per evaluation set; the headline method (chosen on val) also under "best"; and the Spearman correlation
-    between each head's test IoU and the cost of replacing it alone, and between the attribution order's
-    estimated KL (val, nothing replaced) and that measured cost. program_failures and tuning (the `tuned`
-    method's record) are passed through."""
+    per evaluation set; the headline method (chosen on val) also under "best"; and the Spearman correlations
+    of the heads replaced alone (`single`): test IoU against their perplexity cost and against their KL, and
+    the attribution order's estimated KL (val, nothing replaced) against the measured KL. program_failures and
+    tuning (the `tuned` method's record) are passed through."""
     from scipy.stats import spearmanr
 
     def per_split(split):
@@ -302,14 +293,16 @@ def summarise_sweep(sweep: pd.DataFrame, single: pd.DataFrame, best: pd.DataFram
     single_head = None
     if len(single) >= 3:
         merged = single.merge(best[["layer", "head", "val_iou", "test_iou"]], on=["layer", "head"])
-        rho, p = spearmanr(merged.test_iou, merged.rel_increase)
-        estimated_kl = None
-        if estimates:
-            kl = [estimates[(int(r.layer), int(r.head))] for r in merged.itertuples()]
-            kl_rho, kl_p = spearmanr(kl, merged.rel_increase)
-            estimated_kl = {"spearman_rho": float(kl_rho), "p_value": float(kl_p)}
-        single_head = SingleHeadStats(n_heads=len(merged), iou="test_iou", spearman_rho=float(rho), p_value=float(p),
-                                      estimated_kl=estimated_kl)
+
+        def ranked(x, y):
+            rho, p = spearmanr(x, y)
+            return {"spearman_rho": float(rho), "p_value": float(p)}
+
+        by_ppl = ranked(merged.test_iou, merged.rel_increase)
+        estimated = merged.estimated_kl.notna().all()
+        single_head = SingleHeadStats(n_heads=len(merged), iou="test_iou", spearman_rho=by_ppl["spearman_rho"],
+                                      p_value=by_ppl["p_value"], iou_kl=ranked(merged.test_iou, merged.kl),
+                                      estimated_kl=ranked(merged.estimated_kl, merged.kl) if estimated else None)
     return SubstitutionSummary(
         model=model, split=main_split, baseline_ppl=main["baseline_ppl"], n_tokens=main["n_tokens"],
         baseline_ppl_interval=main["baseline_ppl_interval"],
