@@ -75,14 +75,16 @@ def padded_batches(sequences: list[list[int]], batch_size: int, device):
 
 
 def next_token_log_probs(model, ids, mask) -> torch.Tensor:
-    """Log-probabilities over the vocabulary of each next token, (batch, length - 1, vocabulary), float32."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
-    return torch.log_softmax(logits, dim=-1)
+    """Log-probabilities over the vocabulary of each next token, (batch, length - 1, vocabulary), float32: a view,
+    cut after the softmax, which on a cut (non-contiguous) input would first copy it."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    return torch.log_softmax(logits, dim=-1)[:, :-1]
 
 
 def token_kl(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """KL(before || after) at each position, from log-probabilities over the vocabulary (last dimension)."""
-    return (before.exp() * (before - after)).sum(-1)
+    """KL(before || after) at each position, from log-probabilities over the vocabulary (last dimension), one
+    sequence (first dimension) at a time so that the temporaries are a sequence's, not the batch's."""
+    return torch.stack([(b.exp() * (b - a)).sum(-1) for b, a in zip(before, after)])
 
 
 @dataclass
