@@ -30,7 +30,7 @@ from attnprog.substitute import compute_matrices_once
 from attnprog.substitute.attribution import gradients_through_attention
 from attnprog.substitute.orders import read_order
 from attnprog.substitute.replacements import UniformOnFailure
-from attnprog.substitute.sweep import Run, count_for, padded_batches, run_sweep
+from attnprog.substitute.sweep import Run, count_for, next_token_log_probs, padded_batches, run_sweep
 from benchdata import finished_run
 
 
@@ -63,8 +63,7 @@ def candidate_kl(model, replacer, replaced: dict, candidates: dict, heads: list,
     with gradients_through_attention(model, replacer):
         for _, ids, mask in padded_batches(sequences, batch_size, device):
             replacer.recorded = {}
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1],
-                                     -1)
+            logp = next_token_log_probs(model, ids, mask)
             valid = mask[:, 1:].bool()
             with torch.no_grad():
                 probs0, mask0 = replacer.recorded[0]

@@ -26,7 +26,7 @@ import torch
 
 from ..contracts import HeadId
 from .mechanism import HeadReplacer, Replacement
-from .sweep import padded_batches
+from .sweep import next_token_log_probs, padded_batches
 
 
 @contextmanager
@@ -63,8 +63,7 @@ def estimated_kl(model, replacer: HeadReplacer, replaced: list[HeadId],
     with gradients_through_attention(model, replacer):
         for _, ids, mask in padded_batches(sequences, batch_size, device):
             replacer.recorded = {}
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()[:, :-1]
-            logp = torch.log_softmax(logits, -1)
+            logp = next_token_log_probs(model, ids, mask)
             valid = mask[:, 1:].bool()
             with torch.no_grad():
                 deltas = {}
