@@ -12,7 +12,6 @@ unmodified model on held-out text, test and val with paired 95% intervals; and t
 Nothing is written into --results. The candidates' matrices are masked with layer 0's attention mask, which
 is every layer's in models without sliding-window layers (SmolLM2, Qwen2.5).
 """
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -21,17 +20,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attnprog.config import load_config
 from attnprog.contracts import PROGRAMS, SCORES, HeadId
-from attnprog.models import use_threads
 from attnprog.programs import load_programs
 from attnprog.runner import ProgramRunner
 from attnprog.substitute import compute_matrices_once
-from attnprog.substitute.attribution import gradients_through_attention
+from attnprog.substitute.attribution import sampled_gradients
 from attnprog.substitute.orders import read_order
 from attnprog.substitute.replacements import UniformOnFailure
-from attnprog.substitute.sweep import Run, count_for, next_token_log_probs, padded_batches, run_sweep
-from benchdata import finished_run
+from attnprog.substitute.sweep import Run, count_for, run_sweep
+from benchdata import finished_run_parser, open_finished_run
 
 
 def library_runners(results: Path, tokenizer_dir, noncausal: str) -> dict[str, UniformOnFailure]:
@@ -54,35 +51,24 @@ def candidate_kl(model, replacer, replaced: dict, candidates: dict, heads: list,
                  samples: int, seed: int = 0) -> np.ndarray:
     """(len(heads), len(candidates)): each head's estimated KL (nats summed over the predicted tokens) with each
     candidate program standing in for it, given the heads in `replaced` already substituted."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     names = list(candidates)
     fake = {HeadId(0, j): candidates[name] for j, name in enumerate(names)}
     kl = np.zeros((len(heads), len(names)))
     replacer.set_heads(replaced)
-    with gradients_through_attention(model, replacer):
-        for _, ids, mask in padded_batches(sequences, batch_size, device):
-            replacer.recorded = {}
-            logp = next_token_log_probs(model, ids, mask)
-            valid = mask[:, 1:].bool()
+    for recorded, draws in sampled_gradients(model, replacer, sequences, batch_size, samples, seed):
+        with torch.no_grad():
+            probs0, mask0 = recorded[0]
+            matrices, real_rows = replacer.replacement_matrices(0, list(range(len(names))), fake, probs0.shape,
+                                                                mask0, probs0.device)  # (batch, candidates, q, k)
+            rows = real_rows[:, :, None].float()
+        for _ in draws:
             with torch.no_grad():
-                probs0, mask0 = replacer.recorded[0]
-                matrices, real_rows = replacer.replacement_matrices(0, list(range(len(names))), fake, probs0.shape,
-                                                                    mask0, device)  # (batch, candidates, q, k)
-                rows = real_rows[:, :, None].float()
-                sampled = [torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator)
-                           .reshape(ids[:, 1:].shape) for _ in range(samples)]
-            for s, target in enumerate(sampled):
-                for probs, _ in replacer.recorded.values():
-                    probs.grad = None
-                (-(logp.gather(-1, target[..., None])[..., 0] * valid).sum()).backward(retain_graph=s < samples - 1)
-                with torch.no_grad():
-                    for i, (layer, head) in enumerate(heads):
-                        probs = replacer.recorded[layer][0]
-                        grad = probs.grad[:, head].float() * rows                       # (batch, q, k)
-                        own = (probs[:, head].float() * grad).sum((1, 2))               # (batch,)
-                        each = torch.einsum("bcqk,bqk->bc", matrices, grad)             # (batch, candidates)
-                        kl[i] += 0.5 * ((each - own[:, None]).double() ** 2).sum(0).numpy() / samples
+                for i, (layer, head) in enumerate(heads):
+                    probs = recorded[layer][0]
+                    grad = probs.grad[:, head].float() * rows                       # (batch, q, k)
+                    own = (probs[:, head].float() * grad).sum((1, 2))               # (batch,)
+                    each = torch.einsum("bcqk,bqk->bc", matrices, grad)             # (batch, candidates)
+                    kl[i] += 0.5 * ((each - own[:, None]).double() ** 2).sum(0).numpy() / samples
     replacer.set_heads({})
     return kl
 
@@ -111,21 +97,15 @@ def chosen_order(model, replacer, candidates: dict, allowed: dict, heads: list, 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
-    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    parser.add_argument("--threads", type=int, default=1)
+    parser = finished_run_parser(__doc__)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--top", type=int, default=None,
                         help="each head's candidates: its best this many library programs by val output error "
                              "(default: every library program)")
     parser.add_argument("--samples", type=int, default=None, help="backward passes per step (default: the config's)")
     args = parser.parse_args()
-    use_threads(args.threads)
-    config = load_config(args.config)
+    config, run = open_finished_run(args)
     settings = config["substitution"]
-
-    run = finished_run(args.results, config)
     model, replacer, programs, eval_sets = run.model, run.replacer, run.programs, run.eval_sets
     candidates = library_runners(args.results, run.info.load_path, settings["noncausal"])
     heads = sorted(programs)

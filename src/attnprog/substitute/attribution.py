@@ -47,45 +47,59 @@ def gradients_through_attention(model, replacer: HeadReplacer):
             p.requires_grad_(flag)
 
 
+def sampled_gradients(model, replacer: HeadReplacer, sequences: list[list[int]], batch_size: int, samples: int,
+                      seed: int = 0):
+    """The Fisher's samples, batch by batch, with the heads now set on `replacer` substituted. Yields per batch
+    its attention probabilities (layer -> (probs, attention mask), as the replacer records them) and an iterator
+    over `samples` next-token draws from the model itself: each step of it runs one backward pass, leaving in
+    each probs.grad the gradient of that draw's summed negative log-likelihood."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with gradients_through_attention(model, replacer):
+        for _, ids, mask in padded_batches(sequences, batch_size, device):
+            replacer.recorded = {}
+            logp = next_token_log_probs(model, ids, mask)
+            with torch.no_grad():
+                draws = [torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator)
+                         .reshape(ids[:, 1:].shape) for _ in range(samples)]
+            yield replacer.recorded, _backward_passes(logp, mask[:, 1:].bool(), draws, replacer.recorded)
+
+
+def _backward_passes(logp, valid, draws, recorded):
+    """One backward pass per draw of next tokens (see sampled_gradients); the graph is kept until the last."""
+    for s, target in enumerate(draws):
+        for probs, _ in recorded.values():
+            probs.grad = None
+        (-(logp.gather(-1, target[..., None])[..., 0] * valid).sum()).backward(retain_graph=s < len(draws) - 1)
+        yield
+
+
 def estimated_kl(model, replacer: HeadReplacer, replaced: list[HeadId],
                  programs: dict[HeadId, Replacement], candidates: list[HeadId],
                  sequences: list[list[int]], batch_size: int, samples: int = 2, seed: int = 0
                  ) -> dict[HeadId, float]:
     """Each candidate head's estimated KL (nats, summed over the predicted tokens) between the model's
     next-token distributions with `replaced` substituted, and with the candidate substituted as well."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     by_layer: dict[int, list[int]] = {}
     for layer, head in candidates:
         by_layer.setdefault(layer, []).append(head)
     kl = {head: 0.0 for head in candidates}
     replacer.set_heads({head: programs[head] for head in replaced})
-    with gradients_through_attention(model, replacer):
-        for _, ids, mask in padded_batches(sequences, batch_size, device):
-            replacer.recorded = {}
-            logp = next_token_log_probs(model, ids, mask)
-            valid = mask[:, 1:].bool()
+    for recorded, draws in sampled_gradients(model, replacer, sequences, batch_size, samples, seed):
+        with torch.no_grad():
+            deltas = {}
+            for layer, heads in by_layer.items():
+                probs, attention_mask = recorded[layer]
+                new, real_rows = replacer.replacement_matrices(layer, heads, programs, probs.shape,
+                                                               attention_mask, probs.device)
+                deltas[layer] = (heads, (new - probs[:, heads].float()) * real_rows[:, None, :, None])
+        for _ in draws:
             with torch.no_grad():
-                deltas = {}
-                for layer, heads in by_layer.items():
-                    probs, attention_mask = replacer.recorded[layer]
-                    new, real_rows = replacer.replacement_matrices(layer, heads, programs, probs.shape,
-                                                                   attention_mask, probs.device)
-                    delta = (new - probs[:, heads].float()) * real_rows[:, None, :, None]
-                    deltas[layer] = (heads, delta)
-                sampled = [torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator)
-                           .reshape(ids[:, 1:].shape) for _ in range(samples)]
-            for s, target in enumerate(sampled):
-                for probs, _ in replacer.recorded.values():
-                    probs.grad = None
-                loss = -(logp.gather(-1, target[..., None])[..., 0] * valid).sum()
-                loss.backward(retain_graph=s < samples - 1)
-                with torch.no_grad():
-                    for layer, (heads, delta) in deltas.items():
-                        grad = replacer.recorded[layer][0].grad[:, heads].float()
-                        per_sequence = (delta * grad).sum((2, 3)).double()  # (batch, heads)
-                        for j, head in enumerate(heads):
-                            kl[(layer, head)] += 0.5 * float((per_sequence[:, j] ** 2).sum()) / samples
+                for layer, (heads, delta) in deltas.items():
+                    grad = recorded[layer][0].grad[:, heads].float()
+                    per_sequence = (delta * grad).sum((2, 3)).double()  # (batch, heads)
+                    for j, head in enumerate(heads):
+                        kl[(layer, head)] += 0.5 * float((per_sequence[:, j] ** 2).sum()) / samples
     replacer.set_heads({})
     return kl
 
