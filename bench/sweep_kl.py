@@ -8,20 +8,16 @@ time and their ratio, and checks that both give the same perplexities.
 
 Nothing is written into --results.
 """
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from attnprog.config import load_config
-from attnprog.models import use_threads
 from attnprog.substitute import compute_matrices_once
 from attnprog.substitute.orders import read_order
 from attnprog.substitute.sweep import (count_for, mean_per_token, next_token_log_probs, padded_batches, perplexity,
                                       score_runs)
-from benchdata import finished_run
+from benchdata import finished_run_parser, open_finished_run
 
 
 def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,18 +35,12 @@ def sequence_nlls(model, sequences: list[list[int]], batch_size: int) -> tuple[n
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
-    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    parser.add_argument("--threads", type=int, default=1)
+    parser = finished_run_parser(__doc__)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    use_threads(args.threads)
-    config = load_config(args.config)
+    config, run = open_finished_run(args)
     batch_size = config["substitution"]["batch_size"]
-
-    run = finished_run(args.results, config)
     order = read_order(args.results / "substitution/orders.parquet", "attribution")
     sequences = run.eval_sets["heldout"]
     replacements = {("attribution", f): {h: run.programs[h] for h in order[:count_for(f, run.info.n_heads_total,

