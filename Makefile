@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system jail run run-llm test test-fast lint clean
+.PHONY: setup system jail run run-llm costs test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ run: setup
 run-llm: setup jail
 	$(VENV)/bin/snakemake --cores $(CORES) --rerun-incomplete --configfile config/config.yaml config/llm.yaml $(LLM)
 
+# What the last run cost per model and stage (wall and job seconds, sampled peak memory), from benchmarks/.
+costs: setup
+	$(PY) -m attnprog.run_costs
+
 test: setup system
 	$(PY) -m pytest
 
@@ -46,4 +50,4 @@ lint: setup
 	$(VENV)/bin/snakemake --lint
 
 clean:
-	rm -rf results .snakemake
+	rm -rf results .snakemake benchmarks

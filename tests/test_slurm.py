@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from attnprog import run_costs
 from slurmfixture import REGISTRY, slurm_cluster, stop_leftover_clusters  # noqa: F401  (a session fixture)
 from tinyworld import REPO, tiny_config
 from workflowrun import assert_results_valid, snakemake_cmd
@@ -51,6 +52,9 @@ def test_tiny_workflow_runs_to_the_end_through_the_slurm_profile(slurm_cluster, 
     dry = subprocess.run(cmd + ["-n"], env=slurm_cluster.env, capture_output=True, text=True)
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
     assert_results_valid(tmp_path)
+    # Each job left its benchmark, written on the node inside its sbatch job (the local rules' on this one).
+    benchmarked = set(run_costs.read_benchmarks(tmp_path / "benchmarks")["rule"])
+    assert benchmarked == rules_in(log) - {"all"}
 
 
 def test_the_processes_of_a_cluster_left_by_a_killed_session_are_stopped():

@@ -1,11 +1,12 @@
 """The whole workflow on tiny random-weight models (GPT-2 and Llama with GQA), run by Snakemake for real,
 from the model folders to the final report; and the offline synthesizer's output objective up to the library."""
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 
-from attnprog import extract, matrices
+from attnprog import extract, matrices, run_costs
 from attnprog.contracts import (BEST, EXAMPLES, HeadId, HeadInputs, LibrarySummary, ModelInfo, QASummary,
                                 SubstitutionSummary, TransferSummary)
 from attnprog.matrices import unpack_many
@@ -13,6 +14,7 @@ from attnprog.programs import load_programs
 from attnprog.runner import run_programs
 from attnprog.scoring import mean_iou
 from tinyworld import run_snakemake, tiny_config
+from workflowrun import dry_run_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +89,19 @@ def test_each_heads_recorded_score_reproduces_when_its_program_runs_again(tiny_r
             run = run_programs([programs[row.program]], test.calls())[row.program]
             real = unpack_many(inputs.attention(HeadId(row.layer, row.head), "test"), test.lengths)
             assert mean_iou(run.matrices, real) == pytest.approx(row.test_iou, abs=2e-3)
+
+
+def test_every_job_leaves_its_benchmark_and_the_stages_follow_the_dag(tiny_run):
+    workdir, config, result = tiny_run
+    ran = dry_run_jobs(result.stdout + result.stderr)  # the run's log lists its jobs as a dry run does
+    expected = Counter((wildcards.get("model", ""), rule) for rule, wildcards in ran if rule != "all")
+    assert expected[(next(iter(config["models"])), "synthesize")] > 1
+    jobs = run_costs.read_benchmarks(workdir / "benchmarks")
+    assert Counter(zip(jobs["model"], jobs["rule"])) == expected
+    costs = run_costs.stage_costs(jobs).set_index(["model", "rule"])
+    for model in config["models"]:  # the clock shows the dependencies: a stage starts after the one it reads
+        for before, after in (("extract", "head_inputs"), ("head_inputs", "synthesize"), ("library", "substitute")):
+            assert costs.loc[(model, before), "last_end"] <= costs.loc[(model, after), "first_start"] + 1
 
 
 def test_rerun_has_nothing_to_do(tiny_run):

@@ -11,6 +11,7 @@ from attnprog.config import ConfigError, apply_environment, synthesis_settings, 
 from attnprog.contracts import HeadId, ModelInfo
 from attnprog.settings import LLMSampleSettings
 from attnprog.inputs import check_inputs, model_folder_files
+from attnprog.run_costs import benchmark_path  # every job's benchmark file: `make costs` reads them
 
 try:  # a bad key or value, or a model folder / corpus file that cannot be used: one line, before any job
     config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))

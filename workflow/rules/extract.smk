@@ -14,6 +14,8 @@ rule extract:
     params:
         batch_size=batch_size,
         device=config["device"],
+    benchmark:
+        benchmark_path("extract", "{model}"),
     log:
         "logs/{model}/extract.log",
     conda:
@@ -29,6 +31,8 @@ rule head_inputs:
         **value_grams(),
     output:
         "results/{model}/synthesis/head_inputs.npz",
+    benchmark:
+        benchmark_path("head_inputs", "{model}"),
     log:
         "logs/{model}/head_inputs.log",
     conda:

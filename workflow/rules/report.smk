@@ -24,6 +24,8 @@ rule report_model:
     params:
         heads=lambda w: [[h.layer, h.head] for h in heads_of(w.model)],
         options=config["report"],
+    benchmark:
+        benchmark_path("report_model", "{model}"),
     log:
         "logs/{model}/report.log",
     conda:
@@ -50,6 +52,8 @@ rule report:
     params:
         models=MODELS,
         options=config["report"],
+    benchmark:
+        benchmark_path("report"),
     log:
         "logs/report.log",
     conda:

@@ -12,6 +12,8 @@ rule rerank:
         "results/{model}/rerank/L{layer}H{head}.npz",
     params:
         causal_check_examples=config["rerank"]["causal_check_examples"],
+    benchmark:
+        benchmark_path("rerank", "{model}", "L{layer}H{head}"),
     log:
         "logs/{model}/rerank/L{layer}H{head}.log",
     conda:

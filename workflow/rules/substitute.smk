@@ -28,6 +28,8 @@ rule substitute:
         settings=config["substitution"],
         corpus=config["corpus"],
         device=config["device"],
+    benchmark:
+        benchmark_path("substitute", "{model}"),
     log:
         "logs/{model}/substitute.log",
     conda:

