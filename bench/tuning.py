@@ -21,7 +21,7 @@ from attnprog.substitute.orders import iou_order, read_order
 from attnprog.substitute.sweep import Run, count_for, run_sweep
 from attnprog.settings import TuningSettings
 from attnprog.substitute.tuning import mean_iou, real_attention, training_texts, tune_stages, with_cues
-from attnprog.synthesize.primitives import FEATURES
+from attnprog.synthesize.primitives import FEATURES, LINGUISTIC_FEATURES
 from benchdata import finished_run_parser, open_finished_run
 
 
@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--order", choices=["attribution", "programs"], default="attribution",
                         help="the finished run's attribution order, or the IoU order (no substitution/ needed)")
     parser.add_argument("--extra-cues", nargs="+", default=[], metavar="NAME",
-                        help="offline primitives (synthesize/primitives.py FEATURES) added to every tuned program at "
+                        help="primitives (synthesize/primitives.py FEATURES or LINGUISTIC_FEATURES) added to every tuned program at "
                              "weight 0 before tuning, where it lacks them: do the cues limit what tuning reaches?")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args()
@@ -54,7 +54,7 @@ def main():
     info, tokenizer, model, strings, replacer = run.info, run.tokenizer, run.model, run.strings, run.replacer
     best, programs, eval_sets = run.best, run.programs, run.eval_sets
     sources = {h: r.runner.program.source for h, r in programs.items() if not r.runner.prefixwise}
-    primitives = {f.name: f for f in FEATURES}
+    primitives = {f.name: f for f in FEATURES + LINGUISTIC_FEATURES}
     unknown = [name for name in args.extra_cues if name not in primitives]
     if unknown:
         raise SystemExit(f"--extra-cues: no primitive named {unknown}; known: {sorted(primitives)}")

@@ -170,6 +170,28 @@ def test_added_cues_start_at_weight_0_so_the_program_is_unchanged_until_tuned():
     assert with_cues(uniform, [features["first"]]) == uniform
 
 
+def test_linguistic_cues_are_causal_and_added_like_any_other():
+    """bench/tuning.py --extra-cues can add the parse-based cues: each is a causal matrix that is on somewhere,
+    and a program that gains them at weight 0 parses back with them and attends as before."""
+    from attnprog import helpers as h
+    from attnprog.synthesize.primitives import LINGUISTIC_FEATURES, feature_matrix
+
+    tokens = ["The", " big", " dog", " chased", " the", " cat", " across", " the", " yard", "."]
+    for feature in LINGUISTIC_FEATURES:
+        matrix = feature_matrix(feature, tokens)
+        assert not np.triu(matrix, 1).any() and matrix.any(), feature.name
+    source = program_source("Mostly the previous token.", [(2.5, "h.offset(n, 1)", "j is the previous token")],
+                            "m L0H0", "note")
+    extended = with_cues(source, LINGUISTIC_FEATURES)
+    cues = weighted_cues(extended)
+    assert cues.expressions == ("h.offset(n, 1)",) + tuple(f.expression for f in LINGUISTIC_FEATURES)
+    assert cues.weights == (2.5,) + (0.0,) * len(LINGUISTIC_FEATURES)
+    namespace = {}
+    exec(extended, namespace)  # the test's own source, trusted
+    expected = h.causal_softmax(2.5 * h.offset(len(tokens), 1))
+    np.testing.assert_allclose(namespace["attention"](tokens), expected, atol=1e-12)
+
+
 def corpus(marker: str):
     """Examples (synth / val / test) and held-out text; val, test and held-out texts carry `marker`."""
     words = lambda k, tag: " ".join(f"{tag}{k}w{i}" for i in range(16)) + "."

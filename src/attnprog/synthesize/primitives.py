@@ -100,6 +100,24 @@ FEATURES = [
 ]
 
 
+# Content-dependent cues from a spaCy parse of each prefix (the helpers' linguistic section). Not in the
+# offline vocabulary: parsing every prefix costs about n^2 / 2 words per example. bench/tuning.py --extra-cues
+# adds them to tuned programs, to ask whether attention that the cues above cannot express limits tuning.
+LINGUISTIC_FEATURES = [
+    Feature("syntactic_head", "h.syntactic_head(tokens)", "j holds the syntactic head of i",
+            "the current token's syntactic head"),
+    Feature("syntactic_dependents", "h.syntactic_dependents(tokens)", "j holds a syntactic dependent of i",
+            "the current token's syntactic dependents"),
+    Feature("same_noun_phrase", "h.same_noun_phrase(tokens)", "j is in i's noun phrase", "the current noun phrase"),
+    Feature("key_noun", "h.key_pos_is(tokens, 'NOUN', 'PROPN')", "token j is a noun", "nouns"),
+    Feature("key_verb", "h.key_pos_is(tokens, 'VERB', 'AUX')", "token j is a verb", "verbs"),
+    Feature("key_adjective", "h.key_pos_is(tokens, 'ADJ', 'ADV')", "token j is an adjective or adverb",
+            "adjectives and adverbs"),
+    Feature("key_pronoun", "h.key_pos_is(tokens, 'PRON')", "token j is a pronoun", "pronouns"),
+    Feature("key_adposition", "h.key_pos_is(tokens, 'ADP')", "token j is a preposition", "prepositions"),
+]
+
+
 def word_features(examples, count: int) -> list[Feature]:
     """One primitive "token j is <word>" for each of the `count` most frequent token texts of the synth
     split: heads often park attention on particular tokens ('the', ',', '.')."""
