@@ -1,11 +1,23 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
+# The environment: .venv in the checkout, or, where the checkout's path has a space, one of its own under
+# ~/.cache: Snakemake runs `script:` jobs with its Python's path unquoted (snakemake#2645).
+ifeq ($(words $(CURDIR)),1)
 VENV   ?= .venv
+else
+CHECKOUT_ID := $(shell printf '%s' '$(CURDIR)' | sha256sum | cut -c1-12)
+VENV   ?= $(HOME)/.cache/attnprog/venv-$(CHECKOUT_ID)
+endif
 PY     := $(VENV)/bin/python
 CORES  ?= 2
 # The offline default never touches the Hugging Face Hub.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+
+# A VENV given under a path with a space would fail the same way: stop before installing.
+ifneq ($(words $(abspath $(VENV))),1)
+$(error VENV=$(VENV) resolves to a path with a space, where Snakemake cannot run the workflow's scripts (snakemake#2645): give VENV=/a/path/without/spaces)
+endif
 
 .PHONY: setup system jail run run-llm costs test test-fast lint clean
 

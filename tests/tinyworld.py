@@ -95,25 +95,28 @@ def write_config(config: dict, path: str | Path) -> Path:
     return path
 
 
-def snakemake_cmd(workdir: str | Path, config: dict, *args: str) -> list[str]:
-    """The command that runs this repo's workflow in `workdir` (its own results/ and .snakemake/) on `config`."""
+def snakemake_cmd(workdir: str | Path, config: dict, *args: str, snakefile: str | Path = REPO / "Snakefile") -> list[str]:
+    """The command that runs this repo's workflow (or the one of `snakefile`) in `workdir` (its own results/ and
+    .snakemake/) on `config`."""
     import sys
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     configfile = write_config(config, workdir / "config.yaml")
     snakemake = Path(sys.executable).with_name("snakemake")
-    return [str(snakemake), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+    return [str(snakemake), "--snakefile", str(snakefile), "--directory", str(workdir),
             "--configfile", str(configfile), *args]
 
 
-def run_snakemake(workdir: str | Path, config: dict, *args: str, check: bool = True, timeout: float = 900):
-    """Run the real workflow on 2 cores in `workdir` on `config`; return the CompletedProcess."""
+def run_snakemake(workdir: str | Path, config: dict, *args: str, check: bool = True, timeout: float = 900,
+                  snakefile: str | Path = REPO / "Snakefile"):
+    """Run the real workflow (or the one of `snakefile`) on 2 cores in `workdir` on `config`; return the
+    CompletedProcess."""
     import os
     import subprocess
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(snakemake_cmd(workdir, config, "--cores", "2", *args), capture_output=True,
+    result = subprocess.run(snakemake_cmd(workdir, config, "--cores", "2", *args, snakefile=snakefile), capture_output=True,
                             text=True, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")

@@ -24,6 +24,22 @@ class InputError(ConfigError):
     """A user's input file or folder that cannot be used, worded in one line naming it."""
 
 
+# What the shell reads as something other than part of a word, where a path is written unquoted.
+SHELL_SPECIAL = frozenset(" \t\n'\"\\$`;&|<>()*?[]")
+
+
+def check_script_python(python: str) -> None:
+    """Snakemake runs each `script:` job as `<its own Python> <script>` with that Python's path unquoted
+    (snakemake/snakemake#2645, still so in 9.x): from a Python under a path with a space, every such job
+    fails with a bare "No such file or directory". Say why before any job runs."""
+    special = sorted(set(python) & SHELL_SPECIAL)
+    if special:
+        raise InputError(f"Snakemake runs from {python!r}, whose path holds {''.join(special)!r}: it runs the "
+                         "workflow's scripts with that path unquoted (snakemake#2645), so every job would fail. "
+                         "Use a Python environment at a path without spaces or shell characters (with the "
+                         "Makefile: make run VENV=/path/without/spaces)")
+
+
 def model_folder_files(folder: str | Path) -> list[str]:
     """The files of a local Hugging Face model folder that loading it reads (every file at its top level:
     config, weights, tokenizer); the model_info rule declares them, so editing one reruns the model."""

@@ -4,18 +4,22 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
+
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))  # the package of this checkout, even if Snakemake runs from another Python
 
 from attnprog.config import ConfigError, apply_environment, synthesis_settings, validate_config
 from attnprog.contracts import HeadId, ModelInfo
 from attnprog.settings import LLMSampleSettings
-from attnprog.inputs import check_inputs, model_folder_files
+from attnprog.inputs import check_inputs, check_script_python, model_folder_files
 from attnprog.run_costs import benchmark_path  # every job's benchmark file: `make costs` reads them
 
 try:  # a bad key or value, or a model folder / corpus file that cannot be used: one line, before any job
     config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
     check_inputs(config)
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:  # else the env's `python`
+        check_script_python(sys.executable)
 except ConfigError as error:
     sys.exit(f"error: {error}")
 

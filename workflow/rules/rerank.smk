@@ -19,6 +19,6 @@ rule rerank:
     conda:
         CONDA_ENV
     shell:
-        "python {input.script} --layer {wildcards.layer} --head {wildcards.head} --candidates {input.candidates}"
+        "python {input.script:q} --layer {wildcards.layer} --head {wildcards.head} --candidates {input.candidates}"
         " --head-inputs {input.head_inputs} --info {input.info}"
         " --causal-check-examples {params.causal_check_examples} --out {output} --log {log}"

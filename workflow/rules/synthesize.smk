@@ -54,7 +54,7 @@ rule synthesize:
     conda:
         CONDA_ENV
     shell:
-        "{params.omp}python {input.script} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
+        "{params.omp}python {input.script:q} --model {wildcards.model} --layer {wildcards.layer} --head {wildcards.head}"
         " --settings {params.settings:q} --head-inputs {input.head_inputs} {params.features}"
         " --out {output} --log {log}"
 
