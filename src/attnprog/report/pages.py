@@ -6,7 +6,6 @@ import html
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 from pygments import highlight
