@@ -4,7 +4,7 @@ import re
 import sys
 from pathlib import Path
 
-from snakemake.settings.types import DeploymentMethod
+from snakemake_interface_executor_plugins.settings import DeploymentMethod  # the plugin interface: stable
 
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))  # the package of this checkout, even if Snakemake runs from another Python
