@@ -172,8 +172,8 @@ def test_added_cues_start_at_weight_0_so_the_program_is_unchanged_until_tuned():
 
 def test_linguistic_cues_are_causal_and_added_like_any_other():
     """bench/tuning.py --extra-cues can add the parse-based cues: each is a causal matrix that is on somewhere,
-    and a program that gains them at weight 0 parses back with them and attends as before."""
-    from attnprog import helpers as h
+    and a program that gains them parses back with them at weight 0 (their expressions hold quotes and commas;
+    that the program is unchanged is the test above's)."""
     from attnprog.synthesize.primitives import LINGUISTIC_FEATURES, feature_matrix
 
     tokens = ["The", " big", " dog", " chased", " the", " cat", " across", " the", " yard", "."]
@@ -186,10 +186,6 @@ def test_linguistic_cues_are_causal_and_added_like_any_other():
     cues = weighted_cues(extended)
     assert cues.expressions == ("h.offset(n, 1)",) + tuple(f.expression for f in LINGUISTIC_FEATURES)
     assert cues.weights == (2.5,) + (0.0,) * len(LINGUISTIC_FEATURES)
-    namespace = {}
-    exec(extended, namespace)  # the test's own source, trusted
-    expected = h.causal_softmax(2.5 * h.offset(len(tokens), 1))
-    np.testing.assert_allclose(namespace["attention"](tokens), expected, atol=1e-12)
 
 
 def corpus(marker: str):
