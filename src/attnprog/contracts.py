@@ -651,7 +651,7 @@ class HeadInputs:
 
     def _arrays(self):
         """The file, opened on first use and kept open: each opening reads the zip's directory of every head's
-        arrays (about 30 ms for a 270-head model), and the library reads two arrays per head and split."""
+        arrays (about 10 ms for a 270-head model), and the library reads two arrays per head and split."""
         if self._npz is None:
             self._npz = np.load(self.path)
         return self._npz
