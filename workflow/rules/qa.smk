@@ -1,5 +1,4 @@
-# QA with lm-evaluation-harness at several replacement fractions: one job per (model, task), and one per
-# (model, task) for the unmodified model.
+# QA with lm-evaluation-harness at several replacement fractions: one job per (model, task).
 
 from attnprog.qa.tasks import QAError, check_registry_tasks, configured_tasks, task_files
 
@@ -35,37 +34,9 @@ rule qa_data:
         "../scripts/qa_data.py"
 
 
-# The unmodified model's answers, which every run of the task is compared with: they need no library, so
-# they run beside synthesis (filling cores the per-head jobs leave), and new programs do not redo them.
-rule qa_baseline:
-    input:
-        info="results/{model}/model/info.json",
-        data=lambda w: f"resources/qa/{w.task}.jsonl" if QA_TASKS[w.task].offline else [],
-        task_files=lambda w: QA_TASK_FILES[w.task],
-    output:
-        "results/{model}/qa/baseline/{task}.json",
-    wildcard_constraints:
-        task="|".join(re.escape(t) for t in QA_TASKS) or "(?!)",
-    params:
-        task=lambda w: QA_TASKS[w.task].as_dict(),
-        questions=config["qa"]["questions"],
-        batch_size=config["qa"]["batch_size"],
-        device=config["device"],
-    threads: 1  # as the qa rule's jobs
-    benchmark:
-        benchmark_path("qa_baseline", "{model}", "{task}"),
-    log:
-        "logs/{model}/qa/baseline/{task}.log",
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/qa_baseline.py"
-
-
 rule qa:
     input:
         info="results/{model}/model/info.json",
-        baseline="results/{model}/qa/baseline/{task}.json",
         best="results/{model}/library/best.parquet",
         programs="results/{model}/library/programs.parquet",
         program_files="results/{model}/library/programs",

@@ -13,4 +13,4 @@ i = snakemake.input
 library = LibraryFiles(best=Path(i.best), programs=Path(i.programs), program_dir=Path(i.program_files))
 qa_task(ModelInfo.read(i.info), QATask(**snakemake.params.task), library, i.data or None,
         QASettings.from_config(snakemake.params.settings), snakemake.params.noncausal, snakemake.output[0],
-        snakemake.params.device, orders_path=i.orders, tuned_dir=i.tuned, baseline_path=i.baseline)
+        snakemake.params.device, orders_path=i.orders, tuned_dir=i.tuned)

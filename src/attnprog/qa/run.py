@@ -84,21 +84,12 @@ def evaluate(lm, spec: str, limit: int | None, manager) -> dict:
 # Records kept on disk as they are computed
 
 
-def baseline_fingerprint(info, task: QATask, data_file, questions: int | None, batch_size: int) -> dict:
-    """What the unmodified model's record depends on: the model, the task (its YAML, includes and data), how many
-    questions and the batch size. A baseline record is used only under the same fingerprint."""
-    from dataclasses import asdict
-
-    files = {"data": data_file, **{f"task_file {path}": path for path in task_files(task)}}
-    return json.loads(json.dumps(
-        {"model": asdict(info), "task": task.as_dict(), "questions": questions, "batch_size": batch_size,
-         **{name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in files.items() if path}}))
-
-
 def fingerprint(info, task: QATask, library, data_file, settings: QASettings, noncausal: str,
                 orders_path=None, tuned_dir=None) -> dict:
-    """What a run's result depends on besides its method and fraction (the baseline's fingerprint, the library,
-    the order and the tuned programs): saved records are reused only under the same fingerprint."""
+    """What a run's result depends on besides its method and fraction: saved records are reused only under
+    the same fingerprint."""
+    from dataclasses import asdict
+
     programs = hashlib.sha256()
     program_files = [(path.name, path) for path in sorted(Path(library.program_dir).glob("*.py"))]
     if tuned_dir and Path(tuned_dir).is_dir():  # the tuned method's programs, which a tuned headline runs
@@ -106,9 +97,10 @@ def fingerprint(info, task: QATask, library, data_file, settings: QASettings, no
                           for path in sorted(Path(tuned_dir).rglob("*")) if path.is_file()]
     for name, path in program_files:
         programs.update(name.encode() + b"\0" + path.read_bytes())
-    files = {"best": library.best, "programs_table": library.programs, "orders": orders_path}
-    return {**baseline_fingerprint(info, task, data_file, settings.questions, settings.batch_size),
-            "noncausal": noncausal, "programs": programs.hexdigest(),
+    files = {"best": library.best, "programs_table": library.programs, "data": data_file, "orders": orders_path,
+             **{f"task_file {path}": path for path in task_files(task)}}  # the YAML, its includes and data
+    return {"model": asdict(info), "task": task.as_dict(), "questions": settings.questions,
+            "batch_size": settings.batch_size, "noncausal": noncausal, "programs": programs.hexdigest(),
             **{name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in files.items() if path}}
 
 
@@ -206,48 +198,13 @@ def results_line(record: dict, name: str) -> str:
 # The rule
 
 
-def qa_baseline(info, task: QATask | str, data_file, questions: int | None, batch_size: int, out_path, device: str,
-                log=print, include_path=None) -> dict:
-    """The `qa_baseline` rule: the unmodified model's record on one task, which every run of the `qa` rule is
-    compared with. It needs no library, so it runs beside synthesis, and new programs do not redo it. Writes
-    {"fingerprint": baseline_fingerprint, "record": evaluation_record} to out_path."""
-    from lm_eval.models.huggingface import HFLM
-
-    from ..atomic import write_json
-    from ..models import load_model, load_tokenizer
-
-    task = task if isinstance(task, QATask) else resolve_task(task, include_path)
-    lm = HFLM(pretrained=load_model(info, device), tokenizer=load_tokenizer(info), batch_size=batch_size)
-    with tempfile.TemporaryDirectory() as work_dir:
-        spec, manager = lm_eval_task(task, data_file, work_dir)
-        record = evaluate(lm, spec, questions, manager)
-    log(f"qa: {task.name} unmodified model: {results_line(record, task.name)}")
-    baseline = {"fingerprint": baseline_fingerprint(info, task, data_file, questions, batch_size), "record": record}
-    write_json(out_path, baseline)
-    return baseline
-
-
-def read_baseline(path, expected_fingerprint: dict) -> dict:
-    """The unmodified model's record from a `qa_baseline` file, checked against the fingerprint of the job that
-    reads it."""
-    baseline = json.loads(Path(path).read_text())
-    if baseline.get("fingerprint") != expected_fingerprint:
-        differ = sorted(k for k in {*expected_fingerprint, *baseline.get("fingerprint", {})}
-                        if expected_fingerprint.get(k) != baseline.get("fingerprint", {}).get(k))
-        raise QAError(f"qa: {path} was computed for another model, task, data or settings (differs in: "
-                      f"{', '.join(differ)}); rerun its qa_baseline job")
-    return baseline["record"]
-
-
 def qa_task(info, task: QATask | str, library, data_file, settings: QASettings, noncausal: str, out_path,
-            device: str, log=print, include_path=None, orders_path=None, tuned_dir=None, baseline_path=None) -> dict:
+            device: str, log=print, include_path=None, orders_path=None, tuned_dir=None) -> dict:
     """The `qa` rule: one task (a QATask, or as configured: an offline or registry name, a YAML path, or a
     name defined under `include_path`) at each (method, fraction), for a ModelInfo and the LibraryFiles of
     its library; writes {name}.json (see `task_row`). Heads are replaced in the substitution sweep's headline
     order (orders.parquet at `orders_path`), or without one in descending val IoU. Where the headline is the
-    `tuned` method, each fraction runs the programs tuned for it (the substitution's tuned folder, `tuned_dir`).
-    The unmodified model's record is read from `baseline_path` (a `qa_baseline` file) where given, else computed
-    here like the other runs."""
+    `tuned` method, each fraction runs the programs tuned for it (the substitution's tuned folder, `tuned_dir`)."""
     from functools import partial
 
     from lm_eval.models.huggingface import HFLM
@@ -260,9 +217,6 @@ def qa_task(info, task: QATask | str, library, data_file, settings: QASettings, 
     task = task if isinstance(task, QATask) else resolve_task(task, include_path)
     saved = PartialResults(partial_path(out_path),
                            fingerprint(info, task, library, data_file, settings, noncausal, orders_path, tuned_dir), log)
-    if baseline_path:
-        saved.records[BASELINE] = read_baseline(baseline_path, baseline_fingerprint(
-            info, task, data_file, settings.questions, settings.batch_size))
     tokenizer, model = load_tokenizer(info), load_model(info, device)
     replacer = substitute.install(model, partial(token_strings, tokenizer))
     best = substitute.read_best(library.best)
